@@ -1,0 +1,38 @@
+import pytest
+
+from tests.helpers import FakeClock
+from wsecho.examples import echo
+from wsecho.runtime import Runtime
+from wsecho.server import make_application
+
+MAX_MESSAGE = 64 * 1024
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def wsecho_app():
+    """The wsecho.App under test; modules override this fixture."""
+    return echo.app
+
+
+@pytest.fixture
+def runtime(wsecho_app, clock):
+    return Runtime(wsecho_app, clock=clock, hibernate_after=10.0)
+
+
+@pytest.fixture
+def app(runtime):
+    """The Tornado application pytest-tornado serves on 127.0.0.1:http_port."""
+    return make_application(runtime, max_message_size=MAX_MESSAGE)
+
+
+@pytest.fixture
+def url(http_server, http_port):
+    def make(path="/", scheme="http"):
+        return f"{scheme}://127.0.0.1:{http_port}{path}"
+
+    return make

@@ -1,0 +1,56 @@
+"""The idle index: due objects come out oldest first, at a cost set by the due ones."""
+
+from wsecho.idle import IdleIndex
+
+
+def test_pop_due_returns_only_objects_idle_long_enough():
+    idx = IdleIndex()
+    idx.touch("a", 10, 0.0)
+    idx.touch("b", 10, 1.0)
+    idx.touch("c", 10, 2.0)
+    assert idx.pop_due(10.5) == ["a"]
+    assert idx.pop_due(12.0) == ["b", "c"]
+    assert idx.pop_due(100.0) == []
+    assert len(idx) == 0
+
+
+def test_touch_moves_an_object_to_the_back():
+    idx = IdleIndex()
+    idx.touch("a", 10, 0.0)
+    idx.touch("b", 10, 1.0)
+    idx.touch("a", 10, 5.0)
+    assert idx.pop_due(11.0) == ["b"]
+    assert "a" in idx
+
+
+def test_discard_and_several_timeouts():
+    idx = IdleIndex()
+    idx.touch("short", 1, 0.0)
+    idx.touch("long", 100, 0.0)
+    idx.touch("gone", 1, 0.0)
+    idx.discard("gone")
+    idx.discard("never there")
+    assert idx.pop_due(2.0) == ["short"]
+    assert idx.pop_due(100.0) == ["long"]
+
+
+def test_same_instant_is_not_a_collision():
+    # Two objects idle since the very same moment are both tracked and both due.
+    idx = IdleIndex()
+    idx.touch("a", 10, 3.0)
+    idx.touch("b", 10, 3.0)
+    assert len(idx) == 2
+    assert idx.pop_due(13.0) == ["a", "b"]
+
+
+def test_a_sweep_looks_only_at_the_due_objects():
+    idx = IdleIndex()
+    for i in range(100_000):
+        idx.touch(i, 10, float(i) / 1000)
+    assert idx.pop_due(5.0) == []
+    assert idx.last_scanned == 1
+    due = idx.pop_due(10.0 + 0.009)
+    assert due == list(range(10))
+    # ten due plus the first one that is not
+    assert idx.last_scanned == 11
+    assert len(idx) == 100_000 - 10

@@ -1,0 +1,52 @@
+"""wsecho: Durable Objects-style WebSocket Hibernation for Python, on Tornado.
+
+Everything an application needs is importable from here; the names are
+Cloudflare's in snake_case.
+"""
+
+from wsecho.app import App
+from wsecho.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    InvalidStateError,
+    NoTransitionError,
+    ObjectResetError,
+    WebSocketProtocolError,
+    WsechoError,
+)
+from wsecho.http import Headers, Request, Response
+from wsecho.objects import (
+    DurableObject,
+    DurableObjectId,
+    DurableObjectNamespace,
+    DurableObjectState,
+    DurableObjectStub,
+    Env,
+)
+from wsecho.websocket import ReadyState, WebSocket, WebSocketPair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ConfigError",
+    "DurableObject",
+    "DurableObjectId",
+    "DurableObjectNamespace",
+    "DurableObjectState",
+    "DurableObjectStub",
+    "Env",
+    "Headers",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "NoTransitionError",
+    "ObjectResetError",
+    "ReadyState",
+    "Request",
+    "Response",
+    "WebSocket",
+    "WebSocketPair",
+    "WebSocketProtocolError",
+    "WsechoError",
+    "__version__",
+]

@@ -1,0 +1,8 @@
+"""``python -m wsecho [MODULE[:ATTR]] [options]``."""
+
+import sys
+
+from wsecho.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

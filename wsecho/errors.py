@@ -1,0 +1,56 @@
+"""Every exception wsecho raises, in one place.
+
+All of them derive from :class:`WsechoError`. A bad argument is also a
+:class:`ValueError`, a call in the wrong state is also a :class:`RuntimeError`,
+so callers that know nothing of wsecho can still catch them the usual way.
+Messages say what was wrong and quote the limit and the value.
+"""
+
+from __future__ import annotations
+
+
+class WsechoError(Exception):
+    """Base class of every error wsecho raises."""
+
+
+class InvalidArgumentError(WsechoError, ValueError):
+    """An argument is outside what the API accepts (a limit, a type, a code)."""
+
+
+class InvalidStateError(WsechoError, RuntimeError):
+    """A call that the object or socket cannot take in its current state."""
+
+
+class NoTransitionError(InvalidStateError):
+    """The lifecycle table has no row for this (state, input); nothing changed."""
+
+    def __init__(self, state: object, event: object) -> None:
+        self.state = state
+        self.event = event
+        msg = f"no transition from state {state!r} on input {event!r}"
+        super().__init__(msg)
+
+
+class ConfigError(WsechoError, ValueError):
+    """A setting (flag or environment variable) has a value it cannot take."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {message}")
+
+
+class AppLoadError(WsechoError):
+    """The application named on the command line could not be loaded."""
+
+
+class WebSocketProtocolError(WsechoError):
+    """What ``web_socket_error`` receives: the runtime closed the socket with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"closed with {code}: {reason}")
+
+
+class ObjectResetError(WsechoError, RuntimeError):
+    """An event was dropped because its object was reset before it could run."""

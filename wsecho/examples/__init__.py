@@ -1,0 +1,1 @@
+"""Applications that ship with wsecho; ``echo`` is the one ``python -m wsecho`` serves."""

@@ -1,0 +1,346 @@
+"""The Tornado glue: the only module that imports Tornado.
+
+One catch-all handler, :class:`Gateway`, turns every HTTP request into a
+:class:`~wsecho.http.Request` for the worker, so the application (not Tornado)
+decides what each request gets. Only when the application answers 101 does
+Tornado's handshake run; after it, socket callbacks become runtime calls.
+
+Tornado's ``WebSocketProtocol13`` is used with three changes (:class:`_Protocol`):
+a peer's Close is not echoed at once but handed to the object, whose handler
+answers it (SPEC §5); invalid close codes and invalid UTF-8 close with 1002 and
+1007; and closes the protocol makes on its own (1009 for an oversized message)
+are reported as failures, so the object gets ``web_socket_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from typing import TYPE_CHECKING, Any
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+import tornado.websocket
+from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.iostream import StreamClosedError
+
+from wsecho.http import Request, Response
+from wsecho.runtime import Runtime
+from wsecho.websocket import is_valid_received_close_code, peer_of
+
+if TYPE_CHECKING:
+    from wsecho.app import App
+    from wsecho.config import Settings
+    from wsecho.websocket import WebSocket
+
+log = logging.getLogger("wsecho.server")
+
+#: Handshake response headers that Tornado computes itself.
+_HANDSHAKE_HEADERS = frozenset(
+    {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"}
+)
+
+
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """RFC 6455 framing from Tornado, with the closing rules of SPEC §5."""
+
+    handler: Gateway
+
+    def __init__(self, handler: Gateway, mask_outgoing: bool, params: Any) -> None:
+        super().__init__(handler, mask_outgoing, params)
+        #: ``(code, reason)`` of a Close the protocol sent on its own, if any.
+        self.failure: tuple[int, str] | None = None
+        self.app_closing = False
+
+    # Transport for wsecho.websocket.WebSocket ---------------------------------------
+
+    def send_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            opcode, data = 0x1, message.encode("utf-8")
+        else:
+            opcode, data = 0x2, message
+        flags = 0
+        if self._compressor:
+            data = self._compressor.compress(data)
+            flags |= self.RSV1
+        # On a lost connection the read side notices and reports it.
+        with contextlib.suppress(StreamClosedError):
+            self._write_frame(True, opcode, data, flags=flags)
+
+    def send_close(self, code: int | None, reason: str) -> None:
+        answering = self.client_terminated
+        self.app_closing = True
+        self.close(code, reason or None)
+        if answering:
+            # Our Close answered the peer's: the handshake is complete and the
+            # stream is closed, so the connection is over (see on_ws_connection_close).
+            self.handler.on_connection_close()
+
+    # Tornado overrides ---------------------------------------------------------------
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if code is not None and not (self.server_terminated or self.client_terminated or self.app_closing):
+            # Tornado closing on its own: an oversized message (1009).
+            self.failure = (code, reason or "")
+        super().close(code, reason)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.failure = (code, reason)
+        super().close(code, reason)
+        self._abort()
+
+    def _handle_message(self, opcode: int, data: bytes) -> Any:
+        if self.client_terminated:
+            return None
+        if opcode == 0x8:
+            return self._on_close_frame(data)
+        if opcode == 0x1 and not self._frame_compressed:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                # RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007.
+                self._fail(1007, "invalid UTF-8 in a text message")
+                return None
+            self._message_bytes_in += len(data)
+            return self._run_callback(self.handler.on_message, text)
+        return super()._handle_message(opcode, data)
+
+    def _on_close_frame(self, data: bytes) -> None:
+        code: int | None = None
+        reason = ""
+        if len(data) == 1:
+            self._fail(1002, "a Close payload of one byte")
+            return
+        if len(data) >= 2:
+            (code,) = struct.unpack(">H", data[:2])
+            try:
+                reason = data[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "invalid UTF-8 in the Close reason")
+                return
+            if not is_valid_received_close_code(code):
+                # RFC 6455 §7.4: a Close with a code no endpoint may send is a protocol error.
+                self._fail(1002, f"invalid close code {code}")
+                return
+        self.client_terminated = True
+        self.close_code, self.close_reason = code, reason
+        if self.server_terminated:
+            # The peer answered our Close: the handshake is complete.
+            super().close()
+        self.handler.peer_closed(code, reason)
+
+
+class Gateway(tornado.websocket.WebSocketHandler):
+    """Every request: worker first, then (on 101) Tornado's handshake and the frame loop."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    runtime: Runtime
+    _server_ws: WebSocket | None
+    _response: Response | None
+    _opened: bool
+
+    def initialize(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._server_ws = None
+        self._response = None
+        self._opened = False
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        await self._dispatch()
+
+    post = put = patch = delete = head = options = get
+
+    def set_default_headers(self) -> None:
+        # The Fetch API adds no Content-Type or Server of its own; nor do we.
+        self.clear_header("Content-Type")
+        self.clear_header("Server")
+
+    async def _dispatch(self) -> None:
+        req = self.request
+        request = Request(
+            url=req.full_url(),
+            method=req.method or "GET",
+            headers=list(req.headers.get_all()),
+            body=req.body,
+        )
+        try:
+            response = await self.runtime.fetch(request)
+        except Exception:
+            log.exception("the worker's fetch() raised for %s %s", req.method, req.uri)
+            self._plain(500, "Internal Server Error")
+            return
+        if response.status != 101:
+            self.set_status(response.status)
+            for name, value in response.headers.items():
+                self.add_header(name, value)
+            if response.body:
+                self.write(response.body)
+            self.finish()
+            return
+        assert response.web_socket is not None
+        server = peer_of(response.web_socket)
+        if server is None or server._host is None:
+            log.error(
+                "fetch() answered 101 for %s but no object accepted the server end of its "
+                "WebSocketPair (call ctx.accept_web_socket(server))",
+                req.uri,
+            )
+            self._plain(500, "Internal Server Error")
+            return
+        self._server_ws = server
+        self._response = response
+        for name, value in response.headers.items():
+            if name.lower() not in _HANDSHAKE_HEADERS:
+                self.add_header(name, value)
+        await super().get()
+        if not self._opened:
+            self.runtime.handshake_failed(server)
+
+    def compute_etag(self) -> str | None:
+        return None  # the application sets ETag itself if it wants one
+
+    def _plain(self, status: int, text: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain;charset=UTF-8")
+        self.finish(text)
+
+    # -- WebSocketHandler hooks ------------------------------------------------------------
+
+    def get_websocket_protocol(self) -> _Protocol | None:
+        proto = super().get_websocket_protocol()
+        if proto is None:
+            return None
+        return _Protocol(self, False, proto.params)  # type: ignore[attr-defined]
+
+    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
+        # Like Cloudflare: the application picks by setting the header on its 101 Response.
+        assert self._response is not None
+        chosen = self._response.headers.get("Sec-WebSocket-Protocol")
+        return chosen if chosen in subprotocols else None
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
+        assert self._server_ws is not None
+        assert isinstance(self.ws_connection, _Protocol)
+        self._opened = True
+        self.runtime.socket_opened(
+            self._server_ws,
+            self.ws_connection,
+            self.request.full_url(),
+            self.selected_subprotocol,
+            self._headers.get("Sec-WebSocket-Extensions", ""),
+        )
+
+    def on_message(self, message: str | bytes) -> None:
+        assert self._server_ws is not None
+        self.runtime.message_received(self._server_ws, message)
+
+    def peer_closed(self, code: int | None, reason: str) -> None:
+        assert self._server_ws is not None
+        self.runtime.peer_closed(self._server_ws, code, reason)
+
+    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None:
+        proto = self.ws_connection
+        if (
+            isinstance(proto, _Protocol)
+            and proto.client_terminated
+            and not proto.server_terminated
+            and proto.stream is not None
+            and not proto.stream.closed()
+        ):
+            # The peer sent Close and the object has not answered yet: keep the
+            # stream open; send_close() finishes the connection.
+            return
+        super().on_ws_connection_close(close_code, close_reason)
+
+    def on_connection_close(self) -> None:
+        proto = self.ws_connection
+        failure = proto.failure if isinstance(proto, _Protocol) else None
+        super().on_connection_close()
+        ws = self._server_ws
+        if ws is None or not self._opened:
+            return
+        if failure is not None:
+            self.runtime.socket_failed(ws, *failure)
+        else:
+            self.runtime.transport_lost(ws)
+
+    def on_close(self) -> None:
+        pass
+
+
+def make_application(runtime: Runtime, *, max_message_size: int) -> tornado.web.Application:
+    return tornado.web.Application(
+        [(r".*", Gateway, {"runtime": runtime})],
+        websocket_max_message_size=max_message_size,
+    )
+
+
+class Sweeper:
+    """The one periodic callback that hibernates idle objects."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        # Often enough that an object hibernates within ~10% of its timeout,
+        # never more than every 50 ms nor less than every second.
+        interval = min(max(runtime.hibernate_after / 10, 0.05), 1.0)
+        self._callback = PeriodicCallback(self._sweep, interval * 1000)
+        self._runtime = runtime
+
+    def _sweep(self) -> None:
+        try:
+            self._runtime.sweep()
+        except Exception:
+            log.exception("the hibernation sweep failed; it runs again at the next interval")
+
+    def start(self) -> None:
+        self._callback.start()
+
+    def stop(self) -> None:
+        self._callback.stop()
+
+
+def loop_clock() -> float:
+    """The IOLoop's monotonic clock, for the runtime."""
+    return IOLoop.current().time()
+
+
+class Server:
+    """An application served on one address: the HTTP server, the runtime and the sweeper."""
+
+    def __init__(self, app: App, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime = Runtime(app, clock=loop_clock, hibernate_after=settings.hibernate_after)
+        self._application = make_application(self.runtime, max_message_size=settings.max_message_size)
+        self._http: tornado.httpserver.HTTPServer | None = None
+        self._sweeper = Sweeper(self.runtime)
+        self.addresses: list[tuple[str, int]] = []
+
+    def start(self) -> list[tuple[str, int]]:
+        """Bind and start serving; return the bound ``(host, port)`` pairs."""
+        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
+        self._http = tornado.httpserver.HTTPServer(
+            self._application, max_body_size=max(self.settings.max_message_size, 64 * 1024)
+        )
+        self._http.add_sockets(sockets)
+        self.addresses = [s.getsockname()[:2] for s in sockets]
+        self._sweeper.start()
+        return self.addresses
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers."""
+        if self._http is not None:
+            self._http.stop()
+        self._sweeper.stop()
+        self.runtime.close_all(1001, "Going Away")
+        deadline = IOLoop.current().time() + timeout
+        while self.runtime.socket_count() and IOLoop.current().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._http is not None:
+            await self._http.close_all_connections()

@@ -1,0 +1,180 @@
+"""The application's view of a WebSocket: ``WebSocket``, ``WebSocketPair`` and ``ReadyState``.
+
+A server-side :class:`WebSocket` belongs to the object that accepted it, not to
+the object's instance, so it outlives hibernation with its state (including
+"the server already closed this socket"). Frames go out through a
+:class:`Transport` that the server glue attaches once the handshake is done.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from wsecho.errors import InvalidArgumentError, InvalidStateError
+from wsecho.lifecycle import Final, SocketInput, SocketState, socket_transition
+
+if TYPE_CHECKING:
+    from wsecho.runtime import ObjectHost
+
+#: RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code.
+MAX_CLOSE_REASON_BYTES = 123
+#: Codes an endpoint may not put in a Close frame (RFC 6455 §7.4.1).
+UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+
+
+class ReadyState(enum.IntEnum):
+    CONNECTING = 0
+    OPEN = 1
+    CLOSING = 2
+    CLOSED = 3
+
+
+_READY_STATE = {
+    SocketState.CONNECTING: ReadyState.CONNECTING,
+    SocketState.OPEN: ReadyState.OPEN,
+    SocketState.CLOSE_RECEIVED: ReadyState.CLOSING,
+    SocketState.CLOSE_SENT: ReadyState.CLOSING,
+    SocketState.CLOSED: ReadyState.CLOSED,
+    SocketState.LOST: ReadyState.CLOSED,
+}
+
+
+class Transport(Protocol):
+    """What the server glue provides to carry one socket's frames."""
+
+    def send_message(self, message: str | bytes) -> None: ...
+
+    def send_close(self, code: int | None, reason: str) -> None: ...
+
+
+def validate_close(code: int | None, reason: str) -> None:
+    """Raise unless ``close(code, reason)`` is something an endpoint may send (SPEC §4)."""
+    if code is None:
+        if reason:
+            msg = f"close(): a reason needs a code, got reason {reason!r} without one"
+            raise InvalidArgumentError(msg)
+        return
+    if not isinstance(code, int) or isinstance(code, bool):
+        msg = f"close(): the code must be an integer, got {code!r}"
+        raise InvalidArgumentError(msg)
+    if not (1000 <= code <= 4999) or code in UNSENDABLE_CLOSE_CODES:
+        msg = f"close(): code {code} may not be sent; allowed are 1000-4999 except 1004, 1005, 1006 and 1015"
+        raise InvalidArgumentError(msg)
+    if not isinstance(reason, str):
+        msg = f"close(): the reason must be a str, got {type(reason).__name__}"
+        raise InvalidArgumentError(msg)
+    size = len(reason.encode("utf-8"))
+    if size > MAX_CLOSE_REASON_BYTES:
+        msg = f"close(): the reason is {size} UTF-8 bytes; the limit is {MAX_CLOSE_REASON_BYTES}"
+        raise InvalidArgumentError(msg)
+
+
+def is_valid_received_close_code(code: int) -> bool:
+    """Whether a peer may send ``code`` (RFC 6455 §7.4.1 and the IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+@attrs.define(eq=False, repr=False)
+class WebSocket:
+    """One end of a WebSocket connection, as handlers see it."""
+
+    url: str | None = None
+    protocol: str | None = None
+    extensions: str = ""
+    _state: SocketState = SocketState.CONNECTING
+    _peer: WebSocket | None = None
+    #: The object that accepted this (server) end; set by ``accept_web_socket``.
+    _host: ObjectHost | None = None
+    _hibernatable: bool = False
+    _transport: Transport | None = None
+    #: Frames sent before the handshake finished, and a Close if one was asked for.
+    _early: list[str | bytes] | None = None
+    _early_close: tuple[int | None, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"<WebSocket {self._state.value} {self.url or ''}>"
+
+    @property
+    def ready_state(self) -> ReadyState:
+        return _READY_STATE[self._state]
+
+    def send(self, message: str | bytes) -> None:
+        """Queue ``message`` (text for ``str``, binary for bytes); never blocks."""
+        if isinstance(message, bytearray | memoryview):
+            message = bytes(message)
+        if not isinstance(message, str | bytes):
+            msg = f"send() takes str or bytes, not {type(message).__name__}"
+            raise InvalidArgumentError(msg)
+        state = self._state
+        if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
+            assert self._transport is not None
+            self._transport.send_message(message)
+        elif state is SocketState.CONNECTING:
+            self._require_server_end("send")
+            if self._early is None:
+                self._early = []
+            self._early.append(message)
+        elif state is SocketState.LOST:
+            return  # the peer is gone; its close event is already on its way
+        else:
+            msg = "send() after close(): this WebSocket was already closed by the server"
+            raise InvalidStateError(msg)
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Start (or answer) the closing handshake; a second call is ignored."""
+        validate_close(code, reason)
+        self._require_server_end("close")
+        self._close_unchecked(code, reason)
+
+    def _close_unchecked(self, code: int | None, reason: str) -> None:
+        before = self._state
+        self._move(SocketInput.APP_CLOSE)
+        if before is SocketState.OPEN or before is SocketState.CLOSE_RECEIVED:
+            assert self._transport is not None
+            self._transport.send_close(code, reason)
+        elif before is SocketState.CONNECTING:
+            self._early_close = (code, reason)
+
+    def _move(self, what: SocketInput) -> Final:
+        self._state, final = socket_transition(self._state, what)
+        return final
+
+    def _require_server_end(self, what: str) -> None:
+        if self._host is None:
+            msg = (
+                f"{what}() on a WebSocket that no object accepted: call "
+                "ctx.accept_web_socket(server) first (the client end only goes into "
+                "Response(status=101, web_socket=client))"
+            )
+            raise InvalidStateError(msg)
+
+    def _attach(self, transport: Transport, protocol: str | None, extensions: str) -> None:
+        """The handshake finished: frames now go out through ``transport``."""
+        self._transport = transport
+        self.protocol = protocol
+        self.extensions = extensions
+        self._move(SocketInput.HANDSHAKE_DONE)
+        early, self._early = self._early, None
+        for message in early or ():
+            transport.send_message(message)
+        if self._early_close is not None:
+            code, reason = self._early_close
+            self._early_close = None
+            transport.send_close(code, reason)
+
+
+def WebSocketPair() -> tuple[WebSocket, WebSocket]:  # noqa: N802 - Cloudflare's name
+    """Return ``(client, server)``: accept ``server``, put ``client`` in the 101 Response."""
+    client = WebSocket()
+    server = WebSocket()
+    client._peer = server
+    server._peer = client
+    return client, server
+
+
+def peer_of(client: WebSocket) -> WebSocket | None:
+    """The server end paired with ``client`` (for the server glue)."""
+    return client._peer
