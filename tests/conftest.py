@@ -36,3 +36,9 @@ def url(http_server, http_port):
         return f"{scheme}://127.0.0.1:{http_port}{path}"
 
     return make
+
+
+@pytest.fixture
+def port(http_server, http_port):
+    """The port of the running test server."""
+    return http_port

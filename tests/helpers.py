@@ -71,6 +71,9 @@ class Probe(DurableObject):
             if self.env.FLAGS.get("send_early"):
                 server.send("early")
             return Response(status=101, web_socket=client)
+        if path.endswith("/wait"):
+            await self.env.FLAGS["gate"]
+            return Response("done")
         if path.endswith("/count"):
             return Response(str(len(self.ctx.get_web_sockets())))
         return Response("probe", status=200)

@@ -34,12 +34,12 @@ async def count(http_client, url):
 
 @pytest.mark.parametrize("upgrade", ["websocket", "WebSocket", "WEBSOCKET"])
 @pytest.mark.gen_test
-async def test_upgrade_in_any_letter_case_is_accepted(http_port, upgrade, url, http_client):
-    raw = await RawClient.connect(http_port, extra=f"X-Case: {upgrade}\r\n")
+async def test_upgrade_in_any_letter_case_is_accepted(port, upgrade, url, http_client):
+    raw = await RawClient.connect(port, extra=f"X-Case: {upgrade}\r\n")
     assert raw.status == 101
     raw.abort()
     # and with the header itself in that case (RawClient sends "websocket")
-    reader_writer = await _raw_upgrade(http_port, upgrade)
+    reader_writer = await _raw_upgrade(port, upgrade)
     assert reader_writer.startswith(b"HTTP/1.1 101 ")
 
 
@@ -172,10 +172,10 @@ async def test_client_close_is_answered_with_the_same_code(url, http_client, cod
 
 
 @pytest.mark.gen_test
-async def test_close_without_status_is_still_completed(url, http_client, http_port):
+async def test_close_without_status_is_still_completed(url, http_client, port):
     # The handler sees 1005 and its ws.close(1005, ...) raises; the runtime
     # answers with an empty Close so the client never hangs.
-    raw = await RawClient.connect(http_port)
+    raw = await RawClient.connect(port)
     raw.send_close(None)
     assert await raw.read_close() == (None, "")
     await raw.wait_closed()
@@ -185,8 +185,8 @@ async def test_close_without_status_is_still_completed(url, http_client, http_po
 
 
 @pytest.mark.gen_test
-async def test_dropped_connection_leaves_the_count(url, http_client, http_port, runtime):
-    raw = await RawClient.connect(http_port)
+async def test_dropped_connection_leaves_the_count(url, http_client, port, runtime):
+    raw = await RawClient.connect(port)
     assert await count(http_client, url) == (
         "There is 1 WebSocket client connected to this Durable Object instance."
     )

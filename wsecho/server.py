@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsecho.server")
 
+#: How long a failed connection is drained after its Close before it is cut.
+LINGER_SECONDS = 2.0
+
 #: Handshake response headers that Tornado computes itself.
 _HANDSHAKE_HEADERS = frozenset(
     {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"}
@@ -54,6 +58,8 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         #: ``(code, reason)`` of a Close the protocol sent on its own, if any.
         self.failure: tuple[int, str] | None = None
         self.app_closing = False
+        self.lingering = False
+        self.linger_task: asyncio.Future[None] | None = None
 
     # Transport for wsecho.websocket.WebSocket ---------------------------------------
 
@@ -91,6 +97,32 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         self.failure = (code, reason)
         super().close(code, reason)
         self._abort()
+
+    def _abort(self) -> None:
+        stream = self.stream
+        if self.failure is not None and stream is not None and not stream.closed():
+            if not self.lingering:
+                # Closing a socket with unread input makes the kernel send RST, and
+                # the peer may lose our Close frame with it. Drain, then close.
+                self.lingering = True
+                self.client_terminated = self.server_terminated = True
+                self.linger_task = asyncio.ensure_future(self._linger(stream))
+            return
+        super()._abort()
+
+    async def _linger(self, stream: Any) -> None:
+        try:
+            async with asyncio.timeout(LINGER_SECONDS):
+                await stream.write(b"")  # resolves once the Close frame is flushed
+                # FIN after our Close tells the peer we are done (RFC 6455 §7.1.1:
+                # the server closes the TCP connection first); drain until it goes.
+                stream.socket.shutdown(socket.SHUT_WR)
+                while True:
+                    await stream.read_bytes(65536, partial=True)
+        except (StreamClosedError, TimeoutError, OSError):
+            pass
+        finally:
+            stream.close()
 
     def _handle_message(self, opcode: int, data: bytes) -> Any:
         if self.client_terminated:

@@ -1,0 +1,192 @@
+"""The command line, as a user runs it: a real ``python -m wsecho`` process on 127.0.0.1."""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+LISTENING = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
+
+
+class ServerProcess:
+    """A wsecho subprocess whose log lines a test can wait for (bounded)."""
+
+    def __init__(self, args, cwd=None, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "wsecho", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.port = int(self.wait_for(LISTENING).group(1))
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern, timeout=10.0):
+        """The first line (from now on) that matches ``pattern``; fails after ``timeout``."""
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern.pattern!r} within {timeout}s; saw {self.seen}")
+            self.seen.append(line)
+            if match := pattern.search(line):
+                return match
+
+    def url(self, path, scheme="http"):
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url(path), timeout=5) as response:
+            return response.status, response.read().decode(), response.headers
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def start():
+    started = []
+
+    def run(*args, **kwargs):
+        server = ServerProcess(list(args), **kwargs)
+        started.append(server)
+        return server
+
+    yield run
+    for server in started:
+        server.stop()
+
+
+def run_cli(*args, env=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "wsecho", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
+
+
+def test_help_documents_every_flag_and_its_variable():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag, var in [
+        ("--host", "WSECHO_HOST"),
+        ("--port", "WSECHO_PORT"),
+        ("--hibernate-after", "WSECHO_HIBERNATE_AFTER"),
+        ("--max-message-size", "WSECHO_MAX_MESSAGE_SIZE"),
+        ("--log-level", "WSECHO_LOG_LEVEL"),
+    ]:
+        assert flag in result.stdout
+        assert var in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "--port"),
+        (["--hibernate-after", "0"], {}, "--hibernate-after"),
+        (["--hibernate-after", "nan"], {}, "--hibernate-after"),
+        (["--max-message-size", "-1"], {}, "--max-message-size"),
+        (["--log-level", "loud"], {}, "--log-level"),
+        ([], {"WSECHO_PORT": "x"}, "WSECHO_PORT (for --port)"),
+        ([], {"WSECHO_HIBERNATE_AFTER": "-3"}, "WSECHO_HIBERNATE_AFTER (for --hibernate-after)"),
+        (["no_such_module_here"], {}, "cannot load 'no_such_module_here'"),
+        (["json:nothing"], {}, "json.nothing must be a wsecho.App"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_flag(args, env, named):
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert named in result.stderr
+
+
+def test_a_flag_wins_over_its_variable(start):
+    server = start("--port", "0", env={"WSECHO_PORT": "1"})
+    assert server.port != 1
+
+
+def test_default_app_answers_and_hibernates_while_sockets_stay_open(start):
+    server = start("--port", "0", "--hibernate-after", "0.3")
+    status, body, headers = server.get("/getCurrentConnections")
+    assert (status, body) == (200, "There are 0 WebSocket clients connected to this Durable Object instance.")
+    assert headers["Content-Type"] == "text/plain;charset=UTF-8"
+    with connect(server.url("/websocket", "ws"), open_timeout=5) as ws:
+        ws.send("before")
+        assert ws.recv(timeout=5) == "[Durable Object]: before"
+        server.wait_for(r"hibernated 1 idle objects")
+        ws.send("after")
+        assert ws.recv(timeout=5) == "[Durable Object]: after"
+        assert server.get("/getCurrentConnections")[1] == (
+            "There is 1 WebSocket client connected to this Durable Object instance."
+        )
+
+
+def test_sigterm_closes_sockets_with_1001_and_exits_0(start):
+    server = start("--port", "0")
+    with connect(server.url("/websocket", "ws"), open_timeout=5) as ws:
+        ws.send("hi")
+        ws.recv(timeout=5)
+        server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 1001
+        assert ws.close_reason == "Going Away"
+    assert server.proc.wait(timeout=10) == 0
+
+
+def test_module_colon_app_and_module_alone_load_like_uvicorn(start, tmp_path: Path):
+    (tmp_path / "myapp.py").write_text(
+        textwrap.dedent(
+            """
+            from wsecho import App, Response
+
+            def fetch(request, env):
+                return Response("hello from myapp")
+
+            app = App(fetch=fetch)
+            other = App(fetch=lambda request, env: Response("other"))
+            """
+        )
+    )
+    assert start("myapp", "--port", "0", cwd=tmp_path).get("/")[1] == "hello from myapp"
+    assert start("myapp:other", "--port", "0", cwd=tmp_path).get("/")[1] == "other"
+
+
+def test_settings_come_from_the_environment(start):
+    server = start(env={"WSECHO_PORT": "0", "WSECHO_HIBERNATE_AFTER": "7.5", "WSECHO_LOG_LEVEL": "debug"})
+    assert "hibernate after 7.5s" in server.seen[-1]
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "wsecho"
+    assert script.exists(), "pip install should create the wsecho console script"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "--hibernate-after" in result.stdout

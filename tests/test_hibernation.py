@@ -1,0 +1,166 @@
+"""Hibernation through the runtime: eviction by sweep(now=...), waking, ordering, pins."""
+
+import asyncio
+
+import pytest
+from websockets.asyncio.client import connect
+
+from tests.helpers import Recorder, probe_app
+from wsecho.lifecycle import ObjectState
+
+
+@pytest.fixture
+def recorder():
+    return Recorder()
+
+
+@pytest.fixture
+def wsecho_app(recorder):
+    return probe_app(recorder)
+
+
+def constructions(recorder, name="default"):
+    return [e for e in recorder.of("constructor") if e[1] == name]
+
+
+@pytest.mark.gen_test
+async def test_idle_object_hibernates_and_a_message_wakes_it(url, runtime, clock, recorder):
+    async with connect(url("/obj/room/ws", "ws")) as ws:
+        await ws.send("one")
+        assert await ws.recv() == "echo:one"
+        host = runtime.find("PROBE", "room")
+        assert host.lifecycle.state is ObjectState.ACTIVE
+        # not yet idle long enough
+        assert runtime.sweep(now=clock.now + 9.9) == 0
+        assert runtime.sweep(now=clock.now + 10) == 1
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        assert host.instance is None
+        assert len(constructions(recorder, "room")) == 1
+        # the socket stayed open; the next message re-runs the constructor
+        await ws.send("two")
+        assert await ws.recv() == "echo:two"
+        assert host.lifecycle.state is ObjectState.ACTIVE
+        assert len(constructions(recorder, "room")) == 2
+        # get_web_sockets() already works inside the constructor
+        assert constructions(recorder, "room")[1] == ("constructor", "room", 1)
+
+
+@pytest.mark.gen_test
+async def test_in_memory_fields_are_gone_after_hibernation(url, runtime, clock):
+    async with connect(url("/obj/m/ws", "ws")) as ws:
+        await ws.send("remember me")
+        assert await ws.recv() == "echo:remember me"
+        await ws.send("memory")
+        assert await ws.recv() == '["remember me"]'
+        assert runtime.sweep(now=clock.now + 10) == 1
+        await ws.send("memory")
+        assert await ws.recv() == "[]"
+
+
+@pytest.mark.gen_test
+async def test_a_burst_to_a_hibernated_object_constructs_once_in_order(url, runtime, clock, recorder):
+    async with connect(url("/obj/burst/ws", "ws")) as ws:
+        runtime.sweep(now=clock.now + 10)
+        assert runtime.find("PROBE", "burst").lifecycle.state is ObjectState.HIBERNATING
+        for i in range(50):
+            await ws.send(f"m{i}")
+        replies = [await ws.recv() for _ in range(50)]
+        assert replies == [f"echo:m{i}" for i in range(50)]
+        assert len(constructions(recorder, "burst")) == 2
+        assert [e[1] for e in recorder.of("message")] == [f"m{i}" for i in range(50)]
+
+
+@pytest.mark.gen_test
+async def test_concurrent_requests_to_a_new_object_construct_it_once(runtime, recorder):
+    stub = runtime.env.PROBE.get_by_name("direct")
+    results = await asyncio.gather(*(stub.fetch(f"http://x/obj/direct/count?{i}") for i in range(3)))
+    assert [r.body for r in results] == [b"0", b"0", b"0"]
+    assert len(constructions(recorder, "direct")) == 1
+    assert runtime.find("PROBE", "direct").lifecycle.state is ObjectState.ACTIVE
+
+
+@pytest.mark.gen_test
+async def test_two_sockets_accepted_in_the_same_instant_still_hibernate(url, runtime, clock, recorder):
+    # The fake clock does not move: both sockets are accepted at the same instant.
+    async with connect(url("/obj/twins/ws", "ws")) as a, connect(url("/obj/twins/ws", "ws")) as b:
+        host = runtime.find("PROBE", "twins")
+        assert len(host.sockets) == 2
+        assert runtime.sweep(now=clock.now + 10) == 1
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        await a.send("a")
+        await b.send("b")
+        assert await a.recv() == "echo:a"
+        assert await b.recv() == "echo:b"
+
+
+@pytest.mark.gen_test
+async def test_activity_postpones_hibernation(url, runtime, clock):
+    async with connect(url("/obj/busy/ws", "ws")) as ws:
+        clock.now += 8
+        await ws.send("still here")
+        assert await ws.recv() == "echo:still here"
+        assert runtime.sweep(now=clock.now + 5) == 0
+        assert runtime.sweep(now=clock.now + 10) == 1
+
+
+@pytest.mark.gen_test
+async def test_an_object_in_a_turn_does_not_hibernate(runtime, clock):
+    # An async handler that is still running pins its object.
+    gate = asyncio.get_running_loop().create_future()
+    runtime.app.vars["FLAGS"]["gate"] = gate
+    stub = runtime.env.PROBE.get_by_name("pinned")
+    pending = asyncio.ensure_future(stub.fetch("http://x/obj/pinned/wait"))
+    host = await _host_when_busy(runtime, "pinned")
+    assert host.lifecycle.hibernation_blocker() == "an event is being handled"
+    assert runtime.sweep(now=clock.now + 100) == 0
+    assert host.lifecycle.state is ObjectState.ACTIVE
+    gate.set_result(None)
+    assert (await pending).body == b"done"
+    assert runtime.sweep(now=clock.now + 10) == 1
+
+
+async def _host_when_busy(runtime, name):
+    # stub.fetch() submits on its first step; one loop iteration lets it run.
+    await asyncio.sleep(0)
+    host = runtime.find("PROBE", name)
+    assert host is not None
+    assert host.lifecycle.current is not None
+    return host
+
+
+@pytest.mark.gen_test
+async def test_async_handlers_finish_in_turn(url):
+    async with connect(url("/obj/async/ws", "ws")) as ws:
+        await ws.send("async")
+        await ws.send("after")
+        assert await ws.recv() == "async:async"
+        assert await ws.recv() == "echo:after"
+
+
+@pytest.mark.gen_test
+async def test_ping_is_answered_without_waking(url, runtime, clock, recorder):
+    async with connect(url("/obj/ping/ws", "ws")) as ws:
+        host = runtime.find("PROBE", "ping")
+        runtime.sweep(now=clock.now + 10)
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        pong = await ws.ping(b"are you there")
+        await asyncio.wait_for(pong, 5)
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        assert len(constructions(recorder, "ping")) == 1
+
+
+@pytest.mark.gen_test
+async def test_objects_with_nothing_left_are_forgotten(url, runtime, clock, recorder):
+    async with connect(url("/obj/gone/ws", "ws")) as ws:
+        await ws.send("x")
+        await ws.recv()
+    await recorder.wait_for(lambda r: r.of("close"))
+    runtime.sweep(now=clock.now + 10)
+    assert runtime.find("PROBE", "gone") is None
+
+
+@pytest.mark.gen_test
+async def test_sends_before_the_handshake_arrive_first(url, runtime):
+    runtime.app.vars["FLAGS"]["send_early"] = True
+    async with connect(url("/obj/early/ws", "ws")) as ws:
+        assert await ws.recv() == "early"
