@@ -312,3 +312,15 @@ def socket_transition(state: SocketState, what: SocketInput) -> tuple[SocketStat
     if row is None:
         raise NoTransitionError(state, what)
     return row
+
+
+def transition_tables_markdown() -> str:
+    """Both transition tables as Markdown, for the README (a test keeps them in sync)."""
+    lines = ["| state | input | next state | effects |", "|---|---|---|---|"]
+    for (state, what), (after, actions) in OBJECT_TRANSITIONS.items():
+        effects = "; ".join(a.value for a in actions)
+        lines.append(f"| {state.value} | {what.value} | {after.value} | {effects} |")
+    lines += ["", "| socket state | input | next state | final event queued |", "|---|---|---|---|"]
+    for (sstate, swhat), (safter, final) in SOCKET_TRANSITIONS.items():
+        lines.append(f"| {sstate.value} | {swhat.value} | {safter.value} | {final.value} |")
+    return "\n".join(lines) + "\n"
