@@ -69,22 +69,53 @@ async def test_websocket_without_proper_upgrade_is_426(http_client, url, headers
     assert response.headers["Content-Type"] == "text/plain;charset=UTF-8"
 
 
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "status", "message"),
     [
-        {
-            "Upgrade": "websocket",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Version": "13",
-        },
-        {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+        (
+            {"Upgrade": "websocket", "Sec-WebSocket-Key": KEY, "Sec-WebSocket-Version": "13"},
+            400,
+            'the "Connection" header must include "Upgrade"',
+        ),
+        (
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"},
+            400,
+            "missing Sec-WebSocket-Key",
+        ),
+        (
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": "c2hvcnQ=",
+                "Sec-WebSocket-Version": "13",
+            },
+            400,
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ),
+        (
+            {
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Key": KEY,
+                "Sec-WebSocket-Version": "8",
+            },
+            426,
+            "Sec-WebSocket-Version must be 13",
+        ),
     ],
-    ids=["no-connection-upgrade", "no-key"],
+    ids=["no-connection-upgrade", "no-key", "short-key", "old-version"],
 )
 @pytest.mark.gen_test
-async def test_upgrade_with_invalid_handshake_is_400(http_client, url, headers):
+async def test_upgrade_with_invalid_handshake_is_refused(http_client, url, headers, status, message):
     response = await get(http_client, url("/websocket"), headers=headers)
-    assert response.code == 400
+    assert response.code == status
+    assert response.body.decode() == f"Bad WebSocket handshake: {message}"
+    assert response.headers["Content-Type"] == "text/plain;charset=UTF-8"
+    if status == 426:
+        assert response.headers["Sec-WebSocket-Version"] == "13"
     # the refused socket never counted
     assert await count(http_client, url) == (
         "There are 0 WebSocket clients connected to this Durable Object instance."

@@ -15,6 +15,8 @@ are reported as failures, so the object gets ``web_socket_error``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import socket
@@ -22,6 +24,7 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
+import tornado.httputil
 import tornado.netutil
 import tornado.web
 import tornado.websocket
@@ -46,6 +49,27 @@ LINGER_SECONDS = 2.0
 _HANDSHAKE_HEADERS = frozenset(
     {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"}
 )
+
+
+def handshake_problem(headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
+    """Why a request the application answered with 101 cannot be upgraded (RFC 6455 §4.2.1)."""
+    if headers.get("Upgrade", "").strip().lower() != "websocket":
+        return 400, 'Bad WebSocket handshake: the "Upgrade" header must be "websocket"'
+    tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    if "upgrade" not in tokens:
+        return 400, 'Bad WebSocket handshake: the "Connection" header must include "Upgrade"'
+    key = headers.get("Sec-WebSocket-Key", "").strip()
+    if not key:
+        return 400, "Bad WebSocket handshake: missing Sec-WebSocket-Key"
+    try:
+        valid_key = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        valid_key = False
+    if not valid_key:
+        return 400, "Bad WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64"
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        return 426, "Bad WebSocket handshake: Sec-WebSocket-Version must be 13"
+    return None
 
 
 class _Protocol(tornado.websocket.WebSocketProtocol13):
@@ -222,6 +246,14 @@ class Gateway(tornado.websocket.WebSocketHandler):
                 req.uri,
             )
             self._plain(500, "Internal Server Error")
+            return
+        problem = handshake_problem(req.headers)
+        if problem is not None:
+            status, text = problem
+            if status == 426:
+                self.set_header("Sec-WebSocket-Version", "13")
+            self._plain(status, text)
+            self.runtime.handshake_failed(server)
             return
         self._server_ws = server
         self._response = response
