@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import Recorder, probe_app
+from tests.helpers import Recorder, probe_app, until
 from wsecho.lifecycle import ObjectState
 
 
@@ -164,3 +164,30 @@ async def test_sends_before_the_handshake_arrive_first(url, runtime):
     runtime.app.vars["FLAGS"]["send_early"] = True
     async with connect(url("/obj/early/ws", "ws")) as ws:
         assert await ws.recv() == "early"
+
+
+@pytest.mark.gen_test
+async def test_a_flooding_socket_is_paused_not_buffered(url, runtime):
+    # The object is stuck in a slow turn; the client sends far more than the
+    # queue allows. The server stops reading that socket at the high-water
+    # mark, and once the object catches up every message is handled in order.
+    from wsecho.runtime import QUEUE_HIGH_WATER
+
+    gate = asyncio.get_running_loop().create_future()
+    runtime.app.vars["FLAGS"]["gate"] = gate
+    async with connect(url("/obj/flood/ws", "ws")) as ws:
+        host = runtime.find("PROBE", "flood")
+        stub = runtime.env.PROBE.get_by_name("flood")
+        blocked = asyncio.ensure_future(stub.fetch("http://x/obj/flood/wait"))
+        total = QUEUE_HIGH_WATER * 5
+        try:
+            for i in range(total):
+                await ws.send(f"m{i}")
+            await until(lambda: len(host.lifecycle.queue) >= QUEUE_HIGH_WATER)
+            # The socket is paused on its pending future: no queue growth past the mark.
+            assert len(host.lifecycle.queue) == QUEUE_HIGH_WATER
+        finally:
+            gate.set_result(None)
+        await blocked
+        replies = [await ws.recv() for _ in range(total)]
+        assert replies == [f"echo:m{i}" for i in range(total)]

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsecho")
 
+#: Queued events per object beyond which a socket that adds one stops being read.
+QUEUE_HIGH_WATER = 100
+
 
 # -- events: what sits in an object's queue ----------------------------------------
 
@@ -106,11 +109,21 @@ class _SocketEvent:
 @attrs.define(eq=False)
 class MessageEvent(_SocketEvent):
     message: str | bytes
+    #: Set when the queue was long: the socket reads no further frame until this resolves.
+    started: asyncio.Future[None] | None = None
     name = "web_socket_message"
 
     def invoke(self, instance: DurableObject) -> Any:
+        self._release()
         handler = getattr(instance, "web_socket_message", None)
         return None if handler is None else handler(self.ws, self.message)
+
+    def dropped(self, reason: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.started is not None and not self.started.done():
+            self.started.set_result(None)
 
 
 @attrs.define(eq=False)
@@ -284,9 +297,22 @@ class Runtime:
         if ws._host is not None:
             self._forget_socket(ws._host, ws)
 
-    def message_received(self, ws: WebSocket, message: str | bytes) -> None:
-        assert ws._host is not None
-        self.submit(ws._host, MessageEvent(ws, message))
+    def message_received(self, ws: WebSocket, message: str | bytes) -> asyncio.Future[None] | None:
+        """Queue a message; a future means "read nothing more from this socket until it resolves".
+
+        That is the back-pressure that bounds an object's queue: a client that
+        sends faster than its object handles stops being read once
+        ``QUEUE_HIGH_WATER`` events are waiting, instead of growing memory.
+        """
+        host = ws._host
+        assert host is not None
+        event = MessageEvent(ws, message)
+        self.submit(host, event)
+        lc = host.lifecycle
+        if len(lc.queue) < QUEUE_HIGH_WATER or lc.current is event:
+            return None
+        event.started = asyncio.get_running_loop().create_future()
+        return event.started
 
     def peer_closed(self, ws: WebSocket, code: int | None, reason: str) -> None:
         """The peer sent Close (``code`` None when the frame had no status: 1005)."""
@@ -356,6 +382,13 @@ class Runtime:
             return host.lifecycle.construct_failed(self.clock())
         if host.constructions:
             self.counters["wakes"] += 1
+            log.debug(
+                "woke %s %s (%d sockets, %d events waiting)",
+                host.cls.__name__,
+                host.id,
+                len(host.sockets),
+                len(host.lifecycle.queue),
+            )
         host.constructions += 1
         return host.lifecycle.constructed(self.clock())
 

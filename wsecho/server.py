@@ -298,9 +298,10 @@ class Gateway(tornado.websocket.WebSocketHandler):
             self._headers.get("Sec-WebSocket-Extensions", ""),
         )
 
-    def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
         assert self._server_ws is not None
-        self.runtime.message_received(self._server_ws, message)
+        # Tornado awaits a returned future before it reads the next frame.
+        return self.runtime.message_received(self._server_ws, message)
 
     def peer_closed(self, code: int | None, reason: str) -> None:
         assert self._server_ws is not None
