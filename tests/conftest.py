@@ -1,3 +1,5 @@
+from datetime import UTC, datetime
+
 import pytest
 
 from tests.helpers import FakeClock
@@ -13,6 +15,10 @@ def clock():
     return FakeClock()
 
 
+def wall_clock():
+    return datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
 @pytest.fixture
 def wsecho_app():
     """The wsecho.App under test; modules override this fixture."""
@@ -21,7 +27,7 @@ def wsecho_app():
 
 @pytest.fixture
 def runtime(wsecho_app, clock):
-    return Runtime(wsecho_app, clock=clock, hibernate_after=10.0)
+    return Runtime(wsecho_app, clock=clock, wall_clock=wall_clock, hibernate_after=10.0)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from wsecho.errors import (
     WsechoError,
 )
 from wsecho.http import Headers, Request, Response
+from wsecho.limits import Limits
 from wsecho.objects import (
     DurableObject,
     DurableObjectId,
@@ -23,7 +24,7 @@ from wsecho.objects import (
     DurableObjectStub,
     Env,
 )
-from wsecho.websocket import ReadyState, WebSocket, WebSocketPair
+from wsecho.websocket import ReadyState, WebSocket, WebSocketPair, WebSocketRequestResponsePair
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "Headers",
     "InvalidArgumentError",
     "InvalidStateError",
+    "Limits",
     "NoTransitionError",
     "ObjectResetError",
     "ReadyState",
@@ -47,6 +49,7 @@ __all__ = [
     "WebSocket",
     "WebSocketPair",
     "WebSocketProtocolError",
+    "WebSocketRequestResponsePair",
     "WsechoError",
     "__version__",
 ]

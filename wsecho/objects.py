@@ -8,25 +8,28 @@ behind the namespace without changing this API).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.http import Request
 from wsecho.lifecycle import SocketState
+from wsecho.websocket import WebSocketRequestResponsePair
 
 if TYPE_CHECKING:
     from wsecho.http import Response
+    from wsecho.limits import Limits
     from wsecho.runtime import ObjectHost, Runtime
     from wsecho.websocket import WebSocket
 
-#: Cloudflare's limit on hibernatable sockets per object (SPEC §4).
-MAX_SOCKETS_PER_OBJECT = 32_768
+T = TypeVar("T")
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -115,7 +118,23 @@ class DurableObjectStub:
             msg = f"fetch() takes a Request or a URL string, not {type(request).__name__}"
             raise InvalidArgumentError(msg)
         ns = self._namespace
-        return await ns._runtime.fetch_object(ns.name, ns._cls, self.id, request)
+        return await ns._runtime.fetch_object(ns._cls, self.id, request)
+
+    def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
+        """``await stub.method(*args, **kwargs)``: an RPC call delivered in the object's turn.
+
+        Arguments and results are passed as they are (same process), not copied.
+        """
+        if method.startswith("_"):
+            raise AttributeError(method)
+        ns = self._namespace
+        stub_id = self.id
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await ns._runtime.call_object(ns._cls, stub_id, method, args, kwargs)
+
+        call.__name__ = method
+        return call
 
 
 class Env:
@@ -146,8 +165,8 @@ class DurableObjectState:
     """``ctx``: the runtime's side of one object, handed to its constructor.
 
     A new one is made for every instance, so nothing stored on it survives a
-    hibernation; what does survive (the sockets and their state) lives in the
-    object's host.
+    hibernation; what does survive (the sockets, their tags and attachments,
+    the auto-response, the event timeout) lives in the object's host.
     """
 
     __slots__ = ("_host", "_runtime")
@@ -160,28 +179,138 @@ class DurableObjectState:
     def id(self) -> DurableObjectId:
         return self._host.id
 
-    def accept_web_socket(self, ws: WebSocket, tags: tuple[str, ...] | list[str] = ()) -> None:
-        """Make ``ws`` (the server end of a pair) a hibernatable socket of this object."""
+    # -- sockets --------------------------------------------------------------------
+
+    def accept_web_socket(self, ws: WebSocket, tags: Iterable[str] = ()) -> None:
+        """Make ``ws`` (the server end of a pair) a hibernatable socket of this object.
+
+        ``tags`` (at most 10 distinct, each at most 256 UTF-8 bytes; duplicates are
+        dropped, order kept) select it later in ``get_web_sockets(tag)``. Every check
+        runs before the socket is accepted, so a violation leaves nothing behind.
+        """
         host = self._host
+        limits = self._runtime.limits
         if ws._host is not None:
             msg = "accept_web_socket(): this WebSocket was already accepted"
             raise InvalidStateError(msg)
         if ws._peer is None or ws._state is not SocketState.CONNECTING:
             msg = "accept_web_socket() takes the server end of a new WebSocketPair"
             raise InvalidStateError(msg)
-        if len(host.sockets) >= MAX_SOCKETS_PER_OBJECT:
+        clean = _validate_tags(tags, limits)
+        if host.hibernatable_count >= limits.sockets_per_object:
             msg = (
-                f"accept_web_socket(): this object already has {len(host.sockets)} "
-                f"WebSockets; the limit is {MAX_SOCKETS_PER_OBJECT}"
+                f"accept_web_socket(): this object already has {host.hibernatable_count} "
+                f"hibernatable WebSockets; the limit is {limits.sockets_per_object}"
             )
             raise InvalidStateError(msg)
-        ws._host = host
+        ws._tags = clean
         ws._hibernatable = True
-        host.sockets[ws] = None
+        host.add_socket(ws)
 
     def get_web_sockets(self, tag: str | None = None) -> list[WebSocket]:
-        """Every socket of this object whose final event has not been delivered yet."""
-        return list(self._host.sockets)
+        """The hibernatable sockets (with ``tag``, if given) whose final event is not delivered yet."""
+        if tag is None:
+            return [ws for ws in self._host.sockets if ws._hibernatable]
+        return list(self._host.tagged.get(tag, ()))
+
+    def get_tags(self, ws: WebSocket) -> list[str]:
+        self._require_own(ws, "get_tags")
+        return list(ws._tags)
+
+    # -- auto-response ----------------------------------------------------------------
+
+    def set_web_socket_auto_response(self, pair: WebSocketRequestResponsePair | None = None) -> None:
+        """Answer a text frame equal to ``pair.request`` with ``pair.response``, without
+        waking the object or calling a handler; ``None`` removes the pair."""
+        if pair is not None:
+            if not isinstance(pair, WebSocketRequestResponsePair):
+                msg = (
+                    "set_web_socket_auto_response() takes a WebSocketRequestResponsePair or None, "
+                    f"not {type(pair).__name__}"
+                )
+                raise InvalidArgumentError(msg)
+            limit = self._runtime.limits.auto_response_bytes
+            for name, text in (("request", pair.request), ("response", pair.response)):
+                size = len(text.encode("utf-8"))
+                if size > limit:
+                    msg = (
+                        f"set_web_socket_auto_response(): the {name} is {size} UTF-8 bytes; "
+                        f"the limit is {limit}"
+                    )
+                    raise InvalidArgumentError(msg)
+        self._host.auto_response = pair
+
+    def get_web_socket_auto_response(self) -> WebSocketRequestResponsePair | None:
+        return self._host.auto_response
+
+    def get_web_socket_auto_response_timestamp(self, ws: WebSocket) -> datetime | None:
+        """When the runtime last answered ``ws`` with the auto-response (UTC), or None."""
+        self._require_own(ws, "get_web_socket_auto_response_timestamp")
+        return ws._auto_response_at
+
+    # -- object control ----------------------------------------------------------------
+
+    def set_hibernatable_web_socket_event_timeout(self, ms: int | None = None) -> None:
+        """Reset the object (sockets closed with 1011) when a WebSocket handler runs longer
+        than ``ms`` milliseconds; ``None`` turns the timeout off."""
+        if ms is not None:
+            limit = self._runtime.limits.event_timeout_ms
+            if not isinstance(ms, int) or isinstance(ms, bool) or not 1 <= ms <= limit:
+                msg = (
+                    "set_hibernatable_web_socket_event_timeout(): ms must be an integer from 1 "
+                    f"to {limit} (or None), got {ms!r}"
+                )
+                raise InvalidArgumentError(msg)
+        self._host.event_timeout_ms = ms
+
+    def get_hibernatable_web_socket_event_timeout(self) -> int | None:
+        return self._host.event_timeout_ms
+
+    def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Run ``fn()`` while no other event is delivered to this object.
+
+        In the constructor it holds back every event until ``fn`` finishes (if it
+        raises, the object is reset as if the constructor had raised). In a handler,
+        events are already held back: ``await`` it like ``fn()`` itself.
+        """
+        return self._runtime.block_concurrency_while(self._host, fn)
+
+    def wait_until(self, aw: Awaitable[Any]) -> None:
+        """Keep the object in memory until ``aw`` is done; its errors are logged."""
+        self._runtime.wait_until(self._host, aw)
+
+    def abort(self, reason: str | None = None) -> None:
+        """Reset the object now: every socket closes with 1011, the instance and its
+        queued events are dropped. In the constructor it raises ``ObjectResetError``."""
+        self._runtime.abort(self._host, reason)
+
+    def _require_own(self, ws: WebSocket, what: str) -> None:
+        if ws._host is not self._host or not ws._hibernatable:
+            msg = f"{what}(): the WebSocket is not a hibernatable socket of this object"
+            raise InvalidStateError(msg)
+
+
+def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
+    if isinstance(tags, str):
+        msg = f"accept_web_socket(): tags must be a list of str, not the str {tags!r}"
+        raise InvalidArgumentError(msg)
+    clean: dict[str, None] = {}
+    for tag in tags:
+        if not isinstance(tag, str):
+            msg = f"accept_web_socket(): every tag must be a str, got {tag!r}"
+            raise InvalidArgumentError(msg)
+        size = len(tag.encode("utf-8"))
+        if size > limits.tag_bytes:
+            msg = (
+                f"accept_web_socket(): tag {tag[:40]!r}… is {size} UTF-8 bytes; "
+                f"the limit is {limits.tag_bytes}"
+            )
+            raise InvalidArgumentError(msg)
+        clean[tag] = None
+    if len(clean) > limits.tags_per_socket:
+        msg = f"accept_web_socket(): {len(clean)} distinct tags; the limit is {limits.tags_per_socket}"
+        raise InvalidArgumentError(msg)
+    return tuple(clean)
 
 
 class DurableObject:

@@ -1,25 +1,33 @@
-"""The runtime: finds, wakes, feeds and hibernates objects. Knows nothing of Tornado.
+"""The runtime: finds, wakes, feeds, resets and hibernates objects. Knows nothing of Tornado.
 
 Each object has an :class:`ObjectHost` that outlives its instance: it holds the
-object's :class:`~wsecho.lifecycle.ObjectLifecycle`, its sockets and the
-instance while there is one. Every event (an HTTP request through a stub, a
-message, a close, an error) enters through :meth:`Runtime.submit`; the
-lifecycle answers with effects, which :meth:`Runtime._run` carries out. The
-clock is injected, so tests can drive ``sweep(now=...)`` without sleeping.
+object's :class:`~wsecho.lifecycle.ObjectLifecycle`, its sockets (with their
+tags), its auto-response and event timeout, and the instance while there is
+one. Every event (an HTTP request or RPC call through a stub, a message, a
+close, an error) enters through :meth:`Runtime.submit`; the lifecycle answers
+with effects, which :meth:`Runtime._run` carries out. Both clocks are injected,
+so tests drive ``sweep(now=...)`` without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
-from wsecho.errors import InvalidStateError, ObjectResetError, WebSocketProtocolError
+from wsecho.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    ObjectResetError,
+    WebSocketProtocolError,
+)
 from wsecho.http import Request, Response
 from wsecho.idle import IdleIndex
 from wsecho.lifecycle import (
@@ -36,43 +44,47 @@ from wsecho.lifecycle import (
     SocketInput,
     SocketState,
 )
+from wsecho.limits import Limits
 from wsecho.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
 
 if TYPE_CHECKING:
     from wsecho.app import App
     from wsecho.objects import DurableObject
-    from wsecho.websocket import Transport, WebSocket
+    from wsecho.websocket import Transport, WebSocket, WebSocketRequestResponsePair
 
 log = logging.getLogger("wsecho")
 
+T = TypeVar("T")
+
 #: Queued events per object beyond which a socket that adds one stops being read.
 QUEUE_HIGH_WATER = 100
+
+#: Handler names that stubs do not expose as RPC methods.
+NOT_RPC = frozenset(
+    {"fetch", "alarm", "web_socket_message", "web_socket_close", "web_socket_error", "ctx", "env"}
+)
+
+PIN_WAIT_UNTIL = "wait_until() work is pending"
+PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
+
+#: The object whose handler (or constructor) is running in this context.
+_current_host: contextvars.ContextVar[ObjectHost | None] = contextvars.ContextVar(
+    "wsecho_current_host", default=None
+)
 
 
 # -- events: what sits in an object's queue ----------------------------------------
 
 
 @attrs.define(eq=False)
-class HttpEvent:
-    request: Request
-    reply: asyncio.Future[Response]
-    name = "fetch"
+class _CallEvent:
+    """An event whose caller waits for its result (HTTP, RPC, block_concurrency_while)."""
 
-    def invoke(self, instance: DurableObject) -> Any:
-        handler = getattr(instance, "fetch", None)
-        if handler is None:
-            msg = f"{type(instance).__name__} has no fetch() handler"
-            raise InvalidStateError(msg)
-        return handler(self.request)
+    reply: asyncio.Future[Any]
 
     def succeeded(self, result: Any) -> None:
-        if self.reply.done():
-            return
-        if isinstance(result, Response):
+        if not self.reply.done():
             self.reply.set_result(result)
-        else:
-            msg = f"fetch() must return a wsecho.Response, got {type(result).__name__}"
-            self.reply.set_exception(TypeError(msg))
 
     def failed(self, exc: BaseException) -> bool:
         """The caller gets the exception, so the runtime need not log it."""
@@ -88,10 +100,60 @@ class HttpEvent:
 
 
 @attrs.define(eq=False)
+class HttpEvent(_CallEvent):
+    request: Request
+    name = "fetch"
+
+    def invoke(self, instance: DurableObject) -> Any:
+        handler = getattr(instance, "fetch", None)
+        if handler is None:
+            msg = f"{type(instance).__name__} has no fetch() handler"
+            raise InvalidStateError(msg)
+        return handler(self.request)
+
+    def succeeded(self, result: Any) -> None:
+        if isinstance(result, Response):
+            super().succeeded(result)
+        else:
+            msg = f"fetch() must return a wsecho.Response, got {type(result).__name__}"
+            self.failed(TypeError(msg))
+
+
+@attrs.define(eq=False)
+class RpcEvent(_CallEvent):
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def invoke(self, instance: DurableObject) -> Any:
+        target = getattr(instance, self.method, None)
+        if self.method.startswith("_") or self.method in NOT_RPC or not callable(target):
+            msg = f"{type(instance).__name__} has no RPC method {self.method!r}"
+            raise InvalidArgumentError(msg)
+        return target(*self.args, **self.kwargs)
+
+
+@attrs.define(eq=False)
+class BlockEvent(_CallEvent):
+    """``block_concurrency_while(fn)`` from outside a turn: ``fn`` runs as a turn of its own."""
+
+    fn: Callable[[], Any]
+    name = "block_concurrency_while"
+
+    def invoke(self, instance: DurableObject) -> Any:
+        return self.fn()
+
+
+@attrs.define(eq=False)
 class _SocketEvent:
     """A socket event: its handler's errors are logged, nobody waits for its result."""
 
     ws: WebSocket
+    name = "socket event"
 
     def succeeded(self, result: Any) -> None:
         pass
@@ -168,7 +230,7 @@ class ErrorEvent(_FinalEvent):
         return None if handler is None else handler(self.ws, self.error)
 
 
-Event = HttpEvent | MessageEvent | CloseEvent | ErrorEvent
+Event = HttpEvent | RpcEvent | BlockEvent | MessageEvent | CloseEvent | ErrorEvent
 
 
 @attrs.define(eq=False, repr=False)
@@ -182,14 +244,61 @@ class ObjectHost:
     lifecycle: ObjectLifecycle[Event] = attrs.field(factory=ObjectLifecycle)
     #: Accepted sockets in acceptance order (a dict used as an ordered set).
     sockets: dict[WebSocket, None] = attrs.field(factory=dict)
+    #: Hibernatable sockets by tag, each in acceptance order.
+    tagged: dict[str, dict[WebSocket, None]] = attrs.field(factory=dict)
+    hibernatable_count: int = 0
+    auto_response: WebSocketRequestResponsePair | None = None
+    event_timeout_ms: int | None = None
     instance: DurableObject | None = None
     #: How many times the constructor ran (the first creation included).
     constructions: int = 0
     #: The task driving an async handler, so it is not garbage-collected mid-turn.
-    turn_task: asyncio.Future[None] | None = None
+    turn_task: asyncio.Future[Any] | None = None
+    #: block_concurrency_while() work started by the constructor; the wake ends with it.
+    blockers: set[asyncio.Future[Any]] = attrs.field(factory=set)
+    #: wait_until() work, kept referenced until done.
+    background: set[asyncio.Future[Any]] = attrs.field(factory=set)
+    #: Why the object was last reset, for the log line about dropped events.
+    reset_reason: str = ""
 
     def __repr__(self) -> str:
         return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
+
+    def add_socket(self, ws: WebSocket) -> None:
+        ws._host = self
+        self.sockets[ws] = None
+        if ws._hibernatable:
+            self.hibernatable_count += 1
+            for tag in ws._tags:
+                self.tagged.setdefault(tag, {})[ws] = None
+
+    def remove_socket(self, ws: WebSocket) -> bool:
+        """Forget ``ws``; True if it was a socket of this object."""
+        if ws not in self.sockets:
+            return False
+        del self.sockets[ws]
+        if ws._hibernatable:
+            self.hibernatable_count -= 1
+            for tag in ws._tags:
+                members = self.tagged[tag]
+                del members[ws]
+                if not members:
+                    del self.tagged[tag]
+        return True
+
+
+def accept_non_hibernatable(ws: WebSocket) -> None:
+    """``ws.accept()``: the socket joins the object whose handler is running."""
+    host = _current_host.get()
+    if host is None:
+        msg = (
+            "accept() must be called in a Durable Object's handler; a worker cannot hold "
+            "WebSockets (use ctx.accept_web_socket(ws) for a hibernatable one)"
+        )
+        raise InvalidStateError(msg)
+    ws._hibernatable = False
+    host.add_socket(ws)
+    host.lifecycle.pin(PIN_NON_HIBERNATABLE)
 
 
 class Runtime:
@@ -200,18 +309,22 @@ class Runtime:
         app: App,
         *,
         clock: Callable[[], float],
+        wall_clock: Callable[[], datetime],
         hibernate_after: float = 10.0,
+        limits: Limits | None = None,
     ) -> None:
         self.app = app
         self.clock = clock
+        self.wall_clock = wall_clock
         self.hibernate_after = hibernate_after
+        self.limits = limits or Limits()
         self.namespaces = {
             name: DurableObjectNamespace(name, cls, self) for name, cls in app.bindings.items()
         }
         self.env = Env({**app.vars, **self.namespaces})
         self._hosts: dict[DurableObjectId, ObjectHost] = {}
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
-        #: Counts of what happened: wakes, evictions, handler errors, dropped events.
+        #: Counts of what happened: wakes, evictions, handler errors, dropped events, ...
         self.counters: Counter[str] = Counter()
 
     # -- entry points -----------------------------------------------------------------
@@ -228,15 +341,38 @@ class Runtime:
 
     async def fetch_object(
         self,
-        namespace: str,
         cls: type[DurableObject],
         id: DurableObjectId,  # noqa: A002 - Cloudflare's name
         request: Request,
     ) -> Response:
-        host = self.host(id, cls)
+        host = self._callable_host(id, cls, "fetch")
         reply: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self.submit(host, HttpEvent(request, reply))
+        self.submit(host, HttpEvent(reply, request))
         return await reply
+
+    async def call_object(
+        self,
+        cls: type[DurableObject],
+        id: DurableObjectId,  # noqa: A002 - Cloudflare's name
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """An RPC call through a stub, delivered in the object's turn."""
+        host = self._callable_host(id, cls, method)
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit(host, RpcEvent(reply, method, args, kwargs))
+        return await reply
+
+    def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002
+        host = self.host(id, cls)
+        if _current_host.get() is host and host.lifecycle.current is not None:
+            msg = (
+                f"{cls.__name__}: calling {what}() on your own stub from inside a handler would wait "
+                "for the handler itself (events are delivered one at a time); call the method directly"
+            )
+            raise InvalidStateError(msg)
+        return host
 
     def host(self, id: DurableObjectId, cls: type[DurableObject]) -> ObjectHost:  # noqa: A002
         """The host of object ``id``, created (hibernating, no instance) on first use."""
@@ -283,6 +419,80 @@ class Runtime:
             log.info("hibernated %d idle objects (%d remain in memory)", evicted, len(self._idle))
         return evicted
 
+    # -- ctx services -------------------------------------------------------------------
+
+    def block_concurrency_while(self, host: ObjectHost, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        lc = host.lifecycle
+        loop = asyncio.get_running_loop()
+        if lc.state is ObjectState.WAKING:
+            # Called by the constructor: the wake ends when this ends.
+            task: asyncio.Future[T] = asyncio.ensure_future(_call_async(fn))
+            host.blockers.add(task)
+            task.add_done_callback(lambda t: self._blocker_done(host, t))
+            return task
+        if lc.current is not None and _current_host.get() is host:
+            # Inside a handler: its turn already holds every other event back.
+            return asyncio.ensure_future(_call_async(fn))
+        # Outside any turn (a wait_until task, a callback): take a turn of its own.
+        reply: asyncio.Future[T] = loop.create_future()
+        self.submit(host, BlockEvent(reply, fn))
+        return reply
+
+    def _blocker_done(self, host: ObjectHost, task: asyncio.Future[Any]) -> None:
+        host.blockers.discard(task)
+        if host.lifecycle.state is not ObjectState.WAKING:
+            return
+        failed = not task.cancelled() and task.exception() is not None
+        if failed:
+            self._construction_failed(host, task.exception(), "block_concurrency_while() in the constructor")
+        elif not host.blockers:
+            self._run(host, host.lifecycle.constructed(self.clock()))
+
+    def wait_until(self, host: ObjectHost, aw: Awaitable[Any]) -> None:
+        if not inspect.isawaitable(aw):
+            msg = f"wait_until() takes an awaitable, got {type(aw).__name__}"
+            raise InvalidArgumentError(msg)
+        task = asyncio.ensure_future(aw)
+        host.background.add(task)
+        host.lifecycle.pin(PIN_WAIT_UNTIL)
+        self._idle.discard(host)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            host.background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.counters["handler_errors"] += 1
+                log.error(
+                    "wait_until() work of %s %s raised", host.cls.__name__, host.id, exc_info=t.exception()
+                )
+            self._run(host, host.lifecycle.unpin(PIN_WAIT_UNTIL, self.clock()))
+
+        task.add_done_callback(done)
+
+    def abort(self, host: ObjectHost, reason: str | None) -> None:
+        why = f"abort({reason!r})" if reason is not None else "abort()"
+        state = host.lifecycle.state
+        if state is ObjectState.WAKING:
+            # In the constructor: raising makes the wake fail, which is the reset.
+            raise ObjectResetError(f"{host.cls.__name__} {host.id}: {why}")
+        if state is ObjectState.ACTIVE:
+            self._reset(host, why)
+
+    def _reset(self, host: ObjectHost, why: str) -> None:
+        self.counters["resets"] += 1
+        log.error(
+            "resetting %s %s: %s; closing its %d WebSockets with 1011",
+            host.cls.__name__,
+            host.id,
+            why,
+            len(host.sockets),
+        )
+        host.reset_reason = why
+        task = host.turn_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        host.turn_task = None
+        self._run(host, host.lifecycle.reset(self.clock()))
+
     # -- socket events from the server glue ---------------------------------------------
 
     def socket_opened(
@@ -306,6 +516,14 @@ class Runtime:
         """
         host = ws._host
         assert host is not None
+        pair = host.auto_response
+        if pair is not None and message == pair.request:
+            # Answered by the runtime: the object is neither woken nor called.
+            if ws._state is SocketState.OPEN:
+                ws.send(pair.response)
+                ws._auto_response_at = self.wall_clock()
+                self.counters["auto_responses"] += 1
+            return None
         event = MessageEvent(ws, message)
         self.submit(host, event)
         lc = host.lifecycle
@@ -358,28 +576,26 @@ class Runtime:
             elif isinstance(effect, DropEvents):
                 self.counters["dropped_events"] += len(effect.events)
                 log.warning(
-                    "object %s: dropped %d queued events (%s) because its constructor raised",
+                    "%s %s: dropped %d queued events (%s) because %s",
+                    host.cls.__name__,
                     host.id,
                     len(effect.events),
                     ", ".join(e.name for e in effect.events),
+                    host.reset_reason,
                 )
                 for event in effect.events:
-                    event.dropped("the object's constructor raised")
+                    event.dropped(f"{host.cls.__name__} {host.id} was reset: {host.reset_reason}")
         self._maybe_forget(host)
 
     def _construct(self, host: ObjectHost) -> list[Effect[Event]]:
         ctx = DurableObjectState(host, self)
+        token = _current_host.set(host)
         try:
             host.instance = host.cls(ctx, self.env)
-        except Exception:
-            self.counters["constructor_errors"] += 1
-            log.exception(
-                "constructor of %s raised for object %s; closing its %d WebSockets with 1011",
-                host.cls.__name__,
-                host.id,
-                len(host.sockets),
-            )
-            return host.lifecycle.construct_failed(self.clock())
+        except Exception as exc:  # noqa: BLE001 - a constructor's error resets only its object
+            return self._construction_failed(host, exc, "its constructor raised", run=False)
+        finally:
+            _current_host.reset(token)
         if host.constructions:
             self.counters["wakes"] += 1
             log.debug(
@@ -390,30 +606,87 @@ class Runtime:
                 len(host.lifecycle.queue),
             )
         host.constructions += 1
+        if host.blockers:
+            return []  # block_concurrency_while() work ends the wake (see _blocker_done)
         return host.lifecycle.constructed(self.clock())
+
+    def _construction_failed(
+        self, host: ObjectHost, exc: BaseException | None, why: str, run: bool = True
+    ) -> list[Effect[Event]]:
+        self.counters["constructor_errors"] += 1
+        log.error(
+            "%s %s could not wake: %s; closing its %d WebSockets with 1011",
+            host.cls.__name__,
+            host.id,
+            why,
+            len(host.sockets),
+            exc_info=exc,
+        )
+        host.instance = None
+        host.reset_reason = why
+        for task in list(host.blockers):
+            task.cancel()
+        host.blockers.clear()
+        effects = host.lifecycle.construct_failed(self.clock())
+        if run:
+            self._run(host, effects)
+            return []
+        return effects
 
     def _deliver(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         assert host.instance is not None
+        timed = host.event_timeout_ms is not None and isinstance(event, _SocketEvent)
+        started = self.clock()
+        token = _current_host.set(host)
         try:
             result = event.invoke(host.instance)
             if inspect.isawaitable(result):
-                host.turn_task = asyncio.ensure_future(self._finish_turn(host, event, result))
+                # The task copies this context, so the handler's awaits stay "inside" the object.
+                host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result))
+                if timed:
+                    assert host.event_timeout_ms is not None
+                    handle = asyncio.get_running_loop().call_later(
+                        host.event_timeout_ms / 1000, self._event_timed_out, host, event
+                    )
+                    task.add_done_callback(lambda _: handle.cancel())
                 return []
         except Exception as exc:  # noqa: BLE001 - a handler's error never kills the socket
             self._handler_failed(host, event, exc)
         else:
             event.succeeded(result)
+        finally:
+            _current_host.reset(token)
+        if host.lifecycle.current is not event:
+            event.after(self, host)  # the handler reset its object (abort)
+            return []
+        if timed and host.event_timeout_ms is not None:
+            elapsed_ms = (self.clock() - started) * 1000
+            if elapsed_ms > host.event_timeout_ms:
+                event.after(self, host)
+                self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout")
+                return []
         return self._end_turn(host, event)
 
     async def _finish_turn(self, host: ObjectHost, event: Event, pending: Awaitable[Any]) -> None:
         try:
             result = await pending
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - logged, never fatal
+            if host.lifecycle.current is not event:
+                event.after(self, host)
+                return  # the object was reset while this ran; that was logged
             self._handler_failed(host, event, exc)
         else:
             event.succeeded(result)
+        if host.lifecycle.current is not event:
+            event.after(self, host)
+            return
         host.turn_task = None
         self._run(host, self._end_turn(host, event))
+
+    def _event_timed_out(self, host: ObjectHost, event: Event) -> None:
+        if host.lifecycle.current is event:
+            self.counters["event_timeouts"] += 1
+            self._reset(host, f"{event.name} ran over the event timeout of {host.event_timeout_ms} ms")
 
     def _end_turn(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         event.after(self, host)
@@ -431,13 +704,23 @@ class Runtime:
             )
 
     def _forget_socket(self, host: ObjectHost, ws: WebSocket) -> None:
-        host.sockets.pop(ws, None)
+        if host.remove_socket(ws) and not ws._hibernatable:
+            self._run(host, host.lifecycle.unpin(PIN_NON_HIBERNATABLE, self.clock()))
         self._maybe_forget(host)
 
     def _maybe_forget(self, host: ObjectHost) -> None:
         # A hibernating object with no sockets and nothing queued is only a name:
         # drop its host so memory does not grow with every object ever used.
         lc = host.lifecycle
-        forgettable = lc.state is ObjectState.HIBERNATING and not host.sockets and not lc.queue
+        forgettable = (
+            lc.state is ObjectState.HIBERNATING and not host.sockets and not lc.queue and not lc.pins
+        )
         if forgettable and self._hosts.get(host.id) is host:
             del self._hosts[host.id]
+
+
+async def _call_async(fn: Callable[[], Awaitable[T]]) -> T:
+    result = fn()
+    if inspect.isawaitable(result):
+        return await result
+    return result  # a sync fn is allowed too

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import struct
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpserver
@@ -367,6 +368,11 @@ class Sweeper:
         self._callback.stop()
 
 
+def utc_now() -> datetime:
+    """The wall clock, for auto-response timestamps."""
+    return datetime.now(UTC)
+
+
 def loop_clock() -> float:
     """The IOLoop's monotonic clock, for the runtime."""
     return IOLoop.current().time()
@@ -377,7 +383,9 @@ class Server:
 
     def __init__(self, app: App, settings: Settings) -> None:
         self.settings = settings
-        self.runtime = Runtime(app, clock=loop_clock, hibernate_after=settings.hibernate_after)
+        self.runtime = Runtime(
+            app, clock=loop_clock, wall_clock=utc_now, hibernate_after=settings.hibernate_after
+        )
         self._application = make_application(self.runtime, max_message_size=settings.max_message_size)
         self._http: tornado.httpserver.HTTPServer | None = None
         self._sweeper = Sweeper(self.runtime)

@@ -9,12 +9,15 @@ the object's instance, so it outlives hibernation with its state (including
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from wsecho import attachment
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.lifecycle import Final, SocketInput, SocketState, socket_transition
+from wsecho.limits import Limits
 
 if TYPE_CHECKING:
     from wsecho.runtime import ObjectHost
@@ -93,6 +96,11 @@ class WebSocket:
     #: Frames sent before the handshake finished, and a Close if one was asked for.
     _early: list[str | bytes] | None = None
     _early_close: tuple[int | None, str] | None = None
+    _tags: tuple[str, ...] = ()
+    #: The attachment as compact JSON text (see wsecho.attachment), or None.
+    _attachment: str | None = None
+    #: When the runtime last answered this socket with the auto-response.
+    _auto_response_at: datetime | None = None
 
     def __repr__(self) -> str:
         return f"<WebSocket {self._state.value} {self.url or ''}>"
@@ -138,6 +146,28 @@ class WebSocket:
         elif before is SocketState.CONNECTING:
             self._early_close = (code, reason)
 
+    def accept(self) -> None:
+        """Accept this socket as **non-hibernatable**: its events go to the same handlers,
+        but it pins its object in memory until it closes. Call it in an object's handler."""
+        if self._host is not None:
+            msg = "accept(): this WebSocket was already accepted"
+            raise InvalidStateError(msg)
+        if self._peer is None or self._state is not SocketState.CONNECTING:
+            msg = "accept() takes the server end of a new WebSocketPair"
+            raise InvalidStateError(msg)
+        from wsecho.runtime import accept_non_hibernatable  # runtime imports this module
+
+        accept_non_hibernatable(self)
+
+    def serialize_attachment(self, value: Any) -> None:
+        """Keep a JSON-compatible copy of ``value`` with the socket; it survives hibernation."""
+        limit = self._host.runtime.limits.attachment_bytes if self._host else Limits().attachment_bytes
+        self._attachment = attachment.encode(value, limit)
+
+    def deserialize_attachment(self) -> Any:
+        """A fresh copy of the attachment, or None if none was set."""
+        return None if self._attachment is None else attachment.decode(self._attachment)
+
     def _move(self, what: SocketInput) -> Final:
         self._state, final = socket_transition(self._state, what)
         return final
@@ -164,6 +194,21 @@ class WebSocket:
             code, reason = self._early_close
             self._early_close = None
             transport.send_close(code, reason)
+
+
+@attrs.frozen
+class WebSocketRequestResponsePair:
+    """For ``ctx.set_web_socket_auto_response``: a text frame equal to ``request`` is
+    answered with ``response`` by the runtime, without waking the object."""
+
+    request: str = attrs.field(validator=lambda _, a, v: _require_str(a.name, v))
+    response: str = attrs.field(validator=lambda _, a, v: _require_str(a.name, v))
+
+
+def _require_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        msg = f"WebSocketRequestResponsePair: {name} must be a str, got {type(value).__name__}"
+        raise InvalidArgumentError(msg)
 
 
 def WebSocketPair() -> tuple[WebSocket, WebSocket]:  # noqa: N802 - Cloudflare's name

@@ -1,0 +1,28 @@
+"""The per-object and per-socket limits of SPEC §4, with Cloudflare's defaults."""
+
+from __future__ import annotations
+
+import attrs
+
+
+def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        msg = f"Limits.{attribute.name} must be a positive integer, got {value!r}"
+        raise ValueError(msg)
+
+
+@attrs.frozen
+class Limits:
+    """``Runtime(limits=Limits(...))``; every error message quotes the limit it hit."""
+
+    #: Hibernatable sockets one object may hold.
+    sockets_per_object: int = attrs.field(default=32_768, validator=_positive)
+    #: Distinct tags per socket, and the UTF-8 length of each.
+    tags_per_socket: int = attrs.field(default=10, validator=_positive)
+    tag_bytes: int = attrs.field(default=256, validator=_positive)
+    #: Encoded size of a socket's attachment.
+    attachment_bytes: int = attrs.field(default=16_384, validator=_positive)
+    #: UTF-8 length of the auto-response request and of its response.
+    auto_response_bytes: int = attrs.field(default=2_048, validator=_positive)
+    #: The largest hibernatable-socket event timeout an object may set (7 days).
+    event_timeout_ms: int = attrs.field(default=604_800_000, validator=_positive)
