@@ -547,3 +547,33 @@ def test_error_hierarchy():
         obj = getattr(wsecho.errors, name)
         if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "wsecho.errors":
             assert issubclass(obj, WsechoError), name
+
+
+@pytest.mark.gen_test
+async def test_block_concurrency_while_outside_a_turn_takes_a_turn(runtime, recorder):
+    # Called from a background task (not a handler): fn runs as a turn of its own,
+    # so an RPC call that arrives meanwhile waits for it.
+    from wsecho.objects import DurableObjectState
+
+    stub = runtime.env.LAB.get_by_name("bg")
+    assert await stub.add(0, 0) == 0
+    host = runtime.find("LAB", "bg")
+    ctx = DurableObjectState(host, runtime)
+    gate = asyncio.get_running_loop().create_future()
+    order = []
+
+    async def critical():
+        order.append("critical start")
+        await gate
+        order.append("critical end")
+        return "done"
+
+    blocked = ctx.block_concurrency_while(critical)
+    call = asyncio.ensure_future(stub.add(1, 1))
+    await until(lambda: order == ["critical start"])
+    assert host.lifecycle.hibernation_blocker() == "an event is being handled"
+    assert not call.done()
+    gate.set_result(None)
+    assert await blocked == "done"
+    assert await call == 2
+    assert order == ["critical start", "critical end"]
