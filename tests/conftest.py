@@ -2,7 +2,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, Recorder
 from wsecho.examples import echo
 from wsecho.runtime import Runtime
 from wsecho.server import make_application
@@ -17,6 +17,12 @@ def clock():
 
 def wall_clock():
     return datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def recorder():
+    """Collects what test objects saw (they reach it as env.REC)."""
+    return Recorder()
 
 
 @pytest.fixture

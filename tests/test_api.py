@@ -8,7 +8,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from websockets.asyncio.client import connect
 
-from tests.helpers import Recorder, until
+from tests.helpers import until
 from tests.lab import lab_app
 from wsecho import (
     InvalidArgumentError,
@@ -20,11 +20,6 @@ from wsecho import (
 )
 from wsecho.lifecycle import ObjectState
 from wsecho.runtime import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL, Runtime
-
-
-@pytest.fixture
-def recorder():
-    return Recorder()
 
 
 @pytest.fixture

@@ -6,13 +6,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.conftest import MAX_MESSAGE
-from tests.helpers import RawClient, Recorder, probe_app
+from tests.helpers import RawClient, probe_app
 from wsecho.lifecycle import ObjectState
-
-
-@pytest.fixture
-def recorder():
-    return Recorder()
 
 
 @pytest.fixture

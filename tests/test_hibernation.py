@@ -5,13 +5,8 @@ import asyncio
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import Recorder, probe_app, until
+from tests.helpers import probe_app, until
 from wsecho.lifecycle import ObjectState
-
-
-@pytest.fixture
-def recorder():
-    return Recorder()
 
 
 @pytest.fixture

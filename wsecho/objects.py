@@ -20,7 +20,6 @@ import attrs
 
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.http import Request
-from wsecho.lifecycle import SocketState
 from wsecho.websocket import WebSocketRequestResponsePair
 
 if TYPE_CHECKING:
@@ -190,12 +189,7 @@ class DurableObjectState:
         """
         host = self._host
         limits = self._runtime.limits
-        if ws._host is not None:
-            msg = "accept_web_socket(): this WebSocket was already accepted"
-            raise InvalidStateError(msg)
-        if ws._peer is None or ws._state is not SocketState.CONNECTING:
-            msg = "accept_web_socket() takes the server end of a new WebSocketPair"
-            raise InvalidStateError(msg)
+        ws._require_acceptable("accept_web_socket")
         clean = _validate_tags(tags, limits)
         if host.hibernatable_count >= limits.sockets_per_object:
             msg = (

@@ -149,12 +149,7 @@ class WebSocket:
     def accept(self) -> None:
         """Accept this socket as **non-hibernatable**: its events go to the same handlers,
         but it pins its object in memory until it closes. Call it in an object's handler."""
-        if self._host is not None:
-            msg = "accept(): this WebSocket was already accepted"
-            raise InvalidStateError(msg)
-        if self._peer is None or self._state is not SocketState.CONNECTING:
-            msg = "accept() takes the server end of a new WebSocketPair"
-            raise InvalidStateError(msg)
+        self._require_acceptable("accept")
         from wsecho.runtime import accept_non_hibernatable  # runtime imports this module
 
         accept_non_hibernatable(self)
@@ -171,6 +166,15 @@ class WebSocket:
     def _move(self, what: SocketInput) -> Final:
         self._state, final = socket_transition(self._state, what)
         return final
+
+    def _require_acceptable(self, what: str) -> None:
+        """Raise unless this is the server end of a new pair that nothing accepted yet."""
+        if self._host is not None:
+            msg = f"{what}(): this WebSocket was already accepted"
+            raise InvalidStateError(msg)
+        if self._peer is None or self._state is not SocketState.CONNECTING:
+            msg = f"{what}() takes the server end of a new WebSocketPair"
+            raise InvalidStateError(msg)
 
     def _require_server_end(self, what: str) -> None:
         if self._host is None:
