@@ -22,6 +22,7 @@ class ServerProcess:
     """A wsecho subprocess whose log lines a test can wait for (bounded)."""
 
     def __init__(self, args, cwd=None, env=None):
+        self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsecho", *args],
             stdin=subprocess.DEVNULL,
@@ -34,7 +35,11 @@ class ServerProcess:
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
+        self.port = 0
+
+    def ready(self):
         self.port = int(self.wait_for(LISTENING).group(1))
+        return self
 
     def _pump(self):
         for line in self.proc.stdout:
@@ -67,13 +72,14 @@ class ServerProcess:
 
 
 @pytest.fixture
-def start():
+def start(tmp_path):
     started = []
 
-    def run(*args, **kwargs):
-        server = ServerProcess(list(args), **kwargs)
+    def run(*args, env=None, **kwargs):
+        env = {"WSECHO_DATA_DIR": str(tmp_path / f"data{len(started)}"), **(env or {})}
+        server = ServerProcess(list(args), env=env, **kwargs)
         started.append(server)
-        return server
+        return server.ready()
 
     yield run
     for server in started:

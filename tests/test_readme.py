@@ -34,8 +34,8 @@ def rooms_module(tmp_path, monkeypatch):
 
 @pytest.mark.gen_test
 async def test_tutorial_rooms_broadcast_and_survive_hibernation(rooms_module, io_loop):
-    server = Server(load_app(rooms_module), Settings(port=0, hibernate_after=5))
-    server.start()
+    server = Server(load_app(rooms_module), Settings(port=0, hibernate_after=5, data_dir=":memory:"))
+    await server.start()
     base = f"ws://127.0.0.1:{server.port}/rooms/kitchen/websocket"
     try:
         async with connect(base) as alice, connect(base) as bob:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from wsecho.app import App
 from wsecho.config import Settings, build_parser, parse
-from wsecho.errors import AppLoadError
+from wsecho.errors import AppLoadError, StorageError
 
 log = logging.getLogger("wsecho")
 
@@ -45,16 +45,21 @@ async def serve(app: App, settings: Settings) -> None:
     from wsecho.server import Server  # Tornado loads only when serving
 
     server = Server(app, settings)
-    addresses = server.start()
+    try:
+        addresses = await server.start()
+    except (StorageError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        raise SystemExit(1) from exc
     for host, port in addresses:
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "wsecho serving %s on http://%s:%d (hibernate after %gs, max message %d bytes)",
+            "wsecho serving %s on http://%s:%d (hibernate after %gs, max message %d bytes, data in %s)",
             settings.app,
             shown,
             port,
             settings.hibernate_after,
             settings.max_message_size,
+            settings.data_dir,
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import attrs
 from wsecho.errors import ConfigError
 
 DEFAULT_APP = "wsecho.examples.echo:app"
+DEFAULT_DATA_DIR = "wsecho-data"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -66,6 +67,13 @@ def _log_level(text: str) -> str:
     return value
 
 
+def _data_dir(text: str) -> str:
+    if not text:
+        msg = "must not be empty (use :memory: for storage that does not survive a restart)"
+        raise ValueError(msg)
+    return text
+
+
 def _host(text: str) -> str:
     if not text:
         msg = "must not be empty"
@@ -107,6 +115,14 @@ OPTIONS = (
         "largest incoming WebSocket message; a larger one closes the socket with 1009",
         "BYTES",
     ),
+    Option(
+        "--data-dir",
+        _data_dir,
+        DEFAULT_DATA_DIR,
+        "where objects' storage lives (SQLite); under systemd the default is $STATE_DIRECTORY; "
+        ":memory: keeps it in memory only",
+        "DIR",
+    ),
     Option("--log-level", _log_level, "info", f"one of {', '.join(LOG_LEVELS)}", "LEVEL"),
 )
 
@@ -118,6 +134,7 @@ class Settings:
     port: int = 8787
     hibernate_after: float = 10.0
     max_message_size: int = 1024 * 1024
+    data_dir: str = DEFAULT_DATA_DIR
     log_level: str = "info"
 
     @property
@@ -161,8 +178,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         source = opt.flag
         if given is None and opt.env in environ:
             given, source = environ[opt.env], f"{opt.env} (for {opt.flag})"
+        default = opt.default
+        if opt.flag == "--data-dir" and environ.get("STATE_DIRECTORY"):
+            # systemd's StateDirectory= (the first one, if it lists several)
+            default = environ["STATE_DIRECTORY"].split(":")[0]
         try:
-            values[opt.dest] = opt.parse(opt.default if given is None else given)
+            values[opt.dest] = opt.parse(default if given is None else given)
         except ValueError as exc:
             raise ConfigError(source, str(exc)) from None
     return Settings(**values)

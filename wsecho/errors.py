@@ -54,3 +54,7 @@ class WebSocketProtocolError(WsechoError):
 
 class ObjectResetError(WsechoError, RuntimeError):
     """An event was dropped because its object was reset before it could run."""
+
+
+class StorageError(WsechoError):
+    """The storage backend failed (a disk error, a locked or too-new database)."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from wsecho.http import Response
     from wsecho.limits import Limits
     from wsecho.runtime import ObjectHost, Runtime
+    from wsecho.storage import DurableObjectStorage
     from wsecho.websocket import WebSocket
 
 T = TypeVar("T")
@@ -177,6 +178,11 @@ class DurableObjectState:
     @property
     def id(self) -> DurableObjectId:
         return self._host.id
+
+    @property
+    def storage(self) -> DurableObjectStorage:
+        """This object's durable key-value storage and alarm (see wsecho.storage)."""
+        return self._runtime.storage_for(self._host)
 
     # -- sockets --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ so tests drive ``sweep(now=...)`` without sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -22,10 +23,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
+from wsecho.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
+from wsecho.backends import Backend, Batch, MemoryBackend
 from wsecho.errors import (
     InvalidArgumentError,
     InvalidStateError,
     ObjectResetError,
+    StorageError,
     WebSocketProtocolError,
 )
 from wsecho.http import Request, Response
@@ -46,11 +50,12 @@ from wsecho.lifecycle import (
 )
 from wsecho.limits import Limits
 from wsecho.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
+from wsecho.storage import DurableObjectStorage, GroupCommitter
 
 if TYPE_CHECKING:
     from wsecho.app import App
     from wsecho.objects import DurableObject
-    from wsecho.websocket import Transport, WebSocket, WebSocketRequestResponsePair
+    from wsecho.websocket import CloseFrame, Transport, WebSocket, WebSocketRequestResponsePair
 
 log = logging.getLogger("wsecho")
 
@@ -65,6 +70,7 @@ NOT_RPC = frozenset(
 )
 
 PIN_WAIT_UNTIL = "wait_until() work is pending"
+PIN_STORAGE = "storage writes are being committed"
 PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
 
 #: The object whose handler (or constructor) is running in this context.
@@ -91,6 +97,9 @@ class _CallEvent:
         if not self.reply.done():
             self.reply.set_exception(exc)
         return True
+
+    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
+        pass
 
     def after(self, runtime: Runtime, host: ObjectHost) -> None:
         pass
@@ -161,6 +170,9 @@ class _SocketEvent:
     def failed(self, exc: BaseException) -> bool:
         return False
 
+    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
+        pass
+
     def after(self, runtime: Runtime, host: ObjectHost) -> None:
         pass
 
@@ -230,7 +242,54 @@ class ErrorEvent(_FinalEvent):
         return None if handler is None else handler(self.ws, self.error)
 
 
-Event = HttpEvent | RpcEvent | BlockEvent | MessageEvent | CloseEvent | ErrorEvent
+@attrs.frozen
+class AlarmInfo:
+    """What ``alarm(info)`` receives (Cloudflare's alarmInfo); ``alarm()`` may also take nothing."""
+
+    retry_count: int
+    is_retry: bool
+
+
+@attrs.define(eq=False)
+class AlarmEvent:
+    runtime: Runtime
+    due: Due
+    error: BaseException | None = None
+    name = "alarm"
+
+    def invoke(self, instance: DurableObject) -> Any:
+        handler = getattr(instance, "alarm", None)
+        if handler is None:
+            msg = f"{type(instance).__name__} set an alarm but has no alarm() handler"
+            raise InvalidStateError(msg)
+        if inspect.signature(handler).parameters:
+            return handler(AlarmInfo(self.due.retries, self.due.retries > 0))
+        return handler()
+
+    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
+        # The alarm is spent: delete it in the same commit as the handler's writes,
+        # unless the handler (or an event before it) set a new one.
+        if exc is None and runtime.alarms.get(self.due.row.object) is None:
+            storage = runtime.storage_for(host)
+            if not storage.alarm_touched():
+                storage._batch().alarm = None
+
+    def succeeded(self, result: Any) -> None:
+        pass
+
+    def failed(self, exc: BaseException) -> bool:
+        self.error = exc
+        return False
+
+    def after(self, runtime: Runtime, host: ObjectHost) -> None:
+        if self.error is not None:
+            runtime._retry_alarm(self.due)
+
+    def dropped(self, reason: str) -> None:
+        self.runtime._retry_alarm(self.due)
+
+
+Event = HttpEvent | RpcEvent | BlockEvent | MessageEvent | CloseEvent | ErrorEvent | AlarmEvent
 
 
 @attrs.define(eq=False, repr=False)
@@ -260,6 +319,10 @@ class ObjectHost:
     background: set[asyncio.Future[Any]] = attrs.field(factory=set)
     #: Why the object was last reset, for the log line about dropped events.
     reset_reason: str = ""
+    #: ``ctx.storage`` of the current instance (its cache goes when the object hibernates).
+    storage: DurableObjectStorage | None = None
+    #: The output gate: frames held back until the object's writes are durable, or None.
+    gate: list[tuple[WebSocket, str | bytes | CloseFrame]] | None = None
 
     def __repr__(self) -> str:
         return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
@@ -312,6 +375,7 @@ class Runtime:
         wall_clock: Callable[[], datetime],
         hibernate_after: float = 10.0,
         limits: Limits | None = None,
+        backend: Backend | None = None,
     ) -> None:
         self.app = app
         self.clock = clock
@@ -326,6 +390,32 @@ class Runtime:
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
         #: Counts of what happened: wakes, evictions, handler errors, dropped events, ...
         self.counters: Counter[str] = Counter()
+        self.backend: Backend = backend if backend is not None else MemoryBackend()
+        self.committer = GroupCommitter(self.backend)
+        #: Every stored alarm, by object key.
+        self.alarms = AlarmSchedule()
+        self._alarm_timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        """Open storage and schedule the stored alarms (those missed while down fire now)."""
+        rows = await self.backend.open()
+        for row in rows:
+            self.alarms.set(row)
+        if rows:
+            log.info("loaded %d stored alarms", len(rows))
+        self._arm_alarms()
+
+    async def close(self) -> None:
+        """Commit every write still pending, then close storage."""
+        if self._alarm_timer is not None:
+            self._alarm_timer.cancel()
+            self._alarm_timer = None
+        for host in list(self._hosts.values()):
+            if host.storage is not None and host.storage.busy():
+                with contextlib.suppress(StorageError):
+                    await self._flush_storage(host, host.storage)
+        await self.committer.idle()
+        await self.backend.close()
 
     # -- entry points -----------------------------------------------------------------
 
@@ -419,6 +509,135 @@ class Runtime:
             log.info("hibernated %d idle objects (%d remain in memory)", evicted, len(self._idle))
         return evicted
 
+    # -- storage ------------------------------------------------------------------------
+
+    def storage_for(self, host: ObjectHost) -> DurableObjectStorage:
+        if host.storage is None:
+            host.storage = DurableObjectStorage(host, self)
+        return host.storage
+
+    def _storage_dirty(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+        """A write started a new batch: close the output gate; outside a turn, commit soon."""
+        if host.gate is None:
+            host.gate = []
+        if PIN_STORAGE not in host.lifecycle.pins:
+            host.lifecycle.pin(PIN_STORAGE)
+            self._idle.discard(host)
+        if host.lifecycle.current is None or _current_host.get() is not host:
+            if storage.in_transaction:
+                storage._flush_scheduled = True
+            else:
+                storage._flush_scheduled = False
+                asyncio.get_running_loop().call_soon(self._flush_soon, host, storage)
+
+    def _flush_soon(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+        if storage.has_unflushed() and not storage.in_transaction:
+            task = asyncio.ensure_future(self._flush_storage(host, storage))
+            host.background.add(task)
+            task.add_done_callback(lambda t: self._flushed_outside_a_turn(host, t))
+
+    def _flushed_outside_a_turn(self, host: ObjectHost, task: asyncio.Future[None]) -> None:
+        host.background.discard(task)
+        failed = not task.cancelled() and task.exception() is not None
+        if failed and host.lifecycle.state is ObjectState.ACTIVE:
+            self._reset(host, f"a storage write failed ({task.exception()})")
+
+    async def _flush_storage(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+        """Commit the pending batch; once nothing is left in flight, open the gate."""
+        batch = storage.take_pending()
+        try:
+            if batch is not None:
+                try:
+                    await self.committer.commit(batch)
+                except Exception as exc:
+                    storage.failed(batch)
+                    self.counters["storage_errors"] += 1
+                    if isinstance(exc, StorageError):
+                        raise
+                    raise StorageError(str(exc)) from exc
+                storage.committed(batch)
+                self._alarm_committed(batch)
+            if storage.in_flight():
+                await self.committer.idle()
+        finally:
+            self._release_gate(host, storage)
+
+    def _release_gate(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+        if storage.busy():
+            return
+        if host.storage is storage or host.storage is None:
+            held, host.gate = host.gate, None
+            for ws, frame in held or ():
+                ws._emit(frame)
+        if PIN_STORAGE in host.lifecycle.pins:
+            self._run(host, host.lifecycle.unpin(PIN_STORAGE, self.clock()))
+
+    # -- alarms --------------------------------------------------------------------------
+
+    def wall_ms(self) -> int:
+        return int(self.wall_clock().timestamp() * 1000)
+
+    def _alarm_committed(self, batch: Batch) -> None:
+        if batch.alarm is ...:
+            return
+        if batch.alarm is None:
+            self.alarms.remove(batch.object)
+        else:
+            self.alarms.set(batch.alarm)
+        self._arm_alarms()
+
+    def fire_due_alarms(self, now_ms: int | None = None) -> int:
+        """Deliver every alarm due at ``now_ms`` (default: now), waking objects; return how many."""
+        if now_ms is None:
+            now_ms = self.wall_ms()
+        fired = 0
+        for due in self.alarms.pop_due(now_ms):
+            row = due.row
+            ns = self.namespaces.get(row.namespace)
+            if ns is None:
+                log.warning(
+                    "alarm of %s skipped: the application has no binding %r", row.object, row.namespace
+                )
+                continue
+            host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns._cls)
+            self.counters["alarms"] += 1
+            self.submit(host, AlarmEvent(self, due))
+            fired += 1
+        self._arm_alarms()
+        return fired
+
+    def _retry_alarm(self, due: Due) -> None:
+        row = due.row
+        if self.alarms.get(row.object) is not None:
+            return  # a new alarm was set meanwhile; it replaces this one
+        retry = due.retries + 1
+        if retry > MAX_RETRIES:
+            self.counters["alarms_given_up"] += 1
+            log.error("alarm of %s failed %d times; giving up and deleting it", row.object, retry)
+            task = asyncio.ensure_future(self.committer.commit(Batch(row.object, alarm=None)))
+            task.add_done_callback(_log_failure)
+            return
+        delay = retry_delay_ms(retry)
+        self.counters["alarm_retries"] += 1
+        log.warning("alarm of %s failed; retry %d of %d in %d ms", row.object, retry, MAX_RETRIES, delay)
+        self.alarms.set(row, at_ms=self.wall_ms() + delay, retries=retry)
+        self._arm_alarms()
+
+    def _arm_alarms(self) -> None:
+        if self._alarm_timer is not None:
+            self._alarm_timer.cancel()
+            self._alarm_timer = None
+        next_at = self.alarms.next_at()
+        if next_at is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving yet: start() arms it
+        # Re-check at least every minute, so a wall-clock jump is noticed.
+        delay = min(max(next_at - self.wall_ms(), 0) / 1000, 60.0)
+        self._alarm_timer = loop.call_later(delay, self.fire_due_alarms)
+
     # -- ctx services -------------------------------------------------------------------
 
     def block_concurrency_while(self, host: ObjectHost, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
@@ -487,6 +706,9 @@ class Runtime:
             len(host.sockets),
         )
         host.reset_reason = why
+        if host.storage is not None:
+            host.storage.discard_pending()  # a reset loses the writes not yet committed ...
+        host.gate = None  # ... and the outputs that waited for them
         task = host.turn_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -569,6 +791,7 @@ class Runtime:
                 self._idle.touch(host, host.hibernate_after, effect.since)
             elif isinstance(effect, DropInstance):
                 host.instance = None
+                host.storage = None
                 self._idle.discard(host)
             elif isinstance(effect, CloseSockets):
                 for ws in list(host.sockets):
@@ -635,7 +858,6 @@ class Runtime:
 
     def _deliver(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         assert host.instance is not None
-        timed = host.event_timeout_ms is not None and isinstance(event, _SocketEvent)
         started = self.clock()
         token = _current_host.set(host)
         try:
@@ -643,54 +865,86 @@ class Runtime:
             if inspect.isawaitable(result):
                 # The task copies this context, so the handler's awaits stay "inside" the object.
                 host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result))
-                if timed:
-                    assert host.event_timeout_ms is not None
+                if host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
                     handle = asyncio.get_running_loop().call_later(
                         host.event_timeout_ms / 1000, self._event_timed_out, host, event
                     )
                     task.add_done_callback(lambda _: handle.cancel())
                 return []
         except Exception as exc:  # noqa: BLE001 - a handler's error never kills the socket
-            self._handler_failed(host, event, exc)
-        else:
-            event.succeeded(result)
+            return self._complete(host, event, None, exc, started)
         finally:
             _current_host.reset(token)
-        if host.lifecycle.current is not event:
-            event.after(self, host)  # the handler reset its object (abort)
-            return []
-        if timed and host.event_timeout_ms is not None:
-            elapsed_ms = (self.clock() - started) * 1000
-            if elapsed_ms > host.event_timeout_ms:
-                event.after(self, host)
-                self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout")
-                return []
-        return self._end_turn(host, event)
+        return self._complete(host, event, result, None, started)
 
     async def _finish_turn(self, host: ObjectHost, event: Event, pending: Awaitable[Any]) -> None:
         try:
             result = await pending
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - logged, never fatal
-            if host.lifecycle.current is not event:
-                event.after(self, host)
-                return  # the object was reset while this ran; that was logged
-            self._handler_failed(host, event, exc)
+            effects = self._complete(host, event, None, exc, None)
         else:
-            event.succeeded(result)
+            effects = self._complete(host, event, result, None, None)
+        self._run(host, effects)
+
+    def _complete(
+        self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None, started: float | None
+    ) -> list[Effect[Event]]:
+        """The handler is done: commit its writes (holding its outputs), then end the turn."""
+        if host.lifecycle.current is not event:
+            event.after(self, host)  # the object was reset while this ran; that was logged
+            return []
+        host.turn_task = None
+        if started is not None and host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
+            # A synchronous handler cannot be interrupted: it is measured when it returns.
+            elapsed_ms = (self.clock() - started) * 1000
+            if elapsed_ms > host.event_timeout_ms:
+                self.counters["event_timeouts"] += 1
+                event.after(self, host)
+                self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout")
+                return []
+        event.before_commit(self, host, exc)
+        storage = host.storage
+        if storage is not None and storage.busy():
+            host.turn_task = asyncio.ensure_future(self._commit_turn(host, storage, event, result, exc))
+            return []
+        return self._finish(host, event, result, exc)
+
+    async def _commit_turn(
+        self,
+        host: ObjectHost,
+        storage: DurableObjectStorage,
+        event: Event,
+        result: Any,
+        exc: BaseException | None,
+    ) -> None:
+        try:
+            await self._flush_storage(host, storage)
+        except StorageError as err:
+            if host.lifecycle.current is event:
+                event.failed(err)
+                event.after(self, host)
+                self._reset(host, f"a storage write failed ({err}); its outputs were discarded")
+            return
         if host.lifecycle.current is not event:
             event.after(self, host)
             return
         host.turn_task = None
-        self._run(host, self._end_turn(host, event))
+        self._run(host, self._finish(host, event, result, exc))
+
+    def _finish(
+        self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None
+    ) -> list[Effect[Event]]:
+        if exc is not None:
+            self._handler_failed(host, event, exc)
+        else:
+            event.succeeded(result)
+        event.after(self, host)
+        return host.lifecycle.turn_ended(self.clock())
 
     def _event_timed_out(self, host: ObjectHost, event: Event) -> None:
         if host.lifecycle.current is event:
             self.counters["event_timeouts"] += 1
             self._reset(host, f"{event.name} ran over the event timeout of {host.event_timeout_ms} ms")
-
-    def _end_turn(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
-        event.after(self, host)
-        return host.lifecycle.turn_ended(self.clock())
 
     def _handler_failed(self, host: ObjectHost, event: Event, exc: BaseException) -> None:
         self.counters["handler_errors"] += 1
@@ -724,3 +978,8 @@ async def _call_async(fn: Callable[[], Awaitable[T]]) -> T:
     if inspect.isawaitable(result):
         return await result
     return result  # a sync fn is allowed too
+
+
+def _log_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a storage write outside any object failed", exc_info=task.exception())

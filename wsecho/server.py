@@ -32,6 +32,7 @@ import tornado.websocket
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
 
+from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
 from wsecho.http import Request, Response
 from wsecho.runtime import Runtime
 from wsecho.websocket import is_valid_received_close_code, peer_of
@@ -378,21 +379,31 @@ def loop_clock() -> float:
     return IOLoop.current().time()
 
 
+def backend_for(data_dir: str) -> Backend:
+    """SQLite in ``data_dir``, or memory for ``:memory:``."""
+    return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir)
+
+
 class Server:
     """An application served on one address: the HTTP server, the runtime and the sweeper."""
 
-    def __init__(self, app: App, settings: Settings) -> None:
+    def __init__(self, app: App, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         self.runtime = Runtime(
-            app, clock=loop_clock, wall_clock=utc_now, hibernate_after=settings.hibernate_after
+            app,
+            clock=loop_clock,
+            wall_clock=utc_now,
+            hibernate_after=settings.hibernate_after,
+            backend=backend if backend is not None else backend_for(settings.data_dir),
         )
         self._application = make_application(self.runtime, max_message_size=settings.max_message_size)
         self._http: tornado.httpserver.HTTPServer | None = None
         self._sweeper = Sweeper(self.runtime)
         self.addresses: list[tuple[str, int]] = []
 
-    def start(self) -> list[tuple[str, int]]:
-        """Bind and start serving; return the bound ``(host, port)`` pairs."""
+    async def start(self) -> list[tuple[str, int]]:
+        """Open storage, bind and start serving; return the bound ``(host, port)`` pairs."""
+        await self.runtime.start()
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self._http = tornado.httpserver.HTTPServer(
             self._application, max_body_size=max(self.settings.max_message_size, 64 * 1024)
@@ -417,3 +428,4 @@ class Server:
             await asyncio.sleep(0.02)
         if self._http is not None:
             await self._http.close_all_connections()
+        await self.runtime.close()

@@ -45,6 +45,14 @@ _READY_STATE = {
 }
 
 
+@attrs.frozen
+class CloseFrame:
+    """A Close held in an output gate."""
+
+    code: int | None
+    reason: str
+
+
 class Transport(Protocol):
     """What the server glue provides to carry one socket's frames."""
 
@@ -118,8 +126,12 @@ class WebSocket:
             raise InvalidArgumentError(msg)
         state = self._state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
-            assert self._transport is not None
-            self._transport.send_message(message)
+            gate = self._host.gate if self._host is not None else None
+            if gate is not None:
+                gate.append((self, message))  # sent once the object's writes are durable
+            else:
+                assert self._transport is not None
+                self._transport.send_message(message)
         elif state is SocketState.CONNECTING:
             self._require_server_end("send")
             if self._early is None:
@@ -141,8 +153,12 @@ class WebSocket:
         before = self._state
         self._move(SocketInput.APP_CLOSE)
         if before is SocketState.OPEN or before is SocketState.CLOSE_RECEIVED:
-            assert self._transport is not None
-            self._transport.send_close(code, reason)
+            gate = self._host.gate if self._host is not None else None
+            if gate is not None:
+                gate.append((self, CloseFrame(code, reason)))
+            else:
+                assert self._transport is not None
+                self._transport.send_close(code, reason)
         elif before is SocketState.CONNECTING:
             self._early_close = (code, reason)
 
@@ -162,6 +178,15 @@ class WebSocket:
     def deserialize_attachment(self) -> Any:
         """A fresh copy of the attachment, or None if none was set."""
         return None if self._attachment is None else attachment.decode(self._attachment)
+
+    def _emit(self, frame: str | bytes | CloseFrame) -> None:
+        """Send a frame an output gate held back."""
+        if self._transport is None:
+            return
+        if isinstance(frame, CloseFrame):
+            self._transport.send_close(frame.code, frame.reason)
+        else:
+            self._transport.send_message(frame)
 
     def _move(self, what: SocketInput) -> Final:
         self._state, final = socket_transition(self._state, what)

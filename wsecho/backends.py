@@ -1,0 +1,330 @@
+"""Storage backends: the small interface objects' storage runs on, in SQLite and in memory.
+
+A backend stores encoded values (see :mod:`wsecho.codec`) by ``(object, key)`` and
+one alarm per object. Writes arrive as :class:`Batch` lists, and a backend applies
+every batch of one ``commit`` call in one transaction: that is what makes a
+handler's writes atomic and lets many objects share one fsync.
+
+:class:`SQLiteBackend` keeps the event loop free: every SQLite call runs on one
+of two threads (a writer and a reader, each with its own connection; WAL mode
+lets the reader work while the writer commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib.resources
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import EllipsisType
+from typing import Protocol, TypeVar
+
+import attrs
+
+from wsecho.errors import StorageError
+
+log = logging.getLogger("wsecho.storage")
+
+T = TypeVar("T")
+
+DB_FILE = "wsecho.sqlite3"
+LOCK_FILE = "wsecho.lock"
+
+
+@attrs.frozen
+class AlarmRow:
+    """A stored alarm: which object (enough to find it again) and when, in epoch ms."""
+
+    object: str
+    namespace: str
+    id: str
+    name: str | None
+    at_ms: int
+
+
+@attrs.define(eq=False)
+class Batch:
+    """One object's writes from one turn: applied all together or not at all."""
+
+    object: str
+    #: delete_all(): remove every committed key before applying ``writes``.
+    clear: bool = False
+    #: key -> encoded value, or None to delete the key.
+    writes: dict[str, bytes | None] = attrs.field(factory=dict)
+    #: The object's alarm after this batch: a row to store, None to delete, or
+    #: ``...`` (the default) for "unchanged".
+    alarm: AlarmRow | EllipsisType | None = ...
+
+    def empty(self) -> bool:
+        return not self.clear and not self.writes and self.alarm is ...
+
+
+class Backend(Protocol):
+    """What storage needs from a place to keep data."""
+
+    async def open(self) -> list[AlarmRow]:
+        """Get ready; return every stored alarm."""
+        ...
+
+    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]: ...
+
+    async def scan(
+        self,
+        obj: str,
+        start: str | None,
+        end: str | None,
+        limit: int | None,
+        reverse: bool,
+    ) -> list[tuple[str, bytes]]:
+        """Keys in ``[start, end)`` in key order (descending if ``reverse``), at most ``limit``."""
+        ...
+
+    async def commit(self, batches: list[Batch]) -> None:
+        """Apply every batch in one transaction; durable when this returns."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _in_range(key: str, start: str | None, end: str | None) -> bool:
+    return (start is None or key >= start) and (end is None or key < end)
+
+
+class MemoryBackend:
+    """Everything in a dict: for tests, and for ``--data-dir :memory:`` (nothing survives a restart)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict[str, bytes]] = {}
+        self.alarms: dict[str, AlarmRow] = {}
+        self.commits = 0
+
+    async def open(self) -> list[AlarmRow]:
+        return list(self.alarms.values())
+
+    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
+        rows = self.data.get(obj, {})
+        return {k: rows[k] for k in keys if k in rows}
+
+    async def scan(
+        self,
+        obj: str,
+        start: str | None,
+        end: str | None,
+        limit: int | None,
+        reverse: bool,
+    ) -> list[tuple[str, bytes]]:
+        rows = self.data.get(obj, {})
+        keys = sorted((k for k in rows if _in_range(k, start, end)), reverse=reverse)
+        if limit is not None:
+            keys = keys[:limit]
+        return [(k, rows[k]) for k in keys]
+
+    async def commit(self, batches: list[Batch]) -> None:
+        for batch in batches:
+            rows = self.data.setdefault(batch.object, {})
+            if batch.clear:
+                rows.clear()
+            for key, value in batch.writes.items():
+                if value is None:
+                    rows.pop(key, None)
+                else:
+                    rows[key] = value
+            if not rows:
+                del self.data[batch.object]
+            if isinstance(batch.alarm, AlarmRow):
+                self.alarms[batch.object] = batch.alarm
+            elif batch.alarm is None:
+                self.alarms.pop(batch.object, None)
+        self.commits += 1
+
+    async def close(self) -> None:
+        pass
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The schema files shipped in ``wsecho/schema``: ``(version, name, sql)`` in order."""
+    found = []
+    for entry in importlib.resources.files("wsecho").joinpath("schema").iterdir():
+        match = re.fullmatch(r"(\d+)_.*\.sql", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class SQLiteBackend:
+    """SQLite in WAL mode in ``data_dir``, with a lock so that one server owns it."""
+
+    def __init__(self, data_dir: Path | str, synchronous: str = "FULL") -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_FILE
+        self.synchronous = synchronous
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="wsecho-db-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="wsecho-db-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    async def _on(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    async def open(self) -> list[AlarmRow]:
+        return await self._on(self._writer, self._open)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return conn
+
+    def _open(self) -> list[AlarmRow]:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            msg = f"cannot create the data directory {self.data_dir}: {exc.strerror}"
+            raise StorageError(msg) from exc
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            msg = f"the data directory {self.data_dir} is in use by another wsecho process"
+            raise StorageError(msg) from None
+        self._lock_fd = fd
+        conn = self._wconn = self._connect()
+        self._migrate(conn)
+        self._rconn = self._connect()
+        rows = conn.execute("SELECT object, namespace, id, name, at_ms FROM alarms").fetchall()
+        return [AlarmRow(*row) for row in rows]
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        (current,) = conn.execute("PRAGMA user_version").fetchone()
+        known = migrations()
+        latest = known[-1][0] if known else 0
+        if current > latest:
+            msg = (
+                f"{self.path} has schema version {current}, newer than this wsecho knows ({latest}); "
+                "upgrade wsecho or use another --data-dir"
+            )
+            raise StorageError(msg)
+        for version, name, sql in known:
+            if version <= current:
+                continue
+            log.info("migrating %s to schema version %d (%s)", self.path, version, name)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK")
+                msg = f"schema migration {name} failed on {self.path}: {exc}"
+                raise StorageError(msg) from exc
+
+    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
+        def run() -> dict[str, bytes]:
+            assert self._rconn is not None
+            marks = ",".join("?" * len(keys))
+            rows = self._rconn.execute(
+                f"SELECT key, value FROM kv WHERE object = ? AND key IN ({marks})",
+                (obj, *keys),
+            )
+            return dict(rows.fetchall())
+
+        return await self._on(self._reader, run)
+
+    async def scan(
+        self,
+        obj: str,
+        start: str | None,
+        end: str | None,
+        limit: int | None,
+        reverse: bool,
+    ) -> list[tuple[str, bytes]]:
+        sql = ["SELECT key, value FROM kv WHERE object = ?"]
+        args: list[str | int] = [obj]
+        if start is not None:
+            sql.append("AND key >= ?")
+            args.append(start)
+        if end is not None:
+            sql.append("AND key < ?")
+            args.append(end)
+        sql.append("ORDER BY key DESC" if reverse else "ORDER BY key")
+        if limit is not None:
+            sql.append("LIMIT ?")
+            args.append(limit)
+        query = " ".join(sql)
+
+        def run() -> list[tuple[str, bytes]]:
+            assert self._rconn is not None
+            return self._rconn.execute(query, args).fetchall()
+
+        return await self._on(self._reader, run)
+
+    async def commit(self, batches: list[Batch]) -> None:
+        def run() -> None:
+            conn = self._wconn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for batch in batches:
+                    if batch.clear:
+                        conn.execute("DELETE FROM kv WHERE object = ?", (batch.object,))
+                    puts = [(batch.object, k, v) for k, v in batch.writes.items() if v is not None]
+                    dels = [(batch.object, k) for k, v in batch.writes.items() if v is None]
+                    if dels:
+                        conn.executemany("DELETE FROM kv WHERE object = ? AND key = ?", dels)
+                    if puts:
+                        conn.executemany(
+                            "INSERT INTO kv (object, key, value) VALUES (?, ?, ?) "
+                            "ON CONFLICT (object, key) DO UPDATE SET value = excluded.value",
+                            puts,
+                        )
+                    if isinstance(batch.alarm, AlarmRow):
+                        a = batch.alarm
+                        conn.execute(
+                            "INSERT OR REPLACE INTO alarms (object, namespace, id, name, at_ms) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (a.object, a.namespace, a.id, a.name, a.at_ms),
+                        )
+                    elif batch.alarm is None:
+                        conn.execute("DELETE FROM alarms WHERE object = ?", (batch.object,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._on(self._writer, run)
+        except sqlite3.Error as exc:
+            msg = f"writing to {self.path} failed: {exc}"
+            raise StorageError(msg) from exc
+
+    async def close(self) -> None:
+        def run() -> None:
+            for conn in (self._rconn, self._wconn):
+                if conn is not None:
+                    conn.close()
+            self._rconn = self._wconn = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+        if self._wconn is not None:
+            # The reader's connection is closed on the writer thread; no read runs then.
+            await self._on(self._reader, lambda: None)
+            await self._on(self._writer, run)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a schema file into statements (they contain no ';' inside strings)."""
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,453 @@
+"""``ctx.storage``: an object's durable key-value store and alarm, with Cloudflare's output gate.
+
+What a handler can rely on:
+
+- **Reads see every earlier write** of the object at once, committed or not.
+- **A turn's writes are atomic.** ``put``/``delete``/``delete_all``/``set_alarm`` go into
+  the turn's write batch and return at once; when the handler returns (or raises),
+  the batch is committed in one transaction before the next event is delivered.
+  A crash loses a whole batch or nothing of it, never half.
+- **Output gate.** From the first write of a turn until its batch is durable, the
+  messages and closes the object sends and the response it returns are held
+  back. So a client is never told about a write that a crash could still lose.
+- ``transaction(fn)`` makes a part of a turn all-or-nothing: if ``fn`` raises (or calls
+  ``txn.rollback()``), its writes are undone and the rest of the turn is unaffected.
+- Values are copies: what ``get`` returns can be changed freely.
+
+Limits: keys are ``str`` of at most 2,048 UTF-8 bytes; values at most 131,072 bytes
+encoded (see :mod:`wsecho.codec`); ``get``/``put``/``delete`` of many take at most 128 keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from wsecho import codec
+from wsecho.backends import AlarmRow, Backend, Batch
+from wsecho.errors import InvalidArgumentError, InvalidStateError
+
+if TYPE_CHECKING:
+    from wsecho.runtime import ObjectHost, Runtime
+
+T = TypeVar("T")
+
+MAX_KEY_BYTES = 2048
+MAX_VALUE_BYTES = 128 * 1024
+MAX_KEYS_PER_CALL = 128
+#: Committed values an awake object keeps in memory (it forgets them when it hibernates).
+CACHE_ENTRIES = 10_000
+
+_MISSING: Any = object()
+
+
+def object_key(host: ObjectHost) -> str:
+    return f"{host.id.namespace}:{host.id.hex}"
+
+
+def _check_key(key: object) -> str:
+    if not isinstance(key, str):
+        msg = f"storage keys must be str, got {type(key).__name__}"
+        raise InvalidArgumentError(msg)
+    size = len(key.encode("utf-8"))
+    if size > MAX_KEY_BYTES:
+        msg = f"storage key {key[:40]!r}… is {size} UTF-8 bytes; the limit is {MAX_KEY_BYTES}"
+        raise InvalidArgumentError(msg)
+    return key
+
+
+def _check_keys(keys: Iterable[object], what: str) -> list[str]:
+    out = [_check_key(k) for k in keys]
+    if len(out) > MAX_KEYS_PER_CALL:
+        msg = f"{what}() of {len(out)} keys; the limit is {MAX_KEYS_PER_CALL} per call"
+        raise InvalidArgumentError(msg)
+    return out
+
+
+def _encode_value(key: str, value: Any) -> bytes:
+    if value is None:
+        msg = f"put({key!r}, None): None cannot be stored; use delete({key!r})"
+        raise InvalidArgumentError(msg)
+    data = codec.encode(value)
+    if len(data) > MAX_VALUE_BYTES:
+        msg = f"the value for {key!r} is {len(data)} bytes encoded; the limit is {MAX_VALUE_BYTES}"
+        raise InvalidArgumentError(msg)
+    return data
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest string greater than every string that starts with ``prefix``."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            return prefix[:-1] + chr(last + 1)
+        prefix = prefix[:-1]
+    return None
+
+
+def _epoch_ms(when: datetime | float) -> int:
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            msg = "set_alarm(): give an aware datetime (with tzinfo) or epoch milliseconds"
+            raise InvalidArgumentError(msg)
+        return int(when.timestamp() * 1000)
+    if isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when):
+        return int(when)
+    msg = f"set_alarm() takes a datetime or epoch milliseconds, got {when!r}"
+    raise InvalidArgumentError(msg)
+
+
+class GroupCommitter:
+    """Commits batches; those that arrive while a commit runs share the next one (one fsync)."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._waiting: list[tuple[Batch, asyncio.Future[None]]] = []
+        self._task: asyncio.Future[None] | None = None
+        #: How many backend commits ran, and how many batches they carried.
+        self.commits = 0
+        self.batches = 0
+
+    async def commit(self, batch: Batch) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((batch, done))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+        await done
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    await self.backend.commit([batch for batch, _ in group])
+                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                    for _, done in group:
+                        done.set_exception(exc)
+                else:
+                    self.commits += 1
+                    self.batches += len(group)
+                    for _, done in group:
+                        done.set_result(None)
+        finally:
+            self._task = None
+
+    async def idle(self) -> None:
+        """Wait until every submitted batch is committed."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+
+class DurableObjectStorage:
+    """``ctx.storage`` of one object; made when first used, forgotten when it hibernates."""
+
+    def __init__(self, host: ObjectHost, runtime: Runtime) -> None:
+        self._host = host
+        self._runtime = runtime
+        self._object = object_key(host)
+        #: This turn's writes, not yet submitted.
+        self._pending: Batch | None = None
+        #: Submitted batches, oldest first, until their commit returns.
+        self._in_flight: list[Batch] = []
+        #: Committed values known to be current: key -> encoded value, or None if absent.
+        self._cache: dict[str, bytes | None] = {}
+        #: Bumped by every commit, so a read that raced one does not fill the cache.
+        self._generation = 0
+        self._transactions = 0
+        self._flush_scheduled = False
+
+    # -- reading ---------------------------------------------------------------------
+
+    def _overlay(self, key: str) -> tuple[bool, bytes | None]:
+        """``(True, value or None if deleted)`` from uncommitted batches, else ``(False, None)``."""
+        batches = [*self._in_flight, self._pending] if self._pending else self._in_flight
+        for batch in reversed(batches):
+            if key in batch.writes:
+                return True, batch.writes[key]
+            if batch.clear:
+                return True, None
+        return False, None
+
+    async def _read(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        unknown = []
+        for key in keys:
+            known, value = self._overlay(key)
+            if not known and key in self._cache:
+                known, value = True, self._cache[key]
+            if not known:
+                unknown.append(key)
+            elif value is not None:
+                found[key] = value
+        if unknown:
+            generation = self._generation
+            rows = await self._runtime.backend.read(self._object, unknown)
+            for key in unknown:
+                # Writes made while the read ran win over what it found.
+                known, value = self._overlay(key)
+                if not known:
+                    value = rows.get(key)
+                    if generation == self._generation:
+                        self._remember(key, value)
+                if value is not None:
+                    found[key] = value
+        return {k: found[k] for k in keys if k in found}
+
+    def _remember(self, key: str, value: bytes | None) -> None:
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = value
+
+    async def get(self, key: str | Iterable[str]) -> Any:
+        """The value of ``key`` (None if absent), or a dict of the found keys of a list."""
+        if isinstance(key, str):
+            found = await self._read([_check_key(key)])
+            return codec.decode(found[key]) if key in found else None
+        keys = _check_keys(key, "get")
+        return {k: codec.decode(v) for k, v in (await self._read(keys)).items()}
+
+    async def list(
+        self,
+        *,
+        prefix: str | None = None,
+        start: str | None = None,
+        end: str | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> dict[str, Any]:
+        """Keys and values in key order (descending if ``reverse``): those that start with
+        ``prefix``, are ``>= start`` and ``< end``; at most ``limit`` of them."""
+        for bound in (prefix, start, end):
+            if bound is not None:
+                _check_key(bound)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            msg = f"list(): limit must be a positive integer, got {limit!r}"
+            raise InvalidArgumentError(msg)
+        lo, hi = start, end
+        if prefix is not None:
+            lo = prefix if lo is None or prefix > lo else lo
+            p_end = _prefix_end(prefix)
+            if p_end is not None and (hi is None or p_end < hi):
+                hi = p_end
+
+        def wanted(key: str) -> bool:
+            return (
+                (lo is None or key >= lo)
+                and (hi is None or key < hi)
+                and (prefix is None or key.startswith(prefix))
+            )
+
+        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        cleared_at = max((i for i, b in enumerate(batches) if b.clear), default=-1)
+        merged: dict[str, bytes | None] = {}
+        if cleared_at < 0:
+            # Overlay deletions may hide rows, so ask for that many more.
+            hidden = sum(1 for b in batches for k, v in b.writes.items() if v is None and wanted(k))
+            want = None if limit is None else limit + hidden
+            for key, stored in await self._runtime.backend.scan(self._object, lo, hi, want, reverse):
+                if wanted(key):
+                    merged[key] = stored
+        for batch in batches[max(cleared_at, 0) :]:
+            for key, written in batch.writes.items():
+                if wanted(key):
+                    merged[key] = written
+        keys = sorted((k for k, v in merged.items() if v is not None), reverse=reverse)
+        if limit is not None:
+            keys = keys[:limit]
+        out: dict[str, Any] = {}
+        for key in keys:
+            data = merged[key]
+            assert data is not None
+            out[key] = codec.decode(data)
+        return out
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _batch(self) -> Batch:
+        if self._pending is None:
+            self._pending = Batch(self._object)
+            self._runtime._storage_dirty(self._host, self)
+        return self._pending
+
+    async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
+        """Store ``value`` at ``key``, or every item of a dict (at most 128)."""
+        if isinstance(key, str):
+            if value is _MISSING:
+                msg = "put(key, value) needs a value; put(entries) takes a dict"
+                raise InvalidArgumentError(msg)
+            encoded = {_check_key(key): _encode_value(key, value)}
+        elif isinstance(key, Mapping):
+            if value is not _MISSING:
+                msg = "put(entries) takes a dict and no value"
+                raise InvalidArgumentError(msg)
+            _check_keys(key.keys(), "put")
+            encoded = {k: _encode_value(k, v) for k, v in key.items()}
+        else:
+            msg = f"put() takes a str key and a value, or a dict, not {type(key).__name__}"
+            raise InvalidArgumentError(msg)
+        self._batch().writes.update(encoded)
+
+    async def delete(self, key: str | Iterable[str]) -> bool | int:
+        """Delete ``key`` (True if it existed) or every key of a list (how many existed)."""
+        if isinstance(key, str):
+            existed = await self._read([_check_key(key)])
+            self._batch().writes[key] = None
+            return key in existed
+        keys = _check_keys(key, "delete")
+        existed = await self._read(keys)
+        batch = self._batch()
+        for k in keys:
+            batch.writes[k] = None
+        return len(existed)
+
+    async def delete_all(self) -> None:
+        """Delete every key of this object (the alarm stays; use delete_alarm())."""
+        batch = self._batch()
+        batch.clear = True
+        batch.writes.clear()
+
+    async def transaction(self, fn: Callable[[Transaction], Awaitable[T] | T]) -> T:
+        """Run ``fn(txn)``; if it raises or calls ``txn.rollback()``, none of its writes stay."""
+        saved = self._snapshot()
+        txn = Transaction(self)
+        self._transactions += 1
+        try:
+            result = fn(txn)
+            if inspect.isawaitable(result):
+                result = await result
+        except BaseException:
+            self._restore(saved)
+            raise
+        finally:
+            self._transactions -= 1
+            txn._closed = True
+        if txn._rolled_back:
+            self._restore(saved)
+        if self._transactions == 0 and self._flush_scheduled:
+            self._runtime._storage_dirty(self._host, self)
+        return result
+
+    def _snapshot(self) -> tuple[bool, dict[str, bytes | None], Any] | None:
+        p = self._pending
+        return None if p is None else (p.clear, dict(p.writes), p.alarm)
+
+    def _restore(self, saved: tuple[bool, dict[str, bytes | None], Any] | None) -> None:
+        if saved is None:
+            if self._pending is not None:
+                self._pending.clear, self._pending.writes, self._pending.alarm = False, {}, ...
+            return
+        assert self._pending is not None
+        self._pending.clear, self._pending.writes, self._pending.alarm = saved
+
+    async def sync(self) -> None:
+        """Wait until every write made so far is durable."""
+        await self._runtime._flush_storage(self._host, self)
+
+    # -- alarm ----------------------------------------------------------------------------
+
+    async def get_alarm(self) -> int | None:
+        """When the alarm will go off, in epoch milliseconds, or None."""
+        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        for batch in reversed(batches):
+            if batch.alarm is not ...:
+                return batch.alarm.at_ms if isinstance(batch.alarm, AlarmRow) else None
+        return self._runtime.alarms.get(self._object)
+
+    async def set_alarm(self, when: datetime | float) -> None:
+        """Call the object's ``alarm()`` at ``when`` (an aware datetime or epoch ms); one per object."""
+        at_ms = _epoch_ms(when)
+        hid = self._host.id
+        self._batch().alarm = AlarmRow(self._object, hid.namespace, hid.hex, hid.name, at_ms)
+
+    async def delete_alarm(self) -> None:
+        self._batch().alarm = None
+
+    # -- for the runtime ------------------------------------------------------------------
+
+    def alarm_touched(self) -> bool:
+        """Whether an uncommitted batch sets or deletes the alarm."""
+        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        return any(b.alarm is not ... for b in batches)
+
+    def in_flight(self) -> bool:
+        return bool(self._in_flight)
+
+    def has_unflushed(self) -> bool:
+        return self._pending is not None and not self._pending.empty()
+
+    def busy(self) -> bool:
+        return self._pending is not None or bool(self._in_flight)
+
+    def take_pending(self) -> Batch | None:
+        batch, self._pending = self._pending, None
+        if batch is None or batch.empty():
+            return None
+        self._in_flight.append(batch)
+        return batch
+
+    def committed(self, batch: Batch) -> None:
+        self._in_flight.remove(batch)
+        self._generation += 1
+        if batch.clear:
+            self._cache.clear()
+        for key, value in batch.writes.items():
+            self._remember(key, value)
+
+    def failed(self, batch: Batch) -> None:
+        self._in_flight.remove(batch)
+        self._cache.clear()
+        self._generation += 1
+
+    def discard_pending(self) -> None:
+        self._pending = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._transactions > 0
+
+
+class Transaction:
+    """The ``txn`` a ``transaction(fn)`` callback gets: the storage API plus ``rollback()``."""
+
+    def __init__(self, storage: DurableObjectStorage) -> None:
+        self._storage = storage
+        self._rolled_back = False
+        self._closed = False
+
+    def _live(self) -> DurableObjectStorage:
+        if self._closed:
+            msg = "this transaction is over; use ctx.storage"
+            raise InvalidStateError(msg)
+        return self._storage
+
+    def rollback(self) -> None:
+        """Undo every write of this transaction when ``fn`` returns."""
+        self._rolled_back = True
+
+    async def get(self, key: str | Iterable[str]) -> Any:
+        return await self._live().get(key)
+
+    async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
+        await self._live().put(key, value)
+
+    async def delete(self, key: str | Iterable[str]) -> bool | int:
+        return await self._live().delete(key)
+
+    async def delete_all(self) -> None:
+        await self._live().delete_all()
+
+    async def list(self, **options: Any) -> dict[str, Any]:
+        return await self._live().list(**options)
+
+    async def get_alarm(self) -> int | None:
+        return await self._live().get_alarm()
+
+    async def set_alarm(self, when: datetime | float) -> None:
+        await self._live().set_alarm(when)
+
+    async def delete_alarm(self) -> None:
+        await self._live().delete_alarm()
