@@ -11,6 +11,7 @@ from wsecho.errors import (
     InvalidStateError,
     NoTransitionError,
     ObjectResetError,
+    StorageError,
     WebSocketProtocolError,
     WsechoError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ReadyState",
     "Request",
     "Response",
+    "StorageError",
     "WebSocket",
     "WebSocketPair",
     "WebSocketProtocolError",

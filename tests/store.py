@@ -1,0 +1,78 @@
+"""A test object whose RPC methods run storage operations, one turn per call."""
+
+from __future__ import annotations
+
+import asyncio
+
+from wsecho import App, DurableObject, Response, WebSocketPair
+
+
+class Store(DurableObject):
+    def __init__(self, ctx, env):
+        super().__init__(ctx, env)
+        self.rec = env.REC
+        self.flags = env.FLAGS
+        self.rec.record("constructor", ctx.id.name)
+
+    async def do(self, op, *args, **kwargs):
+        """One storage call in its own turn."""
+        return await getattr(self.ctx.storage, op)(*args, **kwargs)
+
+    async def script(self, steps):
+        """Several storage calls in one turn: [(op, args, kwargs), ...] -> results."""
+        out = []
+        for op, args, kwargs in steps:
+            out.append(await getattr(self.ctx.storage, op)(*args, **kwargs))
+        return out
+
+    async def txn(self, writes, fail=False, rollback=False):
+        async def body(txn):
+            for key, value in writes.items():
+                await txn.put(key, value)
+            seen = await txn.get(list(writes))
+            if rollback:
+                txn.rollback()
+            if fail:
+                raise ValueError("transaction body failed")
+            return seen
+
+        return await self.ctx.storage.transaction(body)
+
+    async def put_then_fail(self, key, value):
+        await self.ctx.storage.put(key, value)
+        raise RuntimeError("the handler failed after writing")
+
+    async def alarm(self, info):
+        self.rec.record("alarm", self.ctx.id.name, info.retry_count, info.is_retry)
+        await self.ctx.storage.put("alarm-ran", info.retry_count)
+        if self.flags.get("alarm_fails"):
+            raise RuntimeError("alarm failed on purpose")
+        if self.flags.get("alarm_again"):
+            await self.ctx.storage.set_alarm(self.flags["alarm_again"])
+
+    async def fetch(self, request):
+        # /store/<name>/ws upgrades; messages "put k v" write and answer "ok k" (output-gated)
+        client, server = WebSocketPair()
+        self.ctx.accept_web_socket(server)
+        return Response(status=101, web_socket=client)
+
+    async def web_socket_message(self, ws, message):
+        verb, _, rest = message.partition(" ")
+        if verb == "put":
+            key, _, value = rest.partition(" ")
+            await self.ctx.storage.put(key, value)
+            ws.send(f"ok {key}")
+        elif verb == "get":
+            ws.send(repr(await self.ctx.storage.get(rest)))
+        elif verb == "slow":
+            await asyncio.sleep(0)
+            ws.send("slow done")
+
+
+async def store_worker(request, env):
+    name = request.url.split("/store/", 1)[-1].split("/", 1)[0]
+    return await env.STORE.get_by_name(name).fetch(request)
+
+
+def store_app(recorder, flags):
+    return App(fetch=store_worker, bindings={"STORE": Store}, vars={"REC": recorder, "FLAGS": flags})

@@ -1,0 +1,425 @@
+"""The storage contract, run against both backends, plus alarms, the output gate and restarts."""
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.helpers import FakeClock, until
+from tests.store import store_app
+from wsecho import InvalidArgumentError, StorageError
+from wsecho.alarms import MAX_RETRIES, retry_delay_ms
+from wsecho.backends import DB_FILE, MemoryBackend, SQLiteBackend
+from wsecho.runtime import PIN_STORAGE, Runtime
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+NOW_MS = int(NOW.timestamp() * 1000)
+
+
+class WallClock:
+    def __init__(self):
+        self.now = NOW
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend_factory(request, tmp_path):
+    """Makes the backend under test; for SQLite, each call opens the same data directory."""
+    if request.param == "memory":
+        shared = MemoryBackend()
+        return lambda: shared
+    return lambda: SQLiteBackend(tmp_path / "data")
+
+
+@pytest.fixture
+def flags():
+    return {}
+
+
+@pytest.fixture
+def make_runtime(backend_factory, recorder, flags):
+    made = []
+
+    async def make():
+        rt = Runtime(
+            store_app(recorder, flags),
+            clock=FakeClock(),
+            wall_clock=WallClock(),
+            backend=backend_factory(),
+        )
+        await rt.start()
+        made.append(rt)
+        return rt
+
+    yield make
+    # runtimes a test did not close are closed by the test's own loop (see `rt` below)
+
+
+@pytest.fixture
+def rt(make_runtime, io_loop):
+    runtime = io_loop.run_sync(make_runtime)
+    yield runtime
+    io_loop.run_sync(runtime.close)
+
+
+def stub(runtime, name="s"):
+    return runtime.env.STORE.get_by_name(name)
+
+
+# -- the contract -------------------------------------------------------------------------------
+
+VALUES = [
+    True,
+    0,
+    -(2**62),
+    1.5,
+    "",
+    "héllo ✓",
+    b"\x00\xffraw",
+    [1, "two", None, [3.0]],
+    {"a": {"b": [1, 2]}, "$weird": b"bytes inside", "$b": "not bytes"},
+    {"$b": "AAAA"},
+    {"$d": 1},
+]
+
+
+@pytest.mark.gen_test
+async def test_values_round_trip(rt):
+    s = stub(rt)
+    for i, value in enumerate(VALUES):
+        await s.do("put", f"k{i}", value)
+    for i, value in enumerate(VALUES):
+        assert await s.do("get", f"k{i}") == value
+    assert await s.do("get", ("t",)) == {}
+    await s.do("put", "t", (1, 2))
+    assert await s.do("get", "t") == [1, 2]
+
+
+@pytest.mark.gen_test
+async def test_get_put_delete_many(rt):
+    s = stub(rt)
+    assert await s.do("get", "missing") is None
+    await s.do("put", {"a": 1, "b": 2, "c": 3})
+    assert await s.do("get", ["c", "zz", "a"]) == {"c": 3, "a": 1}
+    assert await s.do("delete", "a") is True
+    assert await s.do("delete", "a") is False
+    assert await s.do("delete", ["b", "c", "nope"]) == 2
+    assert await s.do("list") == {}
+
+
+@pytest.mark.gen_test
+async def test_list_orders_filters_and_limits(rt):
+    s = stub(rt)
+    keys = ["a", "b", "ba", "bb", "bc", "c", "é", "z"]
+    await s.do("put", {k: k.upper() for k in keys})
+    assert list(await s.do("list")) == sorted(keys)
+    assert list(await s.do("list", prefix="b")) == ["b", "ba", "bb", "bc"]
+    assert list(await s.do("list", start="b", end="c")) == ["b", "ba", "bb", "bc"]
+    assert list(await s.do("list", start="bb")) == ["bb", "bc", "c", "z", "é"]
+    assert list(await s.do("list", limit=3, reverse=True)) == ["é", "z", "c"]
+    assert list(await s.do("list", prefix="b", limit=2, reverse=True)) == ["bc", "bb"]
+    assert list(await s.do("list", prefix="b", start="bb")) == ["bb", "bc"]
+    assert (await s.do("list", prefix="ba")) == {"ba": "BA"}
+
+
+@pytest.mark.gen_test
+async def test_reads_see_uncommitted_writes_of_the_same_turn(rt):
+    s = stub(rt)
+    await s.do("put", {"a": 1, "b": 2, "c": 3})
+    results = await s.script(
+        [
+            ("put", ("d", 4), {}),
+            ("delete", ("a",), {}),
+            ("get", (["a", "d"],), {}),
+            ("list", (), {"limit": 2}),
+            ("delete_all", (), {}),
+            ("put", ("x", 9), {}),
+            ("list", (), {}),
+            ("get", ("b",), {}),
+        ]
+    )
+    assert results == [None, True, {"d": 4}, {"b": 2, "c": 3}, None, None, {"x": 9}, None]
+    assert await s.do("list") == {"x": 9}
+
+
+@pytest.mark.gen_test
+async def test_transactions_are_all_or_nothing(rt):
+    s = stub(rt)
+    await s.do("put", "keep", 1)
+    assert await s.txn({"a": 1, "b": 2}) == {"a": 1, "b": 2}
+    with pytest.raises(ValueError, match="transaction body failed"):
+        await s.txn({"c": 3, "keep": 99}, fail=True)
+    assert await s.txn({"d": 4}, rollback=True) == {"d": 4}
+    assert await s.do("list") == {"a": 1, "b": 2, "keep": 1}
+
+
+@pytest.mark.gen_test
+async def test_a_handler_that_raises_after_writing_still_commits(rt):
+    # Like Cloudflare: a write that returned stays; use transaction() to undo on error.
+    s = stub(rt)
+    with pytest.raises(RuntimeError, match="failed after writing"):
+        await s.put_then_fail("k", "v")
+    assert await s.do("get", "k") == "v"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("k" * 2049, 1), "is 2049 UTF-8 bytes; the limit is 2048"),
+        (("k", "x" * (128 * 1024)), "bytes encoded; the limit is 131072"),
+        ((5, 1), "put() takes a str key and a value, or a dict, not int"),
+        (({5: 1},), "storage keys must be str, got int"),
+        (("k", None), "None cannot be stored"),
+        (("k", {1: 2}), "dict keys must be str"),
+        (("k", float("inf")), "must be finite"),
+        (("k", object()), "cannot store a object"),
+        (({f"k{i}": i for i in range(129)},), "put() of 129 keys; the limit is 128"),
+    ],
+)
+@pytest.mark.gen_test
+async def test_limits_and_bad_values_raise_clear_errors(rt, args, message):
+    with pytest.raises(InvalidArgumentError) as info:
+        await stub(rt).do("put", *args)
+    assert message in str(info.value)
+    assert await stub(rt).do("list") == {}
+
+
+@pytest.mark.gen_test
+async def test_values_are_copies(rt):
+    s = stub(rt)
+    await s.do("put", "d", {"list": [1]})
+    got = await s.do("get", "d")
+    got["list"].append(2)
+    assert await s.do("get", "d") == {"list": [1]}
+
+
+@pytest.mark.gen_test
+async def test_objects_have_separate_namespaces(rt):
+    await stub(rt, "one").do("put", "k", 1)
+    await stub(rt, "two").do("put", "k", 2)
+    await stub(rt, "two").do("delete_all")
+    assert await stub(rt, "one").do("get", "k") == 1
+    assert await stub(rt, "two").do("get", "k") is None
+
+
+@pytest.mark.gen_test
+async def test_data_survives_hibernation(rt, recorder):
+    s = stub(rt)
+    await s.do("put", "k", "v")
+    host = rt.find("STORE", "s")
+    assert rt.sweep(now=rt.clock() + 10) == 1
+    assert host.storage is None  # the cache went with the instance
+    assert await s.do("get", "k") == "v"
+    assert len(recorder.of("constructor")) == 2
+
+
+@pytest.mark.gen_test
+async def test_data_and_alarms_survive_a_restart(make_runtime, backend_factory, recorder):
+    first = await make_runtime()
+    await stub(first).do("put", "k", "v")
+    await stub(first).do("set_alarm", NOW_MS + 60_000)
+    await first.close()
+    second = await make_runtime()
+    try:
+        assert await stub(second).do("get", "k") == "v"
+        assert await stub(second).do("get_alarm") == NOW_MS + 60_000
+        # missed while down: it fires after the start
+        assert second.fire_due_alarms(NOW_MS + 60_000) == 1
+        await recorder.wait_for(lambda r: r.of("alarm"))
+    finally:
+        await second.close()
+
+
+# -- alarms ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_alarm_api(rt):
+    s = stub(rt)
+    assert await s.do("get_alarm") is None
+    await s.do("set_alarm", NOW + timedelta(seconds=5))
+    assert await s.do("get_alarm") == NOW_MS + 5000
+    await s.do("set_alarm", NOW_MS + 7000)  # one per object: this replaces it
+    assert await s.do("get_alarm") == NOW_MS + 7000
+    await s.do("delete_alarm")
+    assert await s.do("get_alarm") is None
+    with pytest.raises(InvalidArgumentError, match="aware datetime"):
+        await s.do("set_alarm", datetime(2026, 1, 1))
+    with pytest.raises(InvalidArgumentError, match="datetime or epoch milliseconds"):
+        await s.do("set_alarm", "soon")
+
+
+@pytest.mark.gen_test
+async def test_a_due_alarm_wakes_a_hibernated_object(rt, recorder):
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS + 1000)
+    assert rt.sweep(now=rt.clock() + 10) == 1
+    # hibernated with no sockets: nothing of it is left in memory but its alarm
+    assert rt.find("STORE", "s") is None
+    assert rt.fire_due_alarms(NOW_MS + 999) == 0
+    assert rt.fire_due_alarms(NOW_MS + 1000) == 1
+    await recorder.wait_for(lambda r: r.of("alarm"))
+    assert recorder.of("alarm") == [("alarm", "s", 0, False)]
+    assert len(recorder.of("constructor")) == 2
+    # spent: deleted together with the handler's own write
+    await until(lambda: rt.find("STORE", "s").lifecycle.current is None)
+    assert await s.do("get_alarm") is None
+    assert await s.do("get", "alarm-ran") == 0
+
+
+@pytest.mark.gen_test
+async def test_an_alarm_does_not_keep_its_object_awake(rt):
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS + 3_600_000)
+    assert rt.find("STORE", "s").lifecycle.hibernation_blocker() is None
+    assert rt.sweep(now=rt.clock() + 10) == 1
+
+
+@pytest.mark.gen_test
+async def test_an_alarm_set_by_alarm_replaces_it(rt, recorder, flags):
+    flags["alarm_again"] = NOW_MS + 50_000
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS)
+    rt.fire_due_alarms(NOW_MS)
+    await recorder.wait_for(lambda r: r.of("alarm"))
+    await until(lambda: rt.alarms.get("STORE:" + str(rt.env.STORE.id_from_name("s"))) == NOW_MS + 50_000)
+    assert await s.do("get_alarm") == NOW_MS + 50_000
+
+
+@pytest.mark.gen_test
+async def test_a_failing_alarm_is_retried_with_backoff_then_given_up(rt, recorder, flags):
+    flags["alarm_fails"] = True
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS)
+    obj = "STORE:" + str(rt.env.STORE.id_from_name("s"))
+    now = NOW_MS
+    for attempt in range(MAX_RETRIES + 1):
+        assert rt.fire_due_alarms(now) == 1
+        await recorder.wait_for(lambda r, n=attempt: len(r.of("alarm")) == n + 1)
+        await until(lambda: rt.find("STORE", "s").lifecycle.current is None)
+        if attempt < MAX_RETRIES:
+            assert rt.alarms.get(obj) == NOW_MS + retry_delay_ms(attempt + 1)
+            now = rt.alarms.get(obj)
+    assert [e[2:] for e in recorder.of("alarm")] == [(0, False)] + [
+        (n, True) for n in range(1, MAX_RETRIES + 1)
+    ]
+    assert rt.counters["alarms_given_up"] == 1
+    assert rt.alarms.get(obj) is None
+    await rt.committer.idle()
+    assert await s.do("get_alarm") is None
+
+
+def test_retry_bounds():
+    assert [retry_delay_ms(n) for n in range(1, MAX_RETRIES + 1)] == [2000, 4000, 8000, 16000, 32000, 64000]
+
+
+# -- SQLite specifics -------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_sqlite_schema_version_wal_and_lock(tmp_path):
+    backend = SQLiteBackend(tmp_path / "d")
+    await backend.open()
+    try:
+        db = sqlite3.connect(tmp_path / "d" / DB_FILE)
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        db.close()
+        with pytest.raises(StorageError, match="in use by another wsecho process"):
+            await SQLiteBackend(tmp_path / "d").open()
+    finally:
+        await backend.close()
+
+
+@pytest.mark.gen_test
+async def test_sqlite_refuses_a_newer_schema(tmp_path):
+    (tmp_path / "d").mkdir()
+    db = sqlite3.connect(tmp_path / "d" / DB_FILE)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    backend = SQLiteBackend(tmp_path / "d")
+    with pytest.raises(StorageError, match="schema version 99, newer than this wsecho knows"):
+        await backend.open()
+    await backend.close()
+
+
+# -- the output gate --------------------------------------------------------------------------
+
+
+class GatedBackend(MemoryBackend):
+    """Commits wait until the test opens the gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+        self.fail = False
+
+    async def commit(self, batches):
+        self.waiting += 1
+        await self.gate.wait()
+        if self.fail:
+            raise StorageError("disk on fire")
+        await super().commit(batches)
+
+
+@pytest.mark.gen_test
+async def test_outputs_wait_until_the_writes_are_durable(recorder, flags):
+    from websockets.asyncio.client import connect
+
+    from wsecho.config import Settings
+    from wsecho.server import Server
+
+    backend = GatedBackend()
+    server = Server(store_app(recorder, flags), Settings(port=0), backend=backend)
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/g/ws") as ws:
+            await ws.send("put k v")
+            await until(lambda: backend.waiting == 1)
+            host = server.runtime.find("STORE", "g")
+            # the answer is written but held back, and the object cannot hibernate
+            assert [frame for _, frame in host.gate] == ["ok k"]
+            assert host.lifecycle.hibernation_blocker() == "an event is being handled"
+            assert backend.data == {}
+            backend.gate.set()
+            assert await ws.recv() == "ok k"
+            assert list(backend.data.values()) == [{"k": b'j"v"'}]
+            assert PIN_STORAGE not in host.lifecycle.pins
+    finally:
+        await server.stop()
+
+
+@pytest.mark.gen_test
+async def test_a_failed_commit_discards_outputs_and_resets_the_object(recorder, flags):
+    from websockets.asyncio.client import connect
+
+    from wsecho.config import Settings
+    from wsecho.server import Server
+
+    backend = GatedBackend()
+    backend.fail = True
+    backend.gate.set()
+    server = Server(store_app(recorder, flags), Settings(port=0), backend=backend)
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/f/ws") as ws:
+            await ws.send("put k v")
+            await ws.wait_closed()
+            assert ws.close_code == 1011
+        assert server.runtime.counters["storage_errors"] >= 1
+        assert server.runtime.counters["resets"] == 1
+    finally:
+        await server.stop()
+
+
+@pytest.mark.gen_test
+async def test_concurrent_commits_share_a_transaction(rt):
+    stubs = [stub(rt, f"o{i}") for i in range(20)]
+    await asyncio.gather(*(s.do("put", "k", i) for i, s in enumerate(stubs)))
+    assert rt.committer.batches == 20
+    assert rt.committer.commits < 20
+    assert [await s.do("get", "k") for s in stubs] == list(range(20))
