@@ -41,7 +41,7 @@ def flags():
 
 @pytest.fixture
 def make_runtime(backend_factory, recorder, flags):
-    made = []
+    """Starts a runtime on the backend under test; the test closes what it starts."""
 
     async def make():
         rt = Runtime(
@@ -51,11 +51,9 @@ def make_runtime(backend_factory, recorder, flags):
             backend=backend_factory(),
         )
         await rt.start()
-        made.append(rt)
         return rt
 
-    yield make
-    # runtimes a test did not close are closed by the test's own loop (see `rt` below)
+    return make
 
 
 @pytest.fixture
