@@ -1,74 +1,17 @@
 """The command line, as a user runs it: a real ``python -m wsecho`` process on 127.0.0.1."""
 
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-LISTENING = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
-
-
-class ServerProcess:
-    """A wsecho subprocess whose log lines a test can wait for (bounded)."""
-
-    def __init__(self, args, cwd=None, env=None):
-        self.args = args
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "wsecho", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=cwd,
-            env={**os.environ, **(env or {})},
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.port = 0
-
-    def ready(self):
-        self.port = int(self.wait_for(LISTENING).group(1))
-        return self
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, pattern, timeout=10.0):
-        """The first line (from now on) that matches ``pattern``; fails after ``timeout``."""
-        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                pytest.fail(f"no line matching {pattern.pattern!r} within {timeout}s; saw {self.seen}")
-            self.seen.append(line)
-            if match := pattern.search(line):
-                return match
-
-    def url(self, path, scheme="http"):
-        return f"{scheme}://127.0.0.1:{self.port}{path}"
-
-    def get(self, path):
-        with urllib.request.urlopen(self.url(path), timeout=5) as response:
-            return response.status, response.read().decode(), response.headers
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc.stdout.close()
+from tests.helpers import ServerProcess
 
 
 @pytest.fixture
