@@ -41,6 +41,15 @@ async def write_until_cut(port: int, first: int, acked: set[int], window: int = 
     return n
 
 
+def run_in_new_loop(coro_fn):
+    """Run ``coro_fn()`` on a loop of its own, leaving the test session's current loop alone."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro_fn())
+    finally:
+        loop.close()
+
+
 def stored(data_dir) -> tuple[set[int], str]:
     db = sqlite3.connect(data_dir / DB_FILE)
     try:
@@ -67,7 +76,7 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
                 loop.call_later(rng.uniform(0.05, 0.4), proc.send_signal, signal.SIGKILL)
                 return await write_until_cut(port, first, acked)
 
-            n = asyncio.run(run())
+            n = run_in_new_loop(run)
             assert server.proc.wait(timeout=10) == -signal.SIGKILL
         finally:
             server.stop()
@@ -89,7 +98,7 @@ def test_sigterm_flushes_everything_and_exits_0(tmp_path):
             loop.call_later(0.2, server.proc.send_signal, signal.SIGTERM)
             return await write_until_cut(server.port, 0, acked)
 
-        sent = asyncio.run(run())
+        sent = run_in_new_loop(run)
         assert server.proc.wait(timeout=15) == 0
     finally:
         server.stop()
