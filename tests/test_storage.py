@@ -421,3 +421,24 @@ async def test_concurrent_commits_share_a_transaction(rt):
     assert rt.committer.batches == 20
     assert rt.committer.commits < 20
     assert [await s.do("get", "k") for s in stubs] == list(range(20))
+
+
+@pytest.mark.gen_test
+async def test_a_real_client_sees_its_data_after_a_hibernation(recorder, flags, tmp_path, io_loop):
+    from websockets.asyncio.client import connect
+
+    from wsecho.config import Settings
+    from wsecho.server import Server
+
+    server = Server(store_app(recorder, flags), Settings(port=0, data_dir=str(tmp_path / "d")))
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/h/ws") as ws:
+            await ws.send("put color blue")
+            assert await ws.recv() == "ok color"
+            assert server.runtime.sweep(now=io_loop.time() + 60) == 1
+            await ws.send("get color")
+            assert await ws.recv() == "'blue'"
+            assert len(recorder.of("constructor")) == 2
+    finally:
+        await server.stop()
