@@ -108,9 +108,7 @@ class Lab(DurableObject):
         elif op == "set_auto":
             _answer(
                 ws,
-                lambda: ctx.set_web_socket_auto_response(
-                    WebSocketRequestResponsePair(cmd["request"], cmd["response"])
-                ),
+                lambda: ctx.set_web_socket_auto_response(WebSocketRequestResponsePair(cmd["request"], cmd["response"])),
             )
         elif op == "clear_auto":
             _answer(ws, ctx.set_web_socket_auto_response)

@@ -74,9 +74,7 @@ async def test_tags_are_deduplicated_in_order_and_survive_hibernation(url, runti
     ids=["eleven", "too-long"],
 )
 @pytest.mark.gen_test
-async def test_bad_tags_refuse_the_handshake_and_leave_nothing(
-    url, http_client, runtime, tags, message, caplog
-):
+async def test_bad_tags_refuse_the_handshake_and_leave_nothing(url, http_client, runtime, tags, message, caplog):
     assert await status_of(http_client, url(f"/lab/bad/ws?tags={quote(tags)}")) == 500
     assert any(message in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     assert runtime.find("LAB", "bad").sockets == {}
@@ -352,9 +350,7 @@ async def test_accept_makes_a_socket_that_pins_its_object(url, runtime, clock, r
         assert runtime.sweep(now=clock.now + 100) == 0
         assert await ask(ws, "count") == {"ok": 0}  # get_web_sockets() lists hibernatable ones
         assert await ask(ws, "tags") == {
-            "error": (
-                "InvalidStateError: get_tags(): the WebSocket is not a hibernatable socket of this object"
-            )
+            "error": ("InvalidStateError: get_tags(): the WebSocket is not a hibernatable socket of this object")
         }
     await recorder.wait_for(lambda r: r.of("close"))
     assert runtime.sweep(now=clock.now + 10) == 1
@@ -364,9 +360,7 @@ async def test_accept_makes_a_socket_that_pins_its_object(url, runtime, clock, r
 async def test_accept_in_a_worker_refuses_the_upgrade(url, http_client, caplog):
     assert await status_of(http_client, url("/worker-accept")) == 500
     assert any(
-        "must be called in a Durable Object's handler" in str(r.exc_info[1])
-        for r in caplog.records
-        if r.exc_info
+        "must be called in a Durable Object's handler" in str(r.exc_info[1]) for r in caplog.records if r.exc_info
     )
 
 
@@ -526,9 +520,7 @@ def test_client_end_of_a_pair_cannot_send(runtime):
 @pytest.mark.gen_test
 async def test_send_takes_str_or_bytes(url):
     async with connect(url("/lab/s/ws", "ws")) as ws:
-        assert await ask(ws, "send", value=5) == {
-            "error": "InvalidArgumentError: send() takes str or bytes, not int"
-        }
+        assert await ask(ws, "send", value=5) == {"error": "InvalidArgumentError: send() takes str or bytes, not int"}
 
 
 def test_error_hierarchy():

@@ -117,9 +117,7 @@ async def test_upgrade_with_invalid_handshake_is_refused(http_client, url, heade
     if status == 426:
         assert response.headers["Sec-WebSocket-Version"] == "13"
     # the refused socket never counted
-    assert await count(http_client, url) == (
-        "There are 0 WebSocket clients connected to this Durable Object instance."
-    )
+    assert await count(http_client, url) == ("There are 0 WebSocket clients connected to this Durable Object instance.")
 
 
 @pytest.mark.parametrize(
@@ -197,9 +195,7 @@ async def test_client_close_is_answered_with_the_same_code(url, http_client, cod
     assert await conn.read_message() is None
     assert conn.close_code == code
     assert conn.close_reason == "Durable Object is closing WebSocket"
-    assert await count(http_client, url) == (
-        "There are 0 WebSocket clients connected to this Durable Object instance."
-    )
+    assert await count(http_client, url) == ("There are 0 WebSocket clients connected to this Durable Object instance.")
 
 
 @pytest.mark.gen_test
@@ -210,21 +206,15 @@ async def test_close_without_status_is_still_completed(url, http_client, port):
     raw.send_close(None)
     assert await raw.read_close() == (None, "")
     await raw.wait_closed()
-    assert await count(http_client, url) == (
-        "There are 0 WebSocket clients connected to this Durable Object instance."
-    )
+    assert await count(http_client, url) == ("There are 0 WebSocket clients connected to this Durable Object instance.")
 
 
 @pytest.mark.gen_test
 async def test_dropped_connection_leaves_the_count(url, http_client, port, runtime):
     raw = await RawClient.connect(port)
-    assert await count(http_client, url) == (
-        "There is 1 WebSocket client connected to this Durable Object instance."
-    )
+    assert await count(http_client, url) == ("There is 1 WebSocket client connected to this Durable Object instance.")
     raw.abort()
     host = runtime.find("WEBSOCKET_HIBERNATION_SERVER", "foo")
     # The server learns of the drop when its read fails; nothing to await but that.
     await until(lambda: not host.sockets)
-    assert await count(http_client, url) == (
-        "There are 0 WebSocket clients connected to this Durable Object instance."
-    )
+    assert await count(http_client, url) == ("There are 0 WebSocket clients connected to this Durable Object instance.")

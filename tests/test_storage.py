@@ -301,9 +301,7 @@ async def test_a_failing_alarm_is_retried_with_backoff_then_given_up(rt, recorde
         if attempt < MAX_RETRIES:
             assert rt.alarms.get(obj) == NOW_MS + retry_delay_ms(attempt + 1)
             now = rt.alarms.get(obj)
-    assert [e[2:] for e in recorder.of("alarm")] == [(0, False)] + [
-        (n, True) for n in range(1, MAX_RETRIES + 1)
-    ]
+    assert [e[2:] for e in recorder.of("alarm")] == [(0, False)] + [(n, True) for n in range(1, MAX_RETRIES + 1)]
     assert rt.counters["alarms_given_up"] == 1
     assert rt.alarms.get(obj) is None
     await rt.committer.idle()

@@ -289,8 +289,7 @@ class SQLiteBackend:
                     if isinstance(batch.alarm, AlarmRow):
                         a = batch.alarm
                         conn.execute(
-                            "INSERT OR REPLACE INTO alarms (object, namespace, id, name, at_ms) "
-                            "VALUES (?, ?, ?, ?, ?)",
+                            "INSERT OR REPLACE INTO alarms (object, namespace, id, name, at_ms) VALUES (?, ?, ?, ?, ?)",
                             (a.object, a.namespace, a.id, a.name, a.at_ms),
                         )
                     elif batch.alarm is None:

@@ -1,4 +1,4 @@
-"""``python -m wsecho`` and the ``wsecho`` console script."""
+"""``python -m wsecho`` and the ``wsecho`` console script: settings, logging, signals, systemd."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from wsecho.app import App
-from wsecho.config import Settings, build_parser, parse
-from wsecho.errors import AppLoadError, StorageError
+from wsecho.config import Settings, build_parser, parse, settings_from
+from wsecho.errors import AppLoadError, ConfigError, StorageError
+from wsecho.logs import LogSetup
+from wsecho.sdnotify import Notifier
 
 log = logging.getLogger("wsecho")
 
@@ -40,16 +42,27 @@ def load_app(spec: str) -> App:
     return app
 
 
-async def serve(app: App, settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then close every WebSocket with 1001 and return."""
+async def serve(
+    app: App,
+    settings: Settings,
+    *,
+    reload: Callable[[], Settings] | None = None,
+    logs: LogSetup | None = None,
+    notifier: Notifier | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT, then drain (sockets closed with 1001, storage flushed).
+
+    A second SIGTERM/SIGINT exits at once. SIGHUP re-opens the log file and, with
+    ``reload``, re-reads the settings and applies those that can change live.
+    """
     from wsecho.server import Server  # Tornado loads only when serving
 
-    server = Server(app, settings)
+    server = Server(app, settings, notifier=notifier)
     try:
         addresses = await server.start()
     except (StorageError, OSError) as exc:
         log.error("cannot start: %s", exc)
-        raise SystemExit(1) from exc
+        return 1
     for host, port in addresses:
         shown = f"[{host}]" if ":" in host else host
         log.info(
@@ -61,25 +74,67 @@ async def serve(app: App, settings: Settings) -> None:
             settings.max_message_size,
             settings.data_dir,
         )
-    stop = asyncio.Event()
+    for host, port in server.admin_addresses:
+        log.info("admin listener on http://%s:%d (/healthz /readyz /metrics /objects)", host, port)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen: list[int] = []
+
+    def on_stop_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            logging.shutdown()
+            os._exit(1)
+        stop.set()
+
+    def on_hup() -> None:
+        if logs is not None:
+            logs.reopen()
+        if reload is None:
+            return
+        try:
+            new = reload()
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the current settings: %s", exc)
+            return
+        if logs is not None:
+            logs.apply(new)
+        ignored = server.apply(new)
+        log.info("SIGHUP: settings re-read (hibernate after %gs, log level %s)", new.hibernate_after, new.log_level)
+        if ignored:
+            log.warning("SIGHUP: %s changed but only take effect after a restart", ", ".join(ignored))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    log.info("stopping: closing %d WebSockets with 1001", server.runtime.socket_count())
+    log.info(
+        "stopping (%s): closing %d WebSockets with 1001, waiting up to %gs for the peers",
+        signal.Signals(signals_seen[0]).name,
+        server.runtime.socket_count(),
+        server.settings.drain_timeout,
+    )
     await server.stop()
     log.info("stopped")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse(argv, os.environ)
-    logging.basicConfig(
-        level=settings.logging_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings, args = parse(argv, os.environ)
+    logs = LogSetup()
+    try:
+        logs.apply(settings)
+    except OSError as exc:
+        build_parser().error(f"--log-file {settings.log_file}: {exc.strerror}")
     try:
         app = load_app(settings.app)
     except AppLoadError as exc:
         build_parser().error(str(exc))
-    asyncio.run(serve(app, settings))
-    return 0
+    notifier = Notifier.from_environ(os.environ)
+    try:
+        return asyncio.run(
+            serve(app, settings, reload=lambda: settings_from(args, os.environ), logs=logs, notifier=notifier)
+        )
+    finally:
+        notifier.close()

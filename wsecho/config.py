@@ -1,9 +1,10 @@
-"""Settings: one table of options, read from flags, then ``WSECHO_*`` variables, then defaults.
+"""Settings: one table of options, read from flags, ``WSECHO_*`` variables, a TOML file, defaults.
 
-Each option is declared once (:data:`OPTIONS`); the parser, ``--help`` and the
-environment names are generated from it. A bad value raises
-:class:`~wsecho.errors.ConfigError` naming the flag (and the variable, if it
-came from one).
+Each option is declared once (:data:`OPTIONS`); the parser, ``--help``, the
+environment names and the config-file keys are generated from it. Precedence:
+a flag wins over its variable, which wins over the file, which wins over the
+default. A bad value or an unknown file key raises
+:class:`~wsecho.errors.ConfigError` naming where it came from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -98,6 +100,49 @@ class Option:
         return "WSECHO_" + self.dest.upper()
 
 
+def _admin_port(text: str) -> int | None:
+    if text.lower() in ("off", ""):
+        return None
+    return _port(text)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.lower()
+        if value not in allowed:
+            msg = f"must be one of {', '.join(allowed)}, got {text!r}"
+            raise ValueError(msg)
+        return value
+
+    return parse
+
+
+def _switch(text: str) -> bool:
+    value = text.lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    msg = f"must be on or off, got {text!r}"
+    raise ValueError(msg)
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"must be a number of seconds, got {text!r}"
+        raise ValueError(msg) from None
+    if not (value >= 0 and math.isfinite(value)):
+        msg = f"must be 0 seconds or more, got {text}"
+        raise ValueError(msg)
+    return value
+
+
+def _any_text(text: str) -> str:
+    return text
+
+
 OPTIONS = (
     Option("--host", _host, "127.0.0.1", "address to listen on", "ADDR"),
     Option("--port", _port, "8787", "port to listen on (0 picks a free one and logs it)", "PORT"),
@@ -123,8 +168,29 @@ OPTIONS = (
         ":memory: keeps it in memory only",
         "DIR",
     ),
+    Option(
+        "--admin-host",
+        _host,
+        "127.0.0.1",
+        "address of the admin listener (/healthz, /readyz, /metrics, /objects)",
+        "ADDR",
+    ),
+    Option("--admin-port", _admin_port, "off", "port of the admin listener, or off", "PORT"),
+    Option(
+        "--drain-timeout",
+        _non_negative_seconds,
+        "5",
+        "on SIGTERM, how long to wait for peers to answer the 1001 Close before cutting them",
+        "SECONDS",
+    ),
     Option("--log-level", _log_level, "info", f"one of {', '.join(LOG_LEVELS)}", "LEVEL"),
+    Option("--log-format", _choice("text", "json"), "text", "text, or json (one object a line)", "FORMAT"),
+    Option("--log-file", _any_text, "", "append logs to this file (SIGHUP re-opens it); default stderr", "PATH"),
+    Option("--access-log", _switch, "on", "log every HTTP request: on or off", "on|off"),
 )
+
+#: Settings that SIGHUP applies to a running server; the others need a restart.
+RELOADABLE = frozenset({"hibernate_after", "log_level", "log_format", "log_file", "access_log", "drain_timeout"})
 
 
 @attrs.frozen
@@ -135,7 +201,14 @@ class Settings:
     hibernate_after: float = 10.0
     max_message_size: int = 1024 * 1024
     data_dir: str = DEFAULT_DATA_DIR
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    drain_timeout: float = 5.0
     log_level: str = "info"
+    log_format: str = "text"
+    log_file: str = ""
+    access_log: bool = True
+    config: str | None = None
 
     @property
     def logging_level(self) -> int:
@@ -148,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve a wsecho application: Durable Objects-style WebSocket hibernation on Tornado. "
             "Every option can also come from the environment variable named after it "
-            "(WSECHO_PORT, WSECHO_HIBERNATE_AFTER, ...); a flag wins over the variable."
+            "(WSECHO_PORT, WSECHO_HIBERNATE_AFTER, ...) or from a TOML file (--config) with keys "
+            "named like the options (hibernate_after = 10). Precedence: flag, then variable, "
+            "then file, then default."
         ),
     )
     parser.add_argument(
@@ -157,7 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MODULE[:ATTR]",
         help=f"the application to serve, like uvicorn (MODULE alone means MODULE:app; "
-        f"env WSECHO_APP; default: the built-in echo application, {DEFAULT_APP})",
+        f"env WSECHO_APP; file key app; default: the built-in echo application, {DEFAULT_APP})",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="read settings from this TOML file (env WSECHO_CONFIG; SIGHUP re-reads it)",
     )
     for opt in OPTIONS:
         parser.add_argument(
@@ -165,19 +246,52 @@ def build_parser() -> argparse.ArgumentParser:
             dest=opt.dest,
             default=None,
             metavar=opt.metavar,
-            help=f"{opt.help} (env {opt.env}; default {opt.default})",
+            help=f"{opt.help} (env {opt.env}; default {opt.default or 'none'})",
         )
     return parser
 
 
+def load_config_file(path: str) -> dict[str, str]:
+    """The settings in a TOML file, as strings for the option parsers; unknown keys are errors."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}", f"cannot read it: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}", f"not valid TOML: {exc}") from None
+    known = {opt.dest for opt in OPTIONS} | {"app"}
+    values: dict[str, str] = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = key.replace("-", "_")
+            extra = f" (did you mean {hint}?)" if hint in known else ""
+            msg = f"unknown key {key!r}{extra}; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(path, msg)
+        if isinstance(value, bool):
+            values[key] = "on" if value else "off"
+        elif isinstance(value, str | int | float):
+            values[key] = str(value)
+        else:
+            raise ConfigError(f"{path}: {key}", f"must be a string, number or boolean, got {value!r}")
+    return values
+
+
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
-    """Resolve each option: flag, else ``WSECHO_*`` variable, else default."""
-    values: dict[str, Any] = {"app": args.app or environ.get("WSECHO_APP") or DEFAULT_APP}
+    """Resolve each option: flag, else ``WSECHO_*`` variable, else config file, else default."""
+    config_path = args.config or environ.get("WSECHO_CONFIG") or None
+    file_values = load_config_file(config_path) if config_path else {}
+    values: dict[str, Any] = {
+        "app": args.app or environ.get("WSECHO_APP") or file_values.get("app") or DEFAULT_APP,
+        "config": config_path,
+    }
     for opt in OPTIONS:
         given = getattr(args, opt.dest)
         source = opt.flag
         if given is None and opt.env in environ:
             given, source = environ[opt.env], f"{opt.env} (for {opt.flag})"
+        if given is None and opt.dest in file_values:
+            given, source = file_values[opt.dest], f"{config_path}: {opt.dest}"
         default = opt.default
         if opt.flag == "--data-dir" and environ.get("STATE_DIRECTORY"):
             # systemd's StateDirectory= (the first one, if it lists several)
@@ -189,11 +303,11 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     return Settings(**values)
 
 
-def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Settings:
+def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Settings, argparse.Namespace]:
     """Parse ``argv``; on a bad value print the usage and the error, and exit with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return settings_from(args, environ)
+        return settings_from(args, environ), args
     except ConfigError as exc:
         parser.error(str(exc))

@@ -233,10 +233,7 @@ class DurableObjectState:
             for name, text in (("request", pair.request), ("response", pair.response)):
                 size = len(text.encode("utf-8"))
                 if size > limit:
-                    msg = (
-                        f"set_web_socket_auto_response(): the {name} is {size} UTF-8 bytes; "
-                        f"the limit is {limit}"
-                    )
+                    msg = f"set_web_socket_auto_response(): the {name} is {size} UTF-8 bytes; the limit is {limit}"
                     raise InvalidArgumentError(msg)
         self._host.auto_response = pair
 
@@ -301,10 +298,7 @@ def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
             raise InvalidArgumentError(msg)
         size = len(tag.encode("utf-8"))
         if size > limits.tag_bytes:
-            msg = (
-                f"accept_web_socket(): tag {tag[:40]!r}… is {size} UTF-8 bytes; "
-                f"the limit is {limits.tag_bytes}"
-            )
+            msg = f"accept_web_socket(): tag {tag[:40]!r}… is {size} UTF-8 bytes; the limit is {limits.tag_bytes}"
             raise InvalidArgumentError(msg)
         clean[tag] = None
     if len(clean) > limits.tags_per_socket:

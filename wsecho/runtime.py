@@ -50,6 +50,7 @@ from wsecho.lifecycle import (
 )
 from wsecho.limits import Limits
 from wsecho.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
+from wsecho.stats import Stats
 from wsecho.storage import DurableObjectStorage, GroupCommitter
 
 if TYPE_CHECKING:
@@ -65,18 +66,14 @@ T = TypeVar("T")
 QUEUE_HIGH_WATER = 100
 
 #: Handler names that stubs do not expose as RPC methods.
-NOT_RPC = frozenset(
-    {"fetch", "alarm", "web_socket_message", "web_socket_close", "web_socket_error", "ctx", "env"}
-)
+NOT_RPC = frozenset({"fetch", "alarm", "web_socket_message", "web_socket_close", "web_socket_error", "ctx", "env"})
 
 PIN_WAIT_UNTIL = "wait_until() work is pending"
 PIN_STORAGE = "storage writes are being committed"
 PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
 
 #: The object whose handler (or constructor) is running in this context.
-_current_host: contextvars.ContextVar[ObjectHost | None] = contextvars.ContextVar(
-    "wsecho_current_host", default=None
-)
+_current_host: contextvars.ContextVar[ObjectHost | None] = contextvars.ContextVar("wsecho_current_host", default=None)
 
 
 # -- events: what sits in an object's queue ----------------------------------------
@@ -321,6 +318,8 @@ class ObjectHost:
     reset_reason: str = ""
     #: ``ctx.storage`` of the current instance (its cache goes when the object hibernates).
     storage: DurableObjectStorage | None = None
+    #: When the current wake began (the clock's time), until its first event starts.
+    wake_started: float | None = None
     #: The output gate: frames held back until the object's writes are durable, or None.
     gate: list[tuple[WebSocket, str | bytes | CloseFrame]] | None = None
 
@@ -382,9 +381,7 @@ class Runtime:
         self.wall_clock = wall_clock
         self.hibernate_after = hibernate_after
         self.limits = limits or Limits()
-        self.namespaces = {
-            name: DurableObjectNamespace(name, cls, self) for name, cls in app.bindings.items()
-        }
+        self.namespaces = {name: DurableObjectNamespace(name, cls, self) for name, cls in app.bindings.items()}
         self.env = Env({**app.vars, **self.namespaces})
         self._hosts: dict[DurableObjectId, ObjectHost] = {}
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
@@ -392,6 +389,7 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
+        self.stats = Stats()
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
         self._alarm_timer: asyncio.TimerHandle | None = None
@@ -472,6 +470,13 @@ class Runtime:
             host = self._hosts[id] = ObjectHost(id, cls, self, float(after))
         return host
 
+    def set_hibernate_after(self, seconds: float) -> None:
+        """A new default idle time; objects whose class sets its own keep theirs."""
+        self.hibernate_after = seconds
+        for host in self._hosts.values():
+            if host.cls.hibernate_after is None:
+                host.hibernate_after = seconds
+
     def hosts(self) -> list[ObjectHost]:
         return list(self._hosts.values())
 
@@ -506,6 +511,7 @@ class Runtime:
             evicted += 1
         if evicted:
             self.counters["evictions"] += evicted
+            self.stats.evictions["idle"] += evicted
             log.info("hibernated %d idle objects (%d remain in memory)", evicted, len(self._idle))
         return evicted
 
@@ -540,7 +546,7 @@ class Runtime:
         host.background.discard(task)
         failed = not task.cancelled() and task.exception() is not None
         if failed and host.lifecycle.state is ObjectState.ACTIVE:
-            self._reset(host, f"a storage write failed ({task.exception()})")
+            self._reset(host, f"a storage write failed ({task.exception()})", "storage_error")
 
     async def _flush_storage(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
         """Commit the pending batch; once nothing is left in flight, open the gate."""
@@ -595,9 +601,7 @@ class Runtime:
             row = due.row
             ns = self.namespaces.get(row.namespace)
             if ns is None:
-                log.warning(
-                    "alarm of %s skipped: the application has no binding %r", row.object, row.namespace
-                )
+                log.warning("alarm of %s skipped: the application has no binding %r", row.object, row.namespace)
                 continue
             host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns._cls)
             self.counters["alarms"] += 1
@@ -680,9 +684,7 @@ class Runtime:
             host.background.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 self.counters["handler_errors"] += 1
-                log.error(
-                    "wait_until() work of %s %s raised", host.cls.__name__, host.id, exc_info=t.exception()
-                )
+                log.error("wait_until() work of %s %s raised", host.cls.__name__, host.id, exc_info=t.exception())
             self._run(host, host.lifecycle.unpin(PIN_WAIT_UNTIL, self.clock()))
 
         task.add_done_callback(done)
@@ -694,10 +696,11 @@ class Runtime:
             # In the constructor: raising makes the wake fail, which is the reset.
             raise ObjectResetError(f"{host.cls.__name__} {host.id}: {why}")
         if state is ObjectState.ACTIVE:
-            self._reset(host, why)
+            self._reset(host, why, "abort")
 
-    def _reset(self, host: ObjectHost, why: str) -> None:
+    def _reset(self, host: ObjectHost, why: str, kind: str) -> None:
         self.counters["resets"] += 1
+        self.stats.evictions[kind] += 1
         log.error(
             "resetting %s %s: %s; closing its %d WebSockets with 1011",
             host.cls.__name__,
@@ -721,6 +724,7 @@ class Runtime:
         self, ws: WebSocket, transport: Transport, url: str, protocol: str | None, extensions: str
     ) -> None:
         ws.url = url
+        self.counters["sockets_accepted"] += 1
         ws._attach(transport, protocol, extensions)
 
     def handshake_failed(self, ws: WebSocket) -> None:
@@ -738,6 +742,7 @@ class Runtime:
         """
         host = ws._host
         assert host is not None
+        self.counters["messages_in"] += 1
         pair = host.auto_response
         if pair is not None and message == pair.request:
             # Answered by the runtime: the object is neither woken nor called.
@@ -770,6 +775,7 @@ class Runtime:
         final = ws._move(what)
         if host is None or final is Final.NONE:
             return
+        self.stats.closed_by_code[code] += 1
         if final is Final.CLOSE:
             self.submit(host, CloseEvent(ws, code, reason, clean))
         else:
@@ -784,8 +790,12 @@ class Runtime:
         while work:
             effect = work.popleft()
             if isinstance(effect, Deliver):
+                if host.wake_started is not None:
+                    self.stats.wake_latency.observe(self.clock() - host.wake_started)
+                    host.wake_started = None
                 work.extend(self._deliver(host, effect.event))
             elif isinstance(effect, RunConstructor):
+                host.wake_started = self.clock()
                 work.extend(self._construct(host))
             elif isinstance(effect, BecameIdle):
                 self._idle.touch(host, host.hibernate_after, effect.since)
@@ -900,7 +910,7 @@ class Runtime:
             if elapsed_ms > host.event_timeout_ms:
                 self.counters["event_timeouts"] += 1
                 event.after(self, host)
-                self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout")
+                self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout", "event_timeout")
                 return []
         event.before_commit(self, host, exc)
         storage = host.storage
@@ -923,7 +933,7 @@ class Runtime:
             if host.lifecycle.current is event:
                 event.failed(err)
                 event.after(self, host)
-                self._reset(host, f"a storage write failed ({err}); its outputs were discarded")
+                self._reset(host, f"a storage write failed ({err}); its outputs were discarded", "storage_error")
             return
         if host.lifecycle.current is not event:
             event.after(self, host)
@@ -931,9 +941,7 @@ class Runtime:
         host.turn_task = None
         self._run(host, self._finish(host, event, result, exc))
 
-    def _finish(
-        self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None
-    ) -> list[Effect[Event]]:
+    def _finish(self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None) -> list[Effect[Event]]:
         if exc is not None:
             self._handler_failed(host, event, exc)
         else:
@@ -944,10 +952,15 @@ class Runtime:
     def _event_timed_out(self, host: ObjectHost, event: Event) -> None:
         if host.lifecycle.current is event:
             self.counters["event_timeouts"] += 1
-            self._reset(host, f"{event.name} ran over the event timeout of {host.event_timeout_ms} ms")
+            self._reset(
+                host,
+                f"{event.name} ran over the event timeout of {host.event_timeout_ms} ms",
+                "event_timeout",
+            )
 
     def _handler_failed(self, host: ObjectHost, event: Event, exc: BaseException) -> None:
         self.counters["handler_errors"] += 1
+        self.stats.handler_errors[event.name] += 1
         if not event.failed(exc):
             log.error(
                 "%s.%s raised (object %s); the object keeps serving",
@@ -966,9 +979,7 @@ class Runtime:
         # A hibernating object with no sockets and nothing queued is only a name:
         # drop its host so memory does not grow with every object ever used.
         lc = host.lifecycle
-        forgettable = (
-            lc.state is ObjectState.HIBERNATING and not host.sockets and not lc.queue and not lc.pins
-        )
+        forgettable = lc.state is ObjectState.HIBERNATING and not host.sockets and not lc.queue and not lc.pins
         if forgettable and self._hosts.get(host.id) is host:
             del self._hosts[host.id]
 

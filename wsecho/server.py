@@ -18,12 +18,16 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import json
 import logging
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
@@ -33,19 +37,27 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
 
 from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
+from wsecho.config import RELOADABLE, Settings
 from wsecho.http import Request, Response
+from wsecho.lifecycle import ObjectState
+from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
+from wsecho.sdnotify import Notifier
 from wsecho.websocket import is_valid_received_close_code, peer_of
 
 if TYPE_CHECKING:
     from wsecho.app import App
-    from wsecho.config import Settings
     from wsecho.websocket import WebSocket
 
 log = logging.getLogger("wsecho.server")
 
 #: How long a failed connection is drained after its Close before it is cut.
 LINGER_SECONDS = 2.0
+#: How often the event-loop lag is probed, and the timer the probe sets.
+LAG_INTERVAL = 1.0
+LAG_PROBE = 0.01
+#: How often systemd's STATUS= line is refreshed.
+STATUS_INTERVAL = 10.0
 
 #: Handshake response headers that Tornado computes itself.
 _HANDSHAKE_HEADERS = frozenset(
@@ -384,10 +396,63 @@ def backend_for(data_dir: str) -> Backend:
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir)
 
 
-class Server:
-    """An application served on one address: the HTTP server, the runtime and the sweeper."""
+class AdminHandler(tornado.web.RequestHandler):
+    """Base of the admin endpoints: no caching, no Server header."""
 
-    def __init__(self, app: App, settings: Settings, backend: Backend | None = None) -> None:
+    server: Server
+
+    def initialize(self, server: Server) -> None:
+        self.server = server
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        self.set_header("Cache-Control", "no-store")
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    def text(self, status: int, body: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain;charset=UTF-8")
+        self.finish(body + "\n")
+
+
+class Healthz(AdminHandler):
+    def get(self) -> None:
+        # The event loop answered: the process is alive.
+        self.text(200, "ok")
+
+
+class Readyz(AdminHandler):
+    def get(self) -> None:
+        phase = self.server.phase
+        self.text(200 if phase == "ready" else 503, phase)
+
+
+class Metrics(AdminHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(render(self.server.registry))
+
+
+class Objects(AdminHandler):
+    def get(self) -> None:
+        limit_arg = self.get_argument("limit", "1000")
+        state = self.get_argument("state", None)
+        if not limit_arg.isdigit():
+            self.text(400, f"limit must be a whole number, got {limit_arg!r}")
+            return
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.server.describe_objects(int(limit_arg), state), indent=1))
+
+
+class Server:
+    """An application served on one address: the HTTP server, the runtime, the sweeper,
+    and (with ``admin_port``) the admin listener."""
+
+    def __init__(
+        self, app: App, settings: Settings, backend: Backend | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.settings = settings
         self.runtime = Runtime(
             app,
@@ -396,13 +461,37 @@ class Server:
             hibernate_after=settings.hibernate_after,
             backend=backend if backend is not None else backend_for(settings.data_dir),
         )
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        #: starting -> ready -> draining -> stopped (what /readyz reports).
+        self.phase = "starting"
+        self.registry = make_registry(self.runtime, lambda: self.loop_lag)
+        #: How late the event loop last ran a timer, in seconds.
+        self.loop_lag = 0.0
         self._application = make_application(self.runtime, max_message_size=settings.max_message_size)
         self._http: tornado.httpserver.HTTPServer | None = None
+        self._admin: tornado.httpserver.HTTPServer | None = None
         self._sweeper = Sweeper(self.runtime)
+        self._periodic: list[PeriodicCallback] = []
         self.addresses: list[tuple[str, int]] = []
+        self.admin_addresses: list[tuple[str, int]] = []
 
     async def start(self) -> list[tuple[str, int]]:
         """Open storage, bind and start serving; return the bound ``(host, port)`` pairs."""
+        if self.settings.admin_port is not None:
+            # The admin listener comes up first, so /readyz can say "starting".
+            handlers: list[Any] = [
+                (path, handler, {"server": self})
+                for path, handler in (
+                    (r"/healthz", Healthz),
+                    (r"/readyz", Readyz),
+                    (r"/metrics", Metrics),
+                    (r"/objects", Objects),
+                )
+            ]
+            admin_sockets = tornado.netutil.bind_sockets(self.settings.admin_port, self.settings.admin_host)
+            self._admin = tornado.httpserver.HTTPServer(tornado.web.Application(handlers))
+            self._admin.add_sockets(admin_sockets)
+            self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
         await self.runtime.start()
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self._http = tornado.httpserver.HTTPServer(
@@ -411,14 +500,98 @@ class Server:
         self._http.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]
         self._sweeper.start()
+        self._start_periodic(self._measure_lag, LAG_INTERVAL)
+        self._start_periodic(self._report_status, STATUS_INTERVAL)
+        if self.notifier.watchdog_interval is not None:
+            # From the event loop itself: a stuck loop stops the pings and systemd restarts us.
+            self._start_periodic(self._watchdog, self.notifier.watchdog_interval)
+        self.phase = "ready"
+        self.notifier.ready()
+        self._report_status()
         return self.addresses
+
+    def _watchdog(self) -> None:
+        self.notifier.watchdog()
+
+    def _start_periodic(self, fn: Callable[[], None], seconds: float) -> None:
+        callback = PeriodicCallback(fn, seconds * 1000)
+        callback.start()
+        self._periodic.append(callback)
+
+    def _measure_lag(self) -> None:
+        loop = IOLoop.current()
+        expected = loop.time() + LAG_PROBE
+
+        def probe() -> None:
+            self.loop_lag = max(loop.time() - expected, 0.0)
+
+        loop.call_later(LAG_PROBE, probe)
+
+    def status_line(self) -> str:
+        states = Counter(h.lifecycle.state.value for h in self.runtime.hosts())
+        return (
+            f"{self.phase}: {self.runtime.socket_count()} WebSockets, {states['active']} active and "
+            f"{states['hibernating']} hibernating objects"
+        )
+
+    def _report_status(self) -> None:
+        self.notifier.status(self.status_line())
 
     @property
     def port(self) -> int:
         return self.addresses[0][1]
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers."""
+    @property
+    def admin_port(self) -> int:
+        return self.admin_addresses[0][1]
+
+    def describe_objects(self, limit: int, state: str | None) -> dict[str, Any]:
+        """What /objects shows: each object's id, class, state, sockets, idle time and blocker."""
+        now = self.runtime.clock()
+        hosts = [h for h in self.runtime.hosts() if state is None or h.lifecycle.state.value == state]
+        listed = []
+        for host in hosts[:limit]:
+            lc = host.lifecycle
+            active = lc.state is ObjectState.ACTIVE
+            listed.append(
+                {
+                    "id": host.id.hex,
+                    "name": host.id.name,
+                    "namespace": host.id.namespace,
+                    "class": host.cls.__name__,
+                    "state": lc.state.value,
+                    "sockets": len(host.sockets),
+                    "idle_seconds": None if lc.idle_since is None else round(now - lc.idle_since, 3),
+                    "hibernate_after": host.hibernate_after,
+                    "cannot_hibernate_because": lc.hibernation_blocker() if active else None,
+                }
+            )
+        return {"count": len(hosts), "shown": len(listed), "objects": listed}
+
+    def apply(self, settings: Settings) -> list[str]:
+        """Apply the reloadable settings (SIGHUP); return the changed ones that need a restart."""
+        changes = {name: getattr(settings, name) for name in RELOADABLE}
+        ignored = [
+            name
+            for name in attrs.fields_dict(Settings)
+            if name not in RELOADABLE and getattr(settings, name) != getattr(self.settings, name)
+        ]
+        self.settings = attrs.evolve(self.settings, **changes)
+        self.runtime.set_hibernate_after(settings.hibernate_after)
+        self._sweeper.stop()
+        self._sweeper = Sweeper(self.runtime)
+        if self.phase == "ready":
+            self._sweeper.start()
+        return ignored
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers,
+        commit every pending write and close storage."""
+        self.phase = "draining"
+        self.notifier.stopping()
+        self._report_status()
+        if timeout is None:
+            timeout = self.settings.drain_timeout
         if self._http is not None:
             self._http.stop()
         self._sweeper.stop()
@@ -429,3 +602,10 @@ class Server:
         if self._http is not None:
             await self._http.close_all_connections()
         await self.runtime.close()
+        for callback in self._periodic:
+            callback.stop()
+        self._periodic.clear()
+        if self._admin is not None:
+            self._admin.stop()
+            await self._admin.close_all_connections()
+        self.phase = "stopped"

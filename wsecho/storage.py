@@ -235,11 +235,7 @@ class DurableObjectStorage:
                 hi = p_end
 
         def wanted(key: str) -> bool:
-            return (
-                (lo is None or key >= lo)
-                and (hi is None or key < hi)
-                and (prefix is None or key.startswith(prefix))
-            )
+            return (lo is None or key >= lo) and (hi is None or key < hi) and (prefix is None or key.startswith(prefix))
 
         batches = [*self._in_flight, *([self._pending] if self._pending else [])]
         cleared_at = max((i for i, b in enumerate(batches) if b.clear), default=-1)

@@ -126,7 +126,9 @@ class WebSocket:
             raise InvalidArgumentError(msg)
         state = self._state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
-            gate = self._host.gate if self._host is not None else None
+            assert self._host is not None
+            self._host.runtime.counters["messages_out"] += 1
+            gate = self._host.gate
             if gate is not None:
                 gate.append((self, message))  # sent once the object's writes are durable
             else:

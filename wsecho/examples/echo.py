@@ -36,9 +36,7 @@ class WebSocketHibernationServer(DurableObject):
                 return Response(
                     f"There is {num_connections} WebSocket client connected to this Durable Object instance."
                 )
-            return Response(
-                f"There are {num_connections} WebSocket clients connected to this Durable Object instance."
-            )
+            return Response(f"There are {num_connections} WebSocket clients connected to this Durable Object instance.")
         return Response("""
 This Durable Object supports the following endpoints:
   /websocket

@@ -1,0 +1,333 @@
+"""Operating the server: configuration, admin endpoints, metrics, logging, signals, systemd notify."""
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+from websockets.asyncio.client import connect
+
+from tests.helpers import RawClient, Recorder, ServerProcess, probe_app, until
+from wsecho.config import build_parser, settings_from
+from wsecho.errors import ConfigError
+from wsecho.server import Server
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def resolve(argv, environ, tmp_path=None, toml=None):
+    if toml is not None:
+        path = tmp_path / "wsecho.toml"
+        path.write_text(toml)
+        argv = [*argv, "--config", str(path)]
+    return settings_from(build_parser().parse_args(argv), environ)
+
+
+def test_precedence_is_flag_then_variable_then_file_then_default(tmp_path):
+    toml = 'port = 1000\nhibernate_after = 3\nlog_level = "warning"\naccess_log = false\napp = "x:y"\n'
+    s = resolve(["--port", "3000"], {"WSECHO_PORT": "2000", "WSECHO_HIBERNATE_AFTER": "4"}, tmp_path, toml)
+    assert s.port == 3000  # flag
+    assert s.hibernate_after == 4.0  # variable over file
+    assert s.log_level == "warning"  # file over default
+    assert s.access_log is False
+    assert s.app == "x:y"
+    assert s.max_message_size == 1024 * 1024  # default
+    assert resolve([], {"WSECHO_CONFIG": str(tmp_path / "wsecho.toml")}).port == 1000
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("hibernate_afer = 3\n", "unknown key 'hibernate_afer'"),
+        ("hibernate-after = 3\n", "unknown key 'hibernate-after' (did you mean hibernate_after?)"),
+        ("port = 70000\n", "wsecho.toml: port: must be from 0 to 65535"),
+        ("admin_port = [1]\n", "admin_port: must be a string, number or boolean"),
+        ("port = \n", "not valid TOML"),
+    ],
+)
+def test_config_file_errors_name_the_key(tmp_path, toml, message):
+    with pytest.raises(ConfigError) as info:
+        resolve([], {}, tmp_path, toml)
+    assert message in str(info.value)
+
+
+def test_a_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        resolve(["--config", str(tmp_path / "nope.toml")], {})
+
+
+def test_admin_port_is_off_by_default_and_systemd_state_directory_is_the_default_data_dir():
+    s = resolve([], {"STATE_DIRECTORY": "/var/lib/wsecho:/var/lib/other"})
+    assert s.admin_port is None
+    assert s.data_dir == "/var/lib/wsecho"
+    assert resolve(["--data-dir", "here"], {"STATE_DIRECTORY": "/var/lib/wsecho"}).data_dir == "here"
+
+
+# -- admin endpoints and metrics (in process) ------------------------------------------------------
+
+
+def metric(text, name, labels=""):
+    pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+]+)$"
+    match = re.search(pattern, text, re.M)
+    assert match, f"{name}{{{labels}}} not in the metrics"
+    return float(match.group(1))
+
+
+@pytest.fixture
+def admin_server(io_loop, tmp_path):
+    from wsecho.config import Settings
+
+    recorder = Recorder()
+    server = Server(probe_app(recorder), Settings(port=0, admin_port=0, data_dir=str(tmp_path / "d")))
+    io_loop.run_sync(server.start)
+    yield server, recorder
+    if server.phase != "stopped":
+        io_loop.run_sync(server.stop)
+
+
+async def get(server, path):
+    client = AsyncHTTPClient()
+    return await client.fetch(f"http://127.0.0.1:{server.admin_port}{path}", raise_error=False)
+
+
+@pytest.mark.gen_test
+async def test_metrics_after_a_known_sequence(admin_server, io_loop):
+    server, recorder = admin_server
+    base = f"ws://127.0.0.1:{server.port}/obj/m/ws"
+    async with connect(base) as a:
+        b = await RawClient.connect(server.port, "/obj/m/ws")
+        for i in range(3):
+            await a.send(f"m{i}")
+            assert await a.recv() == f"echo:m{i}"
+        b.abort()
+        await recorder.wait_for(lambda r: any(e[0] == "close" and e[1] == 1006 for e in r.events))
+        assert server.runtime.sweep(now=io_loop.time() + 60) == 1
+        await a.send("wake")
+        assert await a.recv() == "echo:wake"
+        await a.close(4000)
+    await recorder.wait_for(lambda r: len(r.of("close")) == 2)
+    text = (await get(server, "/metrics")).body.decode()
+    assert metric(text, "wsecho_sockets_accepted_total") == 2
+    assert metric(text, "wsecho_messages_received_total") == 4
+    assert metric(text, "wsecho_messages_sent_total") == 4
+    assert metric(text, "wsecho_sockets_closed_total", 'code="1006"') == 1
+    assert metric(text, "wsecho_sockets_closed_total", 'code="4000"') == 1
+    assert metric(text, "wsecho_sockets_open") == 0
+    assert metric(text, "wsecho_wakes_total") == 1
+    assert metric(text, "wsecho_evictions_total", 'reason="idle"') == 1
+    assert metric(text, "wsecho_wake_latency_seconds_count") == 2  # the first creation and the wake
+    assert metric(text, "wsecho_objects", 'state="active"') == 1
+    assert "wsecho_event_loop_lag_seconds" in text
+
+
+@pytest.mark.gen_test
+async def test_handler_errors_are_counted_by_handler(admin_server):
+    server, _ = admin_server
+    async with connect(f"ws://127.0.0.1:{server.port}/obj/e/ws") as ws:
+        await ws.send("raise")
+        await ws.send("ok")
+        await ws.recv()
+    text = (await get(server, "/metrics")).body.decode()
+    assert metric(text, "wsecho_handler_errors_total", 'handler="web_socket_message"') == 1
+
+
+@pytest.mark.gen_test
+async def test_objects_lists_state_sockets_and_what_pins_them(admin_server, io_loop):
+    server, _ = admin_server
+    gate = asyncio.get_running_loop().create_future()
+    server.runtime.app.vars["FLAGS"]["gate"] = gate
+    async with connect(f"ws://127.0.0.1:{server.port}/obj/listed/ws"):
+        busy = asyncio.ensure_future(server.runtime.env.PROBE.get_by_name("listed").fetch("http://x/obj/listed/wait"))
+        await until(lambda: server.runtime.find("PROBE", "listed").lifecycle.current is not None)
+        data = json.loads((await get(server, "/objects")).body)
+        (obj,) = data["objects"]
+        assert obj["name"] == "listed"
+        assert obj["class"] == "Probe"
+        assert obj["state"] == "active"
+        assert obj["sockets"] == 1
+        assert obj["cannot_hibernate_because"] == "an event is being handled"
+        gate.set_result(None)
+        await busy
+        assert server.runtime.sweep(now=io_loop.time() + 60) == 1
+        data = json.loads((await get(server, "/objects?state=hibernating")).body)
+        assert [o["state"] for o in data["objects"]] == ["hibernating"]
+        assert data["objects"][0]["cannot_hibernate_because"] is None
+        assert (await get(server, "/objects?limit=x")).code == 400
+
+
+@pytest.mark.gen_test
+async def test_health_and_readiness_through_a_drain(admin_server):
+    server, _ = admin_server
+    assert (await get(server, "/healthz")).body == b"ok\n"
+    ready = await get(server, "/readyz")
+    assert (ready.code, ready.body) == (200, b"ready\n")
+    # A peer that never answers the 1001 Close keeps the drain going.
+    raw = await RawClient.connect(server.port, "/obj/d/ws")
+    stopping = asyncio.ensure_future(server.stop(timeout=5))
+    assert await raw.read_close() == (1001, "Going Away")
+    draining = await get(server, "/readyz")
+    assert (draining.code, draining.body) == (503, b"draining\n")
+    assert (await get(server, "/healthz")).code == 200
+    raw.send_close(1001)
+    await asyncio.wait_for(stopping, 5)
+    raw.abort()
+    assert server.phase == "stopped"
+
+
+# -- the real process: signals, notify, logging ---------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    yield sock, path
+    sock.close()
+
+
+def next_notification(sock, wanted):
+    """Read datagrams until one has an assignment starting with ``wanted``; bounded by the timeout."""
+    while True:
+        lines = sock.recv(4096).decode().split("\n")
+        for line in lines:
+            if line.startswith(wanted):
+                return line
+
+
+@pytest.fixture
+def processes():
+    started = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def run_server(processes, tmp_path, *args, env=None):
+    data = tmp_path / f"data{len(processes)}"
+    server = ServerProcess([*args, "--port", "0", "--data-dir", str(data)], env=env)
+    processes.append(server)
+    return server.ready()
+
+
+def test_systemd_notify_ready_status_watchdog_and_stopping(processes, tmp_path, notify_socket):
+    sock, path = notify_socket
+    server = run_server(processes, tmp_path, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
+    assert next_notification(sock, "READY=") == "READY=1"
+    assert next_notification(sock, "STATUS=").startswith("STATUS=ready: 0 WebSockets")
+    assert next_notification(sock, "WATCHDOG=") == "WATCHDOG=1"
+    server.proc.send_signal(signal.SIGTERM)
+    assert next_notification(sock, "STOPPING=") == "STOPPING=1"
+    assert server.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_drains_open_sockets_with_1001_and_exits_0(processes, tmp_path):
+    server = run_server(processes, tmp_path, "--admin-port", "0")
+    admin = int(server.wait_for(r"admin listener on http://127\.0\.0\.1:(\d+)").group(1))
+
+    async def scenario():
+        async with connect(server.url("/websocket", "ws")) as ws:
+            raw = await RawClient.connect(server.port)  # never answers the Close
+            await ws.send("hi")
+            await ws.recv()
+            server.proc.send_signal(signal.SIGTERM)
+            assert await raw.read_close() == (1001, "Going Away")
+            # while the raw peer holds the drain open, the server says it is not ready
+            with pytest.raises(urllib.error.HTTPError) as info:
+                await asyncio.to_thread(urllib.request.urlopen, f"http://127.0.0.1:{admin}/readyz", timeout=5)
+            assert info.value.code == 503
+            info.value.close()
+            await ws.wait_closed()
+            assert (ws.close_code, ws.close_reason) == (1001, "Going Away")
+            raw.send_close(1001)
+            await raw.wait_closed()
+
+    run_in_new_loop(scenario)
+    assert server.proc.wait(timeout=10) == 0
+
+
+def test_a_second_signal_exits_at_once(processes, tmp_path):
+    server = run_server(processes, tmp_path, "--drain-timeout", "60")
+
+    async def scenario():
+        raw = await RawClient.connect(server.port)
+        server.proc.send_signal(signal.SIGTERM)
+        assert await raw.read_close() == (1001, "Going Away")
+        server.proc.send_signal(signal.SIGINT)
+        await raw.wait_closed()
+
+    run_in_new_loop(scenario)
+    assert server.proc.wait(timeout=10) == 1
+    server.wait_for(r"second SIGINT: exiting at once")
+
+
+def test_sighup_rereads_the_config_and_reopens_the_log_file(processes, tmp_path):
+    config = tmp_path / "wsecho.toml"
+    config.write_text("hibernate_after = 7\n")
+    log_file = tmp_path / "wsecho.log"
+    server = ServerProcess(
+        ["--port", "0", "--data-dir", str(tmp_path / "d"), "--config", str(config), "--log-file", str(log_file)]
+    )
+    processes.append(server)
+    # logs go to the file: wait for its start-up line there
+    asyncio_free_wait(lambda: "wsecho serving" in read(log_file))
+    config.write_text('hibernate_after = 2\nmax_message_size = 5000\nlog_format = "json"\n')
+    log_file.rename(tmp_path / "wsecho.log.1")
+    server.proc.send_signal(signal.SIGHUP)
+    asyncio_free_wait(lambda: "settings re-read" in read(log_file))
+    lines = [json.loads(line) for line in read(log_file).splitlines()]
+    assert any("hibernate after 2s" in line["message"] for line in lines)
+    assert any("max_message_size changed but only take effect after a restart" in line["message"] for line in lines)
+    config.write_text("hibernate_after = -1\n")
+    server.proc.send_signal(signal.SIGHUP)
+    asyncio_free_wait(lambda: "keeping the current settings" in read(log_file))
+    assert server.proc.poll() is None
+
+
+def test_json_logs_and_access_log_off(processes, tmp_path):
+    server = run_server(processes, tmp_path, "--log-format", "json", "--access-log", "off")
+    assert server.get("/")[0] == 200
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=10) == 0
+    server.wait_for(r'"message": "stopped"')
+    records = [json.loads(line) for line in server.seen]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert not any(r["logger"] == "tornado.access" for r in records)
+
+
+def test_access_log_is_on_by_default(processes, tmp_path):
+    server = run_server(processes, tmp_path)
+    server.get("/getCurrentConnections")
+    server.wait_for(r"tornado\.access: 200 GET /getCurrentConnections")
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def read(path):
+    return path.read_text() if path.exists() else ""
+
+
+def asyncio_free_wait(predicate, timeout=10.0):
+    """Poll a file-system predicate (bounded); no event exists for "a log line was written"."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for a log line")
+        time.sleep(0.02)
+
+
+def run_in_new_loop(coro_fn):
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro_fn(), 20))
+    finally:
+        loop.close()

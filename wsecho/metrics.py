@@ -1,0 +1,110 @@
+"""Prometheus metrics of a running server, read from the runtime at scrape time.
+
+Nothing here is updated on the hot path: the runtime keeps plain counters
+(:mod:`wsecho.stats`), and :class:`RuntimeCollector` turns them into metric
+families when ``/metrics`` is scraped. Each server has its own registry (no
+process-wide one), so several servers can run in one process.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from wsecho.lifecycle import ObjectState
+
+if TYPE_CHECKING:
+    from wsecho.runtime import Runtime
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime, loop_lag: Callable[[], float]) -> None:
+        self._runtime = runtime
+        self._loop_lag = loop_lag
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self._runtime
+        counters = rt.counters
+        stats = rt.stats
+        hosts = rt.hosts()
+
+        open_sockets = GaugeMetricFamily("wsecho_sockets_open", "WebSockets whose final event is not delivered yet")
+        open_sockets.add_metric([], sum(len(h.sockets) for h in hosts))
+        yield open_sockets
+
+        yield _counter("wsecho_sockets_accepted", "WebSocket handshakes completed", counters["sockets_accepted"])
+        closed = CounterMetricFamily(
+            "wsecho_sockets_closed", "WebSockets ended, by close code (1006: dropped)", labels=["code"]
+        )
+        for code, n in sorted(stats.closed_by_code.items()):
+            closed.add_metric([str(code)], n)
+        yield closed
+        yield _counter("wsecho_messages_received", "WebSocket messages received", counters["messages_in"])
+        yield _counter("wsecho_messages_sent", "WebSocket messages sent by objects", counters["messages_out"])
+        yield _counter("wsecho_auto_responses", "messages answered by the auto-response", counters["auto_responses"])
+
+        states: Counter[str] = Counter(h.lifecycle.state.value for h in hosts)
+        objects = GaugeMetricFamily("wsecho_objects", "objects known to the runtime, by state", labels=["state"])
+        for state in ObjectState:
+            objects.add_metric([state.value], states[state.value])
+        yield objects
+
+        yield _counter("wsecho_wakes", "hibernated objects woken (constructor run again)", counters["wakes"])
+        evictions = CounterMetricFamily(
+            "wsecho_evictions", "instances dropped, by reason (idle: hibernation)", labels=["reason"]
+        )
+        for reason in ("idle", "abort", "event_timeout", "storage_error"):
+            evictions.add_metric([reason], stats.evictions[reason])
+        yield evictions
+
+        wake = stats.wake_latency
+        latency = HistogramMetricFamily(
+            "wsecho_wake_latency_seconds", "from an event's arrival at a hibernated object to its handler"
+        )
+        latency.add_metric([], wake.cumulative(), wake.total)
+        yield latency
+
+        errors = CounterMetricFamily(
+            "wsecho_handler_errors", "exceptions raised by handlers, by handler", labels=["handler"]
+        )
+        for name, n in sorted(stats.handler_errors.items()):
+            errors.add_metric([name], n)
+        yield errors
+        yield _counter("wsecho_constructor_errors", "constructors that raised", counters["constructor_errors"])
+        yield _counter("wsecho_alarms", "alarms delivered", counters["alarms"])
+        yield _counter("wsecho_storage_errors", "storage commits that failed", counters["storage_errors"])
+        yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
+
+        lag = GaugeMetricFamily(
+            "wsecho_event_loop_lag_seconds", "how late the event loop ran a timer, last second's worst"
+        )
+        lag.add_metric([], self._loop_lag())
+        yield lag
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
+def make_registry(runtime: Runtime, loop_lag: Callable[[], float]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RuntimeCollector(runtime, loop_lag))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
