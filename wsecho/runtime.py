@@ -831,7 +831,7 @@ class Runtime:
             _current_host.reset(token)
         if host.constructions:
             self.counters["wakes"] += 1
-            log.debug(
+            log.info(
                 "woke %s %s (%d sockets, %d events waiting)",
                 host.cls.__name__,
                 host.id,
