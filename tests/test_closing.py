@@ -94,7 +94,7 @@ async def test_oversized_message_closes_1009_and_reports_an_error(port, recorder
     raw.send_frame(0x2, b"x" * (MAX_MESSAGE + 1))
     assert (await raw.read_close())[0] == 1009
     await raw.wait_closed()
-    assert await one_final(recorder) == [("error", 1009, "message too big")]
+    assert await one_final(recorder) == [("error", 1009, f"message of more than {MAX_MESSAGE} bytes")]
 
 
 @pytest.mark.gen_test

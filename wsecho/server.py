@@ -2,14 +2,10 @@
 
 One catch-all handler, :class:`Gateway`, turns every HTTP request into a
 :class:`~wsecho.http.Request` for the worker, so the application (not Tornado)
-decides what each request gets. Only when the application answers 101 does
-Tornado's handshake run; after it, socket callbacks become runtime calls.
-
-Tornado's ``WebSocketProtocol13`` is used with three changes (:class:`_Protocol`):
-a peer's Close is not echoed at once but handed to the object, whose handler
-answers it (SPEC §5); invalid close codes and invalid UTF-8 close with 1002 and
-1007; and closes the protocol makes on its own (1009 for an oversized message)
-are reported as failures, so the object gets ``web_socket_error``.
+decides what each request gets. Only when the application answers 101 is the
+handshake checked and answered; then the socket leaves Tornado for a
+:class:`~wsecho.connection.Connection` on the event loop's own transport.
+The admin listener (health, readiness, metrics, objects) lives here too.
 """
 
 from __future__ import annotations
@@ -17,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
+import hashlib
 import json
 import logging
 import socket
-import struct
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,18 +27,18 @@ import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
 import tornado.web
-import tornado.websocket
 from tornado.ioloop import IOLoop, PeriodicCallback
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
 from wsecho.config import RELOADABLE, Settings
+from wsecho.connection import Connection, ConnectionSettings
 from wsecho.http import Request, Response
 from wsecho.lifecycle import ObjectState
 from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
 from wsecho.sdnotify import Notifier
-from wsecho.websocket import is_valid_received_close_code, peer_of
+from wsecho.websocket import peer_of
 
 if TYPE_CHECKING:
     from wsecho.app import App
@@ -51,8 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsecho.server")
 
-#: How long a failed connection is drained after its Close before it is cut.
-LINGER_SECONDS = 2.0
 #: How often the event-loop lag is probed, and the timer the probe sets.
 LAG_INTERVAL = 1.0
 LAG_PROBE = 0.01
@@ -86,138 +79,27 @@ def handshake_problem(headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] 
     return None
 
 
-class _Protocol(tornado.websocket.WebSocketProtocol13):
-    """RFC 6455 framing from Tornado, with the closing rules of SPEC §5."""
-
-    handler: Gateway
-
-    def __init__(self, handler: Gateway, mask_outgoing: bool, params: Any) -> None:
-        super().__init__(handler, mask_outgoing, params)
-        #: ``(code, reason)`` of a Close the protocol sent on its own, if any.
-        self.failure: tuple[int, str] | None = None
-        self.app_closing = False
-        self.lingering = False
-        self.linger_task: asyncio.Future[None] | None = None
-
-    # Transport for wsecho.websocket.WebSocket ---------------------------------------
-
-    def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            opcode, data = 0x1, message.encode("utf-8")
-        else:
-            opcode, data = 0x2, message
-        flags = 0
-        if self._compressor:
-            data = self._compressor.compress(data)
-            flags |= self.RSV1
-        # On a lost connection the read side notices and reports it.
-        with contextlib.suppress(StreamClosedError):
-            self._write_frame(True, opcode, data, flags=flags)
-
-    def send_close(self, code: int | None, reason: str) -> None:
-        answering = self.client_terminated
-        self.app_closing = True
-        self.close(code, reason or None)
-        if answering:
-            # Our Close answered the peer's: the handshake is complete and the
-            # stream is closed, so the connection is over (see on_ws_connection_close).
-            self.handler.on_connection_close()
-
-    # Tornado overrides ---------------------------------------------------------------
-
-    def close(self, code: int | None = None, reason: str | None = None) -> None:
-        if code is not None and not (self.server_terminated or self.client_terminated or self.app_closing):
-            # Tornado closing on its own: an oversized message (1009).
-            self.failure = (code, reason or "")
-        super().close(code, reason)
-
-    def _fail(self, code: int, reason: str) -> None:
-        self.failure = (code, reason)
-        super().close(code, reason)
-        self._abort()
-
-    def _abort(self) -> None:
-        stream = self.stream
-        if self.failure is not None and stream is not None and not stream.closed():
-            if not self.lingering:
-                # Closing a socket with unread input makes the kernel send RST, and
-                # the peer may lose our Close frame with it. Drain, then close.
-                self.lingering = True
-                self.client_terminated = self.server_terminated = True
-                self.linger_task = asyncio.ensure_future(self._linger(stream))
-            return
-        super()._abort()
-
-    async def _linger(self, stream: Any) -> None:
-        try:
-            async with asyncio.timeout(LINGER_SECONDS):
-                await stream.write(b"")  # resolves once the Close frame is flushed
-                # FIN after our Close tells the peer we are done (RFC 6455 §7.1.1:
-                # the server closes the TCP connection first); drain until it goes.
-                stream.socket.shutdown(socket.SHUT_WR)
-                while True:
-                    await stream.read_bytes(65536, partial=True)
-        except (StreamClosedError, TimeoutError, OSError):
-            pass
-        finally:
-            stream.close()
-
-    def _handle_message(self, opcode: int, data: bytes) -> Any:
-        if self.client_terminated:
-            return None
-        if opcode == 0x8:
-            return self._on_close_frame(data)
-        if opcode == 0x1 and not self._frame_compressed:
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                # RFC 6455 §8.1: a text message that is not UTF-8 fails the connection with 1007.
-                self._fail(1007, "invalid UTF-8 in a text message")
-                return None
-            self._message_bytes_in += len(data)
-            return self._run_callback(self.handler.on_message, text)
-        return super()._handle_message(opcode, data)
-
-    def _on_close_frame(self, data: bytes) -> None:
-        code: int | None = None
-        reason = ""
-        if len(data) == 1:
-            self._fail(1002, "a Close payload of one byte")
-            return
-        if len(data) >= 2:
-            (code,) = struct.unpack(">H", data[:2])
-            try:
-                reason = data[2:].decode("utf-8")
-            except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8 in the Close reason")
-                return
-            if not is_valid_received_close_code(code):
-                # RFC 6455 §7.4: a Close with a code no endpoint may send is a protocol error.
-                self._fail(1002, f"invalid close code {code}")
-                return
-        self.client_terminated = True
-        self.close_code, self.close_reason = code, reason
-        if self.server_terminated:
-            # The peer answered our Close: the handshake is complete.
-            super().close()
-        self.handler.peer_closed(code, reason)
+#: RFC 6455 §1.3: appended to the client's key to compute Sec-WebSocket-Accept.
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
-class Gateway(tornado.websocket.WebSocketHandler):
-    """Every request: worker first, then (on 101) Tornado's handshake and the frame loop."""
+def accept_value(key: str) -> str:
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+class Gateway(tornado.web.RequestHandler):
+    """Every request: the worker first; on its 101, the upgrade and the hand-over of the socket."""
 
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
     runtime: Runtime
-    _server_ws: WebSocket | None
-    _response: Response | None
-    _opened: bool
+    connections: ConnectionSettings
+    registry: set[Connection]
 
-    def initialize(self, runtime: Runtime) -> None:
+    def initialize(self, runtime: Runtime, connections: ConnectionSettings, registry: set[Connection]) -> None:
         self.runtime = runtime
-        self._server_ws = None
-        self._response = None
-        self._opened = False
+        self.connections = connections
+        self.registry = registry
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         await self._dispatch()
@@ -228,6 +110,9 @@ class Gateway(tornado.websocket.WebSocketHandler):
         # The Fetch API adds no Content-Type or Server of its own; nor do we.
         self.clear_header("Content-Type")
         self.clear_header("Server")
+
+    def compute_etag(self) -> str | None:
+        return None  # the application sets ETag itself if it wants one
 
     async def _dispatch(self) -> None:
         req = self.request
@@ -269,92 +154,94 @@ class Gateway(tornado.websocket.WebSocketHandler):
             self._plain(status, text)
             self.runtime.handshake_failed(server)
             return
-        self._server_ws = server
-        self._response = response
-        for name, value in response.headers.items():
-            if name.lower() not in _HANDSHAKE_HEADERS:
-                self.add_header(name, value)
-        await super().get()
-        if not self._opened:
-            self.runtime.handshake_failed(server)
+        await self._upgrade(server, response)
 
-    def compute_etag(self) -> str | None:
-        return None  # the application sets ETag itself if it wants one
+    async def _upgrade(self, server: WebSocket, response: Response) -> None:
+        req = self.request
+        offered = [p.strip() for p in req.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        # Like Cloudflare: the application picks by setting the header on its 101 Response.
+        chosen = response.headers.get("Sec-WebSocket-Protocol")
+        protocol = chosen if chosen in offered else None
+        lines = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Accept: {accept_value(req.headers['Sec-WebSocket-Key'].strip())}",
+        ]
+        if protocol:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        for name, value in response.headers.items():
+            if name.lower() in _HANDSHAKE_HEADERS:
+                continue
+            if any(c in name + value for c in "\r\n\0"):
+                log.error("dropped response header %r: it contains a line break", name)
+                continue
+            lines.append(f"{name}: {value}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
+        self.set_status(101)
+        self.application.log_request(self)
+        stream = self.detach()
+        try:
+            await stream.write(head)
+        except StreamClosedError:
+            self.runtime.handshake_failed(server)
+            return
+        sock = take_socket(stream)
+        connection = Connection(
+            server, self.connections, sock.leftover, self.registry, url=req.full_url(), protocol=protocol
+        )
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=sock.sock)
+        except OSError:
+            sock.sock.close()
+            self.runtime.handshake_failed(server)
 
     def _plain(self, status: int, text: str) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "text/plain;charset=UTF-8")
         self.finish(text)
 
-    # -- WebSocketHandler hooks ------------------------------------------------------------
 
-    def get_websocket_protocol(self) -> _Protocol | None:
-        proto = super().get_websocket_protocol()
-        if proto is None:
-            return None
-        return _Protocol(self, False, proto.params)  # type: ignore[attr-defined]
+class _TakenSocket:
+    __slots__ = ("leftover", "sock")
 
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        # Like Cloudflare: the application picks by setting the header on its 101 Response.
-        assert self._response is not None
-        chosen = self._response.headers.get("Sec-WebSocket-Protocol")
-        return chosen if chosen in subprotocols else None
-
-    def open(self, *args: Any, **kwargs: Any) -> None:
-        assert self._server_ws is not None
-        assert isinstance(self.ws_connection, _Protocol)
-        self._opened = True
-        self.runtime.socket_opened(
-            self._server_ws,
-            self.ws_connection,
-            self.request.full_url(),
-            self.selected_subprotocol,
-            self._headers.get("Sec-WebSocket-Extensions", ""),
-        )
-
-    def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
-        assert self._server_ws is not None
-        # Tornado awaits a returned future before it reads the next frame.
-        return self.runtime.message_received(self._server_ws, message)
-
-    def peer_closed(self, code: int | None, reason: str) -> None:
-        assert self._server_ws is not None
-        self.runtime.peer_closed(self._server_ws, code, reason)
-
-    def on_ws_connection_close(self, close_code: int | None = None, close_reason: str | None = None) -> None:
-        proto = self.ws_connection
-        if (
-            isinstance(proto, _Protocol)
-            and proto.client_terminated
-            and not proto.server_terminated
-            and proto.stream is not None
-            and not proto.stream.closed()
-        ):
-            # The peer sent Close and the object has not answered yet: keep the
-            # stream open; send_close() finishes the connection.
-            return
-        super().on_ws_connection_close(close_code, close_reason)
-
-    def on_connection_close(self) -> None:
-        proto = self.ws_connection
-        failure = proto.failure if isinstance(proto, _Protocol) else None
-        super().on_connection_close()
-        ws = self._server_ws
-        if ws is None or not self._opened:
-            return
-        if failure is not None:
-            self.runtime.socket_failed(ws, *failure)
-        else:
-            self.runtime.transport_lost(ws)
-
-    def on_close(self) -> None:
-        pass
+    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
+        self.sock = sock
+        self.leftover = leftover
 
 
-def make_application(runtime: Runtime, *, max_message_size: int) -> tornado.web.Application:
+def take_socket(stream: IOStream) -> _TakenSocket:
+    """Take the connected socket away from Tornado, with the bytes it read past the request.
+
+    Tornado's IOStream stops watching the descriptor and forgets it; from here the
+    event loop's own transport owns it. (This reaches into IOStream: the read buffer
+    and the registration state are not public. Tests cover it; tornado is pinned <7.)
+    """
+    leftover = bytes(stream._read_buffer[: stream._read_buffer_size])
+    if stream._state is not None:
+        IOLoop.current().remove_handler(stream.fileno())
+        stream._state = None
+    fd = stream.socket.detach()
+    return _TakenSocket(socket.socket(fileno=fd), leftover)
+
+
+def make_application(
+    runtime: Runtime, *, max_message_size: int, registry: set[Connection] | None = None
+) -> tornado.web.Application:
+    """The application's HTTP side; ``registry`` collects the open connections."""
+    connections = ConnectionSettings(runtime, max_message_size=max_message_size)
     return tornado.web.Application(
-        [(r".*", Gateway, {"runtime": runtime})],
-        websocket_max_message_size=max_message_size,
+        [
+            (
+                r".*",
+                Gateway,
+                {
+                    "runtime": runtime,
+                    "connections": connections,
+                    "registry": registry if registry is not None else set(),
+                },
+            )
+        ],
     )
 
 
@@ -467,7 +354,11 @@ class Server:
         self.registry = make_registry(self.runtime, lambda: self.loop_lag)
         #: How late the event loop last ran a timer, in seconds.
         self.loop_lag = 0.0
-        self._application = make_application(self.runtime, max_message_size=settings.max_message_size)
+        #: Every open WebSocket connection (for dead-peer pings and shutdown).
+        self.connections: set[Connection] = set()
+        self._application = make_application(
+            self.runtime, max_message_size=settings.max_message_size, registry=self.connections
+        )
         self._http: tornado.httpserver.HTTPServer | None = None
         self._admin: tornado.httpserver.HTTPServer | None = None
         self._sweeper = Sweeper(self.runtime)

@@ -1,0 +1,219 @@
+"""RFC 6455 framing, sans-IO: bytes in, events out; events in, bytes out.
+
+:class:`FrameParser` turns what a client sends into events, validating every rule a
+server must enforce (RFC 6455 §5 and §7), so that the connection code only moves bytes:
+
+- ``(TEXT, str)``, ``(BINARY, bytes)`` — a whole message, reassembled from its fragments;
+- ``(PING, bytes)``, ``(PONG, bytes)``;
+- ``(CLOSE, (code | None, reason))`` — a valid Close (code None when it had no payload);
+- ``(FAIL, (code, reason))`` — the connection must be failed with this close code
+  (1002 protocol error, 1007 invalid UTF-8, 1009 message too big). Nothing is parsed after it.
+
+Text is validated incrementally, so invalid UTF-8 fails the connection at the first bad
+fragment ("fail fast"), not when the message ends. Frames are built by :func:`frame`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import struct
+from collections.abc import Callable
+from typing import Any
+
+_c_mask: Callable[[bytes, bytes], bytes] | None
+try:  # Tornado ships a C routine for this; fall back to big-int XOR without it
+    from tornado.speedups import websocket_mask as _c_mask
+except ImportError:  # pragma: no cover - depends on how tornado was built
+    _c_mask = None
+
+TEXT, BINARY, PING, PONG, CLOSE, FAIL = "text", "binary", "ping", "pong", "close", "fail"
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def unmask(mask: bytes, data: bytes) -> bytes:
+    if _c_mask is not None:
+        return bytes(_c_mask(mask, data))
+    n = len(data)
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+    return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+def valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455 §7.4.1 and the IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class FrameParser:
+    """Parses client-to-server frames (which must be masked) up to ``max_message_size`` per message."""
+
+    __slots__ = ("_buf", "_decoder", "_failed", "_frag_op", "_frag_size", "_frags", "max_message_size")
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._buf = b""
+        self._frag_op = -1  # opcode of the fragmented message in progress, -1 for none
+        self._frags: list[bytes] = []
+        self._frag_size = 0
+        self._decoder: Any = None
+        self._failed = False
+
+    def feed(self, data: bytes) -> list[tuple[str, Any]]:
+        """Every complete event in ``data`` (plus what earlier calls left unparsed)."""
+        if self._failed:
+            return []
+        buf = self._buf + data if self._buf else data
+        events: list[tuple[str, Any]] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                head = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                (length,) = struct.unpack_from("!Q", buf, pos + 2)
+                head = 10
+            opcode = b0 & 0x0F
+            fail = self._check_header(b0, b1, opcode, length)
+            if fail is not None:
+                return self._fail(events, *fail)
+            start = pos + head + 4
+            stop = start + length
+            if stop > end:
+                break
+            payload = unmask(buf[pos + head : start], buf[start:stop]) if length else b""
+            pos = stop
+            if not self._frame(b0 & 0x80, opcode, payload, events):
+                return events
+        self._buf = buf[pos:] if pos < end else b""
+        return events
+
+    def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> tuple[int, str] | None:
+        if b0 & 0x70:
+            return 1002, "reserved bits set without a negotiated extension"
+        if not b1 & 0x80:
+            return 1002, "client frames must be masked"
+        if opcode & 0x08:
+            if opcode not in (OP_CLOSE, OP_PING, OP_PONG):
+                return 1002, f"unknown control opcode {opcode:#x}"
+            if not b0 & 0x80:
+                return 1002, "control frames must not be fragmented"
+            if length > 125:
+                return 1002, "control frame payloads are at most 125 bytes"
+            return None
+        if opcode not in (OP_CONT, OP_TEXT, OP_BINARY):
+            return 1002, f"unknown data opcode {opcode:#x}"
+        if opcode == OP_CONT:
+            if self._frag_op < 0:
+                return 1002, "a continuation frame with no message to continue"
+            total = self._frag_size + length
+        else:
+            if self._frag_op >= 0:
+                return 1002, "a new message started before the fragmented one ended"
+            total = length
+        if total > self.max_message_size:
+            return 1009, f"message of more than {self.max_message_size} bytes"
+        return None
+
+    def _frame(self, fin: int, opcode: int, payload: bytes, events: list[tuple[str, Any]]) -> bool:
+        """Handle one complete frame; False once the connection has failed."""
+        if opcode == OP_PING:
+            events.append((PING, payload))
+            return True
+        if opcode == OP_PONG:
+            events.append((PONG, payload))
+            return True
+        if opcode == OP_CLOSE:
+            return self._close(payload, events)
+        if opcode != OP_CONT:  # the first frame of a message
+            if fin:
+                if opcode == OP_TEXT:
+                    try:
+                        events.append((TEXT, payload.decode("utf-8")))
+                    except UnicodeDecodeError:
+                        self._fail(events, 1007, "invalid UTF-8 in a text message")
+                        return False
+                else:
+                    events.append((BINARY, payload))
+                return True
+            self._frag_op = opcode
+            self._frags = []
+            self._frag_size = 0
+            self._decoder = _utf8_decoder() if opcode == OP_TEXT else None
+        self._frags.append(payload)
+        self._frag_size += len(payload)
+        if self._decoder is not None:
+            try:  # validated as it arrives: invalid UTF-8 fails at its first fragment
+                self._decoder.decode(payload, bool(fin))
+            except UnicodeDecodeError:
+                self._fail(events, 1007, "invalid UTF-8 in a text message")
+                return False
+        if fin:
+            whole = b"".join(self._frags)
+            if self._frag_op == OP_TEXT:
+                events.append((TEXT, whole.decode("utf-8")))
+            else:
+                events.append((BINARY, whole))
+            self._frag_op = -1
+            self._frags = []
+            self._frag_size = 0
+            self._decoder = None
+        return True
+
+    def _close(self, payload: bytes, events: list[tuple[str, Any]]) -> bool:
+        if not payload:
+            events.append((CLOSE, (None, "")))
+            return True
+        if len(payload) == 1:
+            self._fail(events, 1002, "a Close payload of one byte")
+            return False
+        code = (payload[0] << 8) | payload[1]
+        if not valid_close_code(code):
+            self._fail(events, 1002, f"invalid close code {code}")
+            return False
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(events, 1007, "invalid UTF-8 in the Close reason")
+            return False
+        events.append((CLOSE, (code, reason)))
+        return True
+
+    def _fail(self, events: list[tuple[str, Any]], code: int, reason: str) -> list[tuple[str, Any]]:
+        events.append((FAIL, (code, reason)))
+        self._failed = True
+        self._buf = b""
+        self._frags = []
+        return events
+
+
+_HEAD_SMALL = struct.Struct("!BB")
+_HEAD_MEDIUM = struct.Struct("!BBH")
+_HEAD_LARGE = struct.Struct("!BBQ")
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """A single unmasked, final server frame."""
+    n = len(payload)
+    b0 = 0x80 | opcode
+    if n < 126:
+        return _HEAD_SMALL.pack(b0, n) + payload
+    if n < 65536:
+        return _HEAD_MEDIUM.pack(b0, 126, n) + payload
+    return _HEAD_LARGE.pack(b0, 127, n) + payload
+
+
+def close_payload(code: int | None, reason: str) -> bytes:
+    if code is None:
+        return b""
+    return struct.pack("!H", code) + reason.encode("utf-8")
