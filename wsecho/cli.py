@@ -66,13 +66,14 @@ async def serve(
     for host, port in addresses:
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "wsecho serving %s on http://%s:%d (hibernate after %gs, max message %d bytes, data in %s)",
+            "wsecho serving %s on http://%s:%d (hibernate after %gs, max message %d bytes, data in %s, %s loop)",
             settings.app,
             shown,
             port,
             settings.hibernate_after,
             settings.max_message_size,
             settings.data_dir,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
     for host, port in server.admin_addresses:
         log.info("admin listener on http://%s:%d (/healthz /readyz /metrics /objects)", host, port)
@@ -133,8 +134,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error(str(exc))
     notifier = Notifier.from_environ(os.environ)
     try:
-        return asyncio.run(
-            serve(app, settings, reload=lambda: settings_from(args, os.environ), logs=logs, notifier=notifier)
-        )
+        loop_factory, loop_name = event_loop(settings.loop)
+    except ImportError:
+        build_parser().error("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    log.debug("event loop: %s", loop_name)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(
+                serve(app, settings, reload=lambda: settings_from(args, os.environ), logs=logs, notifier=notifier)
+            )
     finally:
         notifier.close()
+
+
+def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop], str]:
+    """The loop factory for ``--loop``: uvloop when asked for, or when ``auto`` finds it."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            return uvloop.new_event_loop, "uvloop"
+    return asyncio.new_event_loop, "asyncio"

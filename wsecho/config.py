@@ -183,6 +183,13 @@ OPTIONS = (
         "on SIGTERM, how long to wait for peers to answer the 1001 Close before cutting them",
         "SECONDS",
     ),
+    Option(
+        "--loop",
+        _choice("auto", "uvloop", "asyncio"),
+        "auto",
+        "event loop: uvloop (faster; the default when it is installed) or asyncio",
+        "LOOP",
+    ),
     Option("--log-level", _log_level, "info", f"one of {', '.join(LOG_LEVELS)}", "LEVEL"),
     Option("--log-format", _choice("text", "json"), "text", "text, or json (one object a line)", "FORMAT"),
     Option("--log-file", _any_text, "", "append logs to this file (SIGHUP re-opens it); default stderr", "PATH"),
@@ -204,6 +211,7 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
     drain_timeout: float = 5.0
+    loop: str = "auto"
     log_level: str = "info"
     log_format: str = "text"
     log_file: str = ""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from wsecho import frames
 
@@ -111,8 +111,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCPTransport has the Transport API without being a subclass of it.
+        self.transport = cast(asyncio.Transport, transport)
         self.registry.add(self)
         self.last_seen = asyncio.get_running_loop().time()
         # Frames the object sent before the handshake finished go out now, first.
