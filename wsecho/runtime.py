@@ -16,10 +16,11 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import types
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
@@ -872,6 +873,14 @@ class Runtime:
         token = _current_host.set(host)
         try:
             result = event.invoke(host.instance)
+            if type(result) is _CoroutineType:
+                # Run the handler's first step right here: most handlers finish without
+                # ever suspending (an echo, a broadcast), and then no task is needed.
+                try:
+                    suspended_on = result.send(None)
+                except StopIteration as done:
+                    return self._complete(host, event, done.value, None, started)
+                result = _resume(result, suspended_on)
             if inspect.isawaitable(result):
                 # The task copies this context, so the handler's awaits stay "inside" the object.
                 host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result))
@@ -994,3 +1003,28 @@ async def _call_async(fn: Callable[[], Awaitable[T]]) -> T:
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a storage write outside any object failed", exc_info=task.exception())
+
+
+_CoroutineType = types.CoroutineType
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, Any, T]:
+    """Continue, inside a task, a coroutine whose first step already ran and yielded ``suspended_on``.
+
+    The task drives this generator exactly as it would drive the coroutine: what the
+    coroutine yields goes up to the task, what the task sends or throws goes down.
+    """
+    while True:
+        try:
+            value = yield suspended_on
+        except BaseException as exc:  # noqa: BLE001 - cancellation and errors go to the coroutine
+            try:
+                suspended_on = coro.throw(exc)
+            except StopIteration as done:
+                return cast(T, done.value)
+        else:
+            try:
+                suspended_on = coro.send(value)
+            except StopIteration as done:
+                return cast(T, done.value)
