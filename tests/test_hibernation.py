@@ -186,3 +186,29 @@ async def test_a_flooding_socket_is_paused_not_buffered(url, runtime):
         await blocked
         replies = [await ws.recv() for _ in range(total)]
         assert replies == [f"echo:m{i}" for i in range(total)]
+
+
+@pytest.mark.gen_test
+async def test_hibernate_after_zero_hibernates_after_every_event(recorder):
+    # A class that sets hibernate_after = 0 is woken by every event and hibernates
+    # as soon as it is idle: no sweep is needed.
+    from tests.helpers import Probe
+    from wsecho import App
+    from wsecho.runtime import Runtime
+
+    class Eager(Probe):
+        hibernate_after = 0
+
+    async def fetch(request, env):
+        return await env.EAGER.get_by_name("e").fetch(request)
+
+    rt = Runtime(
+        App(fetch=fetch, bindings={"EAGER": Eager}, vars={"REC": recorder, "FLAGS": {}}),
+        clock=lambda: 0.0,
+        wall_clock=lambda: None,
+    )
+    stub = rt.env.EAGER.get_by_name("e")
+    for _ in range(3):
+        assert (await stub.fetch("http://x/obj/e/count")).body == b"0"
+    assert len(recorder.of("constructor")) == 3
+    assert rt.find("EAGER", "e") is None  # hibernated, nothing left in memory

@@ -313,7 +313,8 @@ class DurableObject:
     Subclasses may define, each sync or async: ``fetch(request)``,
     ``web_socket_message(ws, message)``, ``web_socket_close(ws, code, reason,
     was_clean)``, ``web_socket_error(ws, error)``.
-    A class attribute ``hibernate_after`` (seconds) overrides the server's setting.
+    A class attribute ``hibernate_after`` (seconds) overrides the server's setting;
+    ``0`` hibernates the object the moment it is idle (every event wakes it).
     """
 
     hibernate_after: ClassVar[float | None] = None

@@ -799,7 +799,13 @@ class Runtime:
                 host.wake_started = self.clock()
                 work.extend(self._construct(host))
             elif isinstance(effect, BecameIdle):
-                self._idle.touch(host, host.hibernate_after, effect.since)
+                if host.hibernate_after <= 0:
+                    # hibernate_after = 0: hibernate the moment the object is idle.
+                    self.counters["evictions"] += 1
+                    self.stats.evictions["idle"] += 1
+                    work.extend(host.lifecycle.evict(effect.since))
+                else:
+                    self._idle.touch(host, host.hibernate_after, effect.since)
             elif isinstance(effect, DropInstance):
                 host.instance = None
                 host.storage = None
