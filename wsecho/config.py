@@ -143,6 +143,23 @@ def _any_text(text: str) -> str:
     return text
 
 
+def _count(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        msg = f"must be 0 or more, got {value}"
+        raise ValueError(msg)
+    return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            msg = f"each origin must look like https://example.com (or be *), got {origin!r}"
+            raise ValueError(msg)
+    return origins
+
+
 OPTIONS = (
     Option("--host", _host, "127.0.0.1", "address to listen on", "ADDR"),
     Option("--port", _port, "8787", "port to listen on (0 picks a free one and logs it)", "PORT"),
@@ -167,6 +184,42 @@ OPTIONS = (
         "where objects' storage lives (SQLite); under systemd the default is $STATE_DIRECTORY; "
         ":memory: keeps it in memory only",
         "DIR",
+    ),
+    Option(
+        "--max-connections",
+        _count,
+        "10000",
+        "most WebSocket connections at once; an upgrade beyond it gets 503 (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--allowed-origins",
+        _origins,
+        "",
+        "Origin values allowed to open WebSockets, comma-separated, or * for any; requests "
+        "without Origin and same-origin requests are always allowed",
+        "ORIGINS",
+    ),
+    Option(
+        "--handshake-timeout",
+        _positive_seconds,
+        "5",
+        "a client must send its request headers within this time (slowloris), also the keep-alive idle limit",
+        "SECONDS",
+    ),
+    Option(
+        "--ping-interval",
+        _non_negative_seconds,
+        "30",
+        "ping a WebSocket peer silent this long, to find dead connections (0: never)",
+        "SECONDS",
+    ),
+    Option(
+        "--ping-timeout",
+        _positive_seconds,
+        "20",
+        "a peer that does not answer a ping within this time is cut (its close code is 1006)",
+        "SECONDS",
     ),
     Option(
         "--admin-host",
@@ -208,6 +261,11 @@ class Settings:
     hibernate_after: float = 10.0
     max_message_size: int = 1024 * 1024
     data_dir: str = DEFAULT_DATA_DIR
+    max_connections: int = 10_000
+    allowed_origins: tuple[str, ...] = ()
+    handshake_timeout: float = 5.0
+    ping_interval: float = 30.0
+    ping_timeout: float = 20.0
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
     drain_timeout: float = 5.0

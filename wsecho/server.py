@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import attrs
 import tornado.httpserver
@@ -52,6 +53,10 @@ LAG_INTERVAL = 1.0
 LAG_PROBE = 0.01
 #: How often systemd's STATUS= line is refreshed.
 STATUS_INTERVAL = 10.0
+#: Request headers larger than this are refused (Tornado closes the connection).
+MAX_HEADER_BYTES = 16 * 1024
+#: A request body must arrive within this time.
+BODY_TIMEOUT = 30.0
 
 #: Handshake response headers that Tornado computes itself.
 _HANDSHAKE_HEADERS = frozenset(
@@ -97,10 +102,19 @@ class Gateway(tornado.web.RequestHandler):
     connections: ConnectionSettings
     registry: set[Connection]
 
-    def initialize(self, runtime: Runtime, connections: ConnectionSettings, registry: set[Connection]) -> None:
+    def initialize(
+        self,
+        runtime: Runtime,
+        connections: ConnectionSettings,
+        registry: set[Connection],
+        max_connections: int,
+        allowed_origins: tuple[str, ...],
+    ) -> None:
         self.runtime = runtime
         self.connections = connections
         self.registry = registry
+        self.max_connections = max_connections
+        self.allowed_origins = allowed_origins
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         await self._dispatch()
@@ -117,6 +131,11 @@ class Gateway(tornado.web.RequestHandler):
 
     async def _dispatch(self) -> None:
         req = self.request
+        if "websocket" in req.headers.get("Upgrade", "").lower():
+            refusal = self._refuse_upgrade()
+            if refusal is not None:
+                self._plain(*refusal)
+                return
         request = Request(
             url=req.full_url(),
             method=req.method or "GET",
@@ -197,6 +216,22 @@ class Gateway(tornado.web.RequestHandler):
             sock.sock.close()
             self.runtime.handshake_failed(server)
 
+    def _refuse_upgrade(self) -> tuple[int, str] | None:
+        """Server-wide rules an upgrade request must pass before the application sees it."""
+        if self.max_connections and len(self.registry) >= self.max_connections:
+            return 503, f"The server is at its limit of {self.max_connections} WebSocket connections; try again later"
+        origin = self.request.headers.get("Origin")
+        if origin is None or "*" in self.allowed_origins:
+            return None  # not a browser, or any origin allowed
+        normalized = origin.strip().rstrip("/").lower()
+        if normalized in self.allowed_origins:
+            return None
+        # Browsers do not apply the same-origin policy to WebSockets, so the server does
+        # (cross-site WebSocket hijacking): same origin is always fine.
+        if urlsplit(normalized).netloc == self.request.headers.get("Host", "").strip().lower():
+            return None
+        return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
+
     def _plain(self, status: int, text: str) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "text/plain;charset=UTF-8")
@@ -227,23 +262,23 @@ def take_socket(stream: IOStream) -> _TakenSocket:
 
 
 def make_application(
-    runtime: Runtime, *, max_message_size: int, registry: set[Connection] | None = None
+    runtime: Runtime,
+    *,
+    max_message_size: int,
+    registry: set[Connection] | None = None,
+    max_connections: int = 0,
+    allowed_origins: tuple[str, ...] = (),
 ) -> tornado.web.Application:
     """The application's HTTP side; ``registry`` collects the open connections."""
     connections = ConnectionSettings(runtime, max_message_size=max_message_size)
-    return tornado.web.Application(
-        [
-            (
-                r".*",
-                Gateway,
-                {
-                    "runtime": runtime,
-                    "connections": connections,
-                    "registry": registry if registry is not None else set(),
-                },
-            )
-        ],
-    )
+    gateway = {
+        "runtime": runtime,
+        "connections": connections,
+        "registry": registry if registry is not None else set(),
+        "max_connections": max_connections,
+        "allowed_origins": allowed_origins,
+    }
+    return tornado.web.Application([(r".*", Gateway, gateway)])
 
 
 class Sweeper:
@@ -355,7 +390,11 @@ class Server:
         #: Every open WebSocket connection (for dead-peer pings and shutdown).
         self.connections: set[Connection] = set()
         self._application = make_application(
-            self.runtime, max_message_size=settings.max_message_size, registry=self.connections
+            self.runtime,
+            max_message_size=settings.max_message_size,
+            registry=self.connections,
+            max_connections=settings.max_connections,
+            allowed_origins=settings.allowed_origins,
         )
         self._http: tornado.httpserver.HTTPServer | None = None
         self._admin: tornado.httpserver.HTTPServer | None = None
@@ -384,12 +423,19 @@ class Server:
         await self.runtime.start()
         sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
         self._http = tornado.httpserver.HTTPServer(
-            self._application, max_body_size=max(self.settings.max_message_size, 64 * 1024)
+            self._application,
+            max_body_size=max(self.settings.max_message_size, 64 * 1024),
+            max_header_size=MAX_HEADER_BYTES,
+            # Tornado's header timeout: a client that dribbles its request is cut (slowloris).
+            idle_connection_timeout=self.settings.handshake_timeout,
+            body_timeout=BODY_TIMEOUT,
         )
         self._http.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]
         self._sweeper.start()
         self._start_periodic(self._measure_lag, LAG_INTERVAL)
+        if self.settings.ping_interval > 0:
+            self._start_periodic(self._ping_peers, min(max(self.settings.ping_interval / 4, 0.05), 5.0))
         self._start_periodic(self._report_status, STATUS_INTERVAL)
         if self.notifier.watchdog_interval is not None:
             # From the event loop itself: a stuck loop stops the pings and systemd restarts us.
@@ -406,6 +452,25 @@ class Server:
         callback = PeriodicCallback(fn, seconds * 1000)
         callback.start()
         self._periodic.append(callback)
+
+    def _ping_peers(self) -> None:
+        """Ping peers that have been silent for --ping-interval; cut those that never answered.
+
+        One pass over the open connections instead of one timer per socket.
+        """
+        now = asyncio.get_running_loop().time()
+        interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
+        dead = 0
+        for conn in list(self.connections):
+            if conn.ping_sent_at is not None:
+                if now - conn.ping_sent_at > timeout:
+                    conn.abort()
+                    dead += 1
+            elif now - conn.last_seen > interval:
+                conn.ping(now)
+        if dead:
+            self.runtime.counters["dead_peers"] += dead
+            log.info("cut %d WebSocket peers that did not answer a ping within %gs", dead, timeout)
 
     def _measure_lag(self) -> None:
         loop = IOLoop.current()

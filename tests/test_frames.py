@@ -1,0 +1,163 @@
+"""The sans-IO frame parser: every rule of RFC 6455 a server enforces, and fuzzing."""
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsecho.frames import BINARY, CLOSE, FAIL, PING, PONG, TEXT, FrameParser, frame, unmask
+
+
+def client_frame(opcode, payload=b"", fin=True, masked=True, rsv=0, length=None):
+    """A client frame, with every field controllable (so it can be wrong)."""
+    n = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        head += bytes([mask_bit | n])
+    elif n < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + unmask(mask, payload)
+
+
+def parse(*frames, limit=1 << 20):
+    return FrameParser(limit).feed(b"".join(frames))
+
+
+def test_whole_messages():
+    assert parse(client_frame(1, "héllo".encode()), client_frame(2, b"\x00\xff")) == [
+        (TEXT, "héllo"),
+        (BINARY, b"\x00\xff"),
+    ]
+
+
+def test_fragments_are_reassembled_with_control_frames_between():
+    events = parse(
+        client_frame(1, b"he", fin=False),
+        client_frame(9, b"ping!"),
+        client_frame(0, b"ll", fin=False),
+        client_frame(0, b"o"),
+    )
+    assert events == [(PING, b"ping!"), (TEXT, "hello")]
+
+
+def test_byte_by_byte_delivery_gives_the_same_events():
+    data = client_frame(2, b"x" * 300) + client_frame(10, b"p") + client_frame(8, struct.pack("!H", 1000) + b"bye")
+    parser = FrameParser(1 << 20)
+    events = []
+    for i in range(len(data)):
+        events += parser.feed(data[i : i + 1])
+    assert events == [(BINARY, b"x" * 300), (PONG, b"p"), (CLOSE, (1000, "bye"))]
+
+
+def test_lengths_of_16_and_64_bits():
+    assert parse(client_frame(2, b"a" * 70_000), limit=1 << 20) == [(BINARY, b"a" * 70_000)]
+    assert parse(client_frame(2, b"b" * 126)) == [(BINARY, b"b" * 126)]
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "reason"),
+    [
+        (client_frame(1, b"x", masked=False), 1002, "client frames must be masked"),
+        (client_frame(1, b"x", rsv=0x40), 1002, "reserved bits"),
+        (client_frame(3, b"x"), 1002, "unknown data opcode 0x3"),
+        (client_frame(11, b"x"), 1002, "unknown control opcode 0xb"),
+        (client_frame(9, b"x", fin=False), 1002, "control frames must not be fragmented"),
+        (client_frame(9, b"x" * 126), 1002, "control frame payloads are at most 125 bytes"),
+        (client_frame(0, b"x"), 1002, "a continuation frame with no message to continue"),
+        (client_frame(1, b"a", fin=False) + client_frame(2, b"b"), 1002, "a new message started"),
+        (client_frame(1, b"\xff"), 1007, "invalid UTF-8"),
+        (client_frame(8, b"\x03"), 1002, "a Close payload of one byte"),
+        (client_frame(8, struct.pack("!H", 1005)), 1002, "invalid close code 1005"),
+        (client_frame(8, struct.pack("!H", 1000) + b"\xff"), 1007, "invalid UTF-8 in the Close reason"),
+        (client_frame(2, b"x" * 11), 1009, "message of more than 10 bytes"),
+        (client_frame(2, b"x" * 6, fin=False) + client_frame(0, b"y" * 6), 1009, "message of more than 10 bytes"),
+    ],
+    ids=[
+        "unmasked",
+        "rsv",
+        "data-opcode",
+        "control-opcode",
+        "fragmented-control",
+        "long-control",
+        "lone-continuation",
+        "interleaved-message",
+        "bad-utf8",
+        "one-byte-close",
+        "bad-close-code",
+        "bad-close-reason",
+        "too-big",
+        "too-big-fragmented",
+    ],
+)
+def test_violations_fail_the_connection(data, code, reason):
+    parser = FrameParser(10)
+    events = parser.feed(data + client_frame(1, b"after"))
+    assert events[-1][0] == FAIL
+    assert events[-1][1][0] == code
+    assert reason in events[-1][1][1]
+    assert parser.feed(client_frame(1, b"more")) == []  # nothing after a failure
+
+
+def test_too_big_fails_on_the_header_before_the_payload_arrives():
+    header_only = client_frame(2, b"", length=1 << 30)[:10]
+    assert parse(header_only, limit=1024)[0][0] == FAIL
+
+
+def test_invalid_utf8_fails_at_the_first_bad_fragment():
+    # "fail fast" (Autobahn 6.4.x): no need to wait for the end of the message
+    events = parse(client_frame(1, "κόσμε".encode(), fin=False), client_frame(0, b"\xf4\x90\x80\x80", fin=False))
+    assert events == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_a_code_point_split_across_fragments_is_fine():
+    data = "€".encode()
+    assert parse(client_frame(1, data[:1], fin=False), client_frame(0, data[1:])) == [(TEXT, "€")]
+
+
+def test_close_without_payload():
+    assert parse(client_frame(8)) == [(CLOSE, (None, ""))]
+
+
+def test_server_frames():
+    assert frame(1, b"hi") == b"\x81\x02hi"
+    assert frame(2, b"x" * 200)[:4] == b"\x82\x7e\x00\xc8"
+    assert frame(2, b"x" * 70_000)[:2] == b"\x82\x7f"
+
+
+@given(st.binary(max_size=2048))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_any_bytes_never_crash_the_parser(data):
+    parser = FrameParser(1000)
+    for chunk in (data[:7], data[7:100], data[100:]):
+        for kind, _ in parser.feed(chunk):
+            assert kind in (TEXT, BINARY, PING, PONG, CLOSE, FAIL)
+
+
+@given(
+    st.lists(
+        st.one_of(st.text(max_size=300).map(lambda t: (1, t.encode())), st.binary(max_size=300).map(lambda b: (2, b))),
+        max_size=8,
+    ),
+    st.integers(min_value=1, max_value=64),
+)
+@settings(max_examples=200, deadline=None)
+def test_fuzz_messages_survive_any_fragmentation_and_chunking(messages, chunk):
+    wire = b""
+    for opcode, payload in messages:
+        pieces = [payload[i : i + 50] for i in range(0, len(payload), 50)] or [b""]
+        for i, piece in enumerate(pieces):
+            wire += client_frame(opcode if i == 0 else 0, piece, fin=i == len(pieces) - 1)
+    parser = FrameParser(1 << 20)
+    events = []
+    for i in range(0, len(wire), chunk):
+        events += parser.feed(wire[i : i + chunk])
+    expected = [(TEXT, p.decode()) if op == 1 else (BINARY, p) for op, p in messages]
+    assert events == expected
