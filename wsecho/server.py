@@ -53,6 +53,10 @@ LAG_INTERVAL = 1.0
 LAG_PROBE = 0.01
 #: How often systemd's STATUS= line is refreshed.
 STATUS_INTERVAL = 10.0
+#: Bytes queued for a peer that does not read before its connection is cut (close code 1008).
+MAX_OUTGOING_BYTES = 16 * 1024 * 1024
+#: How long the server waits for the peer's answer to its Close before cutting the connection.
+CLOSE_TIMEOUT = 5.0
 #: Request headers larger than this are refused (Tornado closes the connection).
 MAX_HEADER_BYTES = 16 * 1024
 #: A request body must arrive within this time.
@@ -268,9 +272,13 @@ def make_application(
     registry: set[Connection] | None = None,
     max_connections: int = 0,
     allowed_origins: tuple[str, ...] = (),
+    max_outgoing: int = MAX_OUTGOING_BYTES,
+    close_timeout: float = CLOSE_TIMEOUT,
 ) -> tornado.web.Application:
     """The application's HTTP side; ``registry`` collects the open connections."""
-    connections = ConnectionSettings(runtime, max_message_size=max_message_size)
+    connections = ConnectionSettings(
+        runtime, max_message_size=max_message_size, max_outgoing=max_outgoing, close_timeout=close_timeout
+    )
     gateway = {
         "runtime": runtime,
         "connections": connections,
