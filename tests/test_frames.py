@@ -161,3 +161,11 @@ def test_fuzz_messages_survive_any_fragmentation_and_chunking(messages, chunk):
         events += parser.feed(wire[i : i + chunk])
     expected = [(TEXT, p.decode()) if op == 1 else (BINARY, p) for op, p in messages]
     assert events == expected
+
+
+def test_nothing_after_a_close_is_parsed():
+    # Autobahn 7.1.2/7.1.3: a second Close or a ping after the Close gets no answer
+    close = client_frame(8, struct.pack("!H", 1000))
+    parser = FrameParser(1000)
+    assert parser.feed(close + client_frame(9, b"p") + close) == [(CLOSE, (1000, ""))]
+    assert parser.feed(client_frame(1, b"late")) == []

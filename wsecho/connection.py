@@ -188,8 +188,8 @@ class Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return  # the peer is gone; connection_lost reports it
+        if transport is None or transport.is_closing() or self.failure is not None:
+            return  # the peer is gone (connection_lost reports it) or the connection failed
         transport.write(data)
         if transport.get_write_buffer_size() > self._settings.max_outgoing:
             # A peer that stops reading must not grow our memory without bound.

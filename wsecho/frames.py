@@ -6,6 +6,7 @@ server must enforce (RFC 6455 §5 and §7), so that the connection code only mov
 - ``(TEXT, str)``, ``(BINARY, bytes)`` — a whole message, reassembled from its fragments;
 - ``(PING, bytes)``, ``(PONG, bytes)``;
 - ``(CLOSE, (code | None, reason))`` — a valid Close (code None when it had no payload);
+  nothing after it is parsed: RFC 6455 §5.5.1 allows no frame after a Close;
 - ``(FAIL, (code, reason))`` — the connection must be failed with this close code
   (1002 protocol error, 1007 invalid UTF-8, 1009 message too big). Nothing is parsed after it.
 
@@ -126,7 +127,7 @@ class FrameParser:
         return None
 
     def _frame(self, fin: int, opcode: int, payload: bytes, events: list[tuple[str, Any]]) -> bool:
-        """Handle one complete frame; False once the connection has failed."""
+        """Handle one complete frame; False once nothing more is to be parsed (a failure or a Close)."""
         if opcode == OP_PING:
             events.append((PING, payload))
             return True
@@ -173,7 +174,8 @@ class FrameParser:
     def _close(self, payload: bytes, events: list[tuple[str, Any]]) -> bool:
         if not payload:
             events.append((CLOSE, (None, "")))
-            return True
+            self._failed = True  # nothing after a Close is parsed (RFC 6455 §5.5.1)
+            return False
         if len(payload) == 1:
             self._fail(events, 1002, "a Close payload of one byte")
             return False
@@ -187,7 +189,8 @@ class FrameParser:
             self._fail(events, 1007, "invalid UTF-8 in the Close reason")
             return False
         events.append((CLOSE, (code, reason)))
-        return True
+        self._failed = True  # nothing after a Close is parsed (RFC 6455 §5.5.1)
+        return False
 
     def _fail(self, events: list[tuple[str, Any]], code: int, reason: str) -> list[tuple[str, Any]]:
         events.append((FAIL, (code, reason)))

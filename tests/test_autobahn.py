@@ -1,0 +1,67 @@
+"""Autobahn|Testsuite cases 1-10 against the mirror application, through ``scripts/autobahn``.
+
+Real time passes here (about 15 s: the 6.4.x cases wait on purpose, 9.x moves up to 16 MiB
+messages). The script starts ``python -m wsecho wsecho.examples.mirror`` on a free loopback
+port, runs the cases with kosoku and stops the server. Deselect with ``-m "not autobahn"``.
+"""
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "autobahn"
+#: The script's bound on the kosoku run, and ours on the whole script (server start and stop too).
+KOSOKU_TIMEOUT = 300
+SCRIPT_TIMEOUT = KOSOKU_TIMEOUT + 90
+SUMMARY = re.compile(r"autobahn: (\d+) passed, (\d+) failed")
+
+
+def run_script(*args: str) -> tuple[int, str]:
+    """Run scripts/autobahn; on our timeout stop it (SIGTERM, then its whole process group)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group: the server and kosoku can be stopped with it
+    )
+    try:
+        out, _ = proc.communicate(timeout=SCRIPT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script then stops its server and kosoku itself
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"scripts/autobahn did not finish within {SCRIPT_TIMEOUT}s; its output:\n{out[-4000:]}")
+    return proc.returncode, out
+
+
+@pytest.mark.autobahn
+def test_autobahn_cases_1_to_10_have_no_failures(tmp_path):
+    if importlib.util.find_spec("kosoku") is None:
+        pytest.skip("kosoku is not installed (it is in the test extra: pip install -e '.[test]')")
+    reports = tmp_path / "reports"
+    status, out = run_script("--cases", "1-10", "--report", str(reports), "--timeout", str(KOSOKU_TIMEOUT))
+    lines = out.splitlines()
+    summary = SUMMARY.fullmatch(lines[-1]) if lines else None
+    assert summary is not None, f"scripts/autobahn ended without its summary (status {status}):\n{out[-4000:]}"
+    failing = [line for line in lines if line.startswith("FAILED")]
+    counts = next((line for line in lines if line.startswith("OK: ")), "")
+    assert int(summary.group(2)) == 0, (
+        f"{summary.group(2)} Autobahn cases FAILED ({counts}):\n"
+        + "\n".join(failing)
+        + f"\n(kosoku's reports and the server's log are in {reports})"
+    )
+    assert int(summary.group(1)) > 250, f"too few cases ran:\n{out[-4000:]}"
+    assert status == 0, f"scripts/autobahn exited with status {status}:\n{out[-4000:]}"
