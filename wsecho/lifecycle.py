@@ -31,6 +31,8 @@ E = TypeVar("E")
 
 
 class ObjectState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
+
     ACTIVE = "active"
     HIBERNATING = "hibernating"
     WAKING = "waking"
@@ -38,6 +40,8 @@ class ObjectState(enum.Enum):
 
 class ObjectInput(enum.Enum):
     """What can happen to an object."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
 
     EVENT_ARRIVED = "event arrived"
     CONSTRUCTOR_RETURNED = "constructor returned"
@@ -49,6 +53,8 @@ class ObjectInput(enum.Enum):
 
 class Action(enum.Enum):
     """The fixed part of a row's effects; :class:`ObjectLifecycle` adds the data."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
 
     ENQUEUE = "enqueue the event"
     RUN_CONSTRUCTOR = "run the constructor"
@@ -241,6 +247,8 @@ class ObjectLifecycle(Generic[E]):
 
 
 class SocketState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
+
     CONNECTING = "connecting"  # accepted by an object, handshake not finished
     OPEN = "open"
     CLOSE_RECEIVED = "close received"  # the peer sent Close; we have not answered
@@ -250,6 +258,8 @@ class SocketState(enum.Enum):
 
 
 class SocketInput(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
+
     HANDSHAKE_DONE = "handshake done"
     HANDSHAKE_FAILED = "handshake failed"
     PEER_CLOSE = "peer sent Close"
@@ -260,6 +270,8 @@ class SocketInput(enum.Enum):
 
 class Final(enum.Enum):
     """Which final event a socket move produces (SPEC §5: exactly one per socket)."""
+
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash is Python code
 
     NONE = "none"
     CLOSE = "web_socket_close"
