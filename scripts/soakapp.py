@@ -1,0 +1,25 @@
+"""The application scripts/soak serves: rooms that echo each message to its sender.
+
+/room/<name> upgrades into the object <name>, so many sockets share each object and
+the whole room hibernates and wakes together.
+"""
+
+from wsecho import App, DurableObject, Request, Response, WebSocket, WebSocketPair
+
+
+class Room(DurableObject):
+    async def fetch(self, request: Request) -> Response:
+        client, server = WebSocketPair()
+        self.ctx.accept_web_socket(server)
+        return Response(status=101, web_socket=client)
+
+    async def web_socket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        ws.send(message)
+
+
+async def fetch(request: Request, env: object) -> Response:
+    name = request.url.rsplit("/", 1)[-1]
+    return await env.ROOMS.get_by_name(name).fetch(request)  # type: ignore[attr-defined, no-any-return]
+
+
+app = App(fetch=fetch, bindings={"ROOMS": Room})
