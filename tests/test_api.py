@@ -472,7 +472,7 @@ def accepted_socket(runtime):
     from wsecho.objects import DurableObjectState
 
     ns = runtime.namespaces["LAB"]
-    host = runtime.host(ns.id_from_name("unit"), ns._cls)
+    host = runtime.host(ns.id_from_name("unit"), ns.object_class)
     _client, server = WebSocketPair()
     DurableObjectState(host, runtime).accept_web_socket(server)
     return server

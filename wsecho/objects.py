@@ -67,6 +67,11 @@ class DurableObjectNamespace:
     def __repr__(self) -> str:
         return f"<DurableObjectNamespace {self.name} of {self._cls.__name__}>"
 
+    @property
+    def object_class(self) -> type[DurableObject]:
+        """The class bound to this namespace."""
+        return self._cls
+
     def id_from_name(self, name: str) -> DurableObjectId:
         """The same name always gives the same id (in this namespace)."""
         if not isinstance(name, str):

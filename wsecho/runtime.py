@@ -499,6 +499,27 @@ class Runtime:
         """Hand ``event`` to its object: wake it if needed, deliver in arrival order."""
         self._run(host, host.lifecycle.event_arrived(event, self.clock()))
 
+    def hibernate(self, host: ObjectHost) -> None:
+        """Hibernate ``host`` now (like a sweep would, for this object only).
+
+        Raises :class:`InvalidStateError` naming what keeps it awake (an event being
+        handled, queued events, ``wait_until`` work, ...); a hibernating object is left as it is.
+        """
+        if host.lifecycle.state is ObjectState.HIBERNATING:
+            return
+        self._run(host, host.lifecycle.evict(self.clock()))
+        self.counters["evictions"] += 1
+        self.stats.evictions["idle"] += 1
+
+    async def barrier(self, host: ObjectHost) -> None:
+        """Return once every event queued for ``host`` before this call has been handled
+        (its writes committed): an empty turn behind them, since delivery is in order."""
+        lc = host.lifecycle
+        if lc.current is not None or lc.queue or lc.state is ObjectState.WAKING:
+            reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.submit(host, BlockEvent(reply, _nothing))
+            await reply
+
     def sweep(self, now: float | None = None) -> int:
         """Hibernate every object idle for its ``hibernate_after`` at ``now``; return how many."""
         if now is None:
@@ -604,7 +625,7 @@ class Runtime:
             if ns is None:
                 log.warning("alarm of %s skipped: the application has no binding %r", row.object, row.namespace)
                 continue
-            host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns._cls)
+            host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns.object_class)
             self.counters["alarms"] += 1
             self.submit(host, AlarmEvent(self, due))
             fired += 1
@@ -1034,3 +1055,7 @@ def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, A
                 suspended_on = coro.send(value)
             except StopIteration as done:
                 return cast(T, done.value)
+
+
+async def _nothing() -> None:
+    """The empty turn of :meth:`Runtime.barrier`."""

@@ -51,7 +51,7 @@ import tornado.netutil
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.http import Response
 from wsecho.lifecycle import ObjectState
-from wsecho.runtime import BlockEvent, ObjectHost, Runtime
+from wsecho.runtime import ObjectHost, Runtime
 from wsecho.server import backend_for, make_application
 from wsecho.storage import DurableObjectStorage
 
@@ -146,7 +146,7 @@ class StorageView:
         # The object has no storage in memory, so nothing of it is uncommitted: a storage that
         # no host keeps reads exactly what is stored, and changes nothing in the runtime.
         ns = self._harness.namespace(self._binding)
-        detached = ObjectHost(ns.id_from_name(self._name), ns._cls, runtime, runtime.hibernate_after)
+        detached = ObjectHost(ns.id_from_name(self._name), ns.object_class, runtime, runtime.hibernate_after)
         return DurableObjectStorage(detached, runtime)
 
     async def get(self, key: str | Iterable[str]) -> Any:
@@ -347,10 +347,7 @@ class Harness:
     def _evict(self, host: ObjectHost) -> None:
         # sweep() hibernates every due object; this is its step for one object, with the
         # same bookkeeping, so that a test can hibernate exactly the object it names.
-        runtime = self.runtime
-        runtime._run(host, host.lifecycle.evict(runtime.clock()))
-        runtime.counters["evictions"] += 1
-        runtime.stats.evictions["idle"] += 1
+        self.runtime.hibernate(host)
 
     async def advance(self, seconds: float, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Let ``seconds`` pass at once: objects idle for their ``hibernate_after`` hibernate,
@@ -387,11 +384,7 @@ class Harness:
     async def _barrier(self, host: ObjectHost) -> None:
         # An empty turn queued behind everything the object has to do: the runtime delivers
         # events in order, so once it has run, every earlier event has (commit included).
-        lc = host.lifecycle
-        if lc.current is not None or lc.queue or lc.state is ObjectState.WAKING:
-            reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self.runtime.submit(host, BlockEvent(reply, _nothing))
-            await reply
+        await self.runtime.barrier(host)
         if host.background:
             await asyncio.gather(*host.background, return_exceptions=True)
 
@@ -406,10 +399,6 @@ class Harness:
 def _busy(host: ObjectHost) -> bool:
     lc = host.lifecycle
     return lc.current is not None or bool(lc.queue) or lc.state is ObjectState.WAKING or bool(host.background)
-
-
-def _nothing() -> None:
-    return None
 
 
 def _websockets_connect() -> Callable[..., Any]:
