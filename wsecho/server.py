@@ -19,9 +19,10 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -29,13 +30,16 @@ import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
 import tornado.web
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
+from tornado.log import access_log
 
 from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
 from wsecho.config import RELOADABLE, Settings
 from wsecho.connection import Connection, ConnectionSettings
-from wsecho.http import Request, Response
+from wsecho.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.lifecycle import ObjectState
 from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
@@ -97,16 +101,15 @@ def accept_value(key: str) -> str:
     return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode("ascii")
 
 
-class Gateway(tornado.web.RequestHandler):
-    """Every request: the worker first; on its 101, the upgrade and the hand-over of the socket."""
+class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
+    """Every request: the worker first; on its 101, the upgrade and the hand-over of the socket.
 
-    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+    A bare Tornado connection delegate rather than a ``tornado.web.Application``: the
+    application routes every request itself, so Tornado's router and ``RequestHandler``
+    (a handler object, default headers, output transforms per request) are not needed.
+    """
 
-    runtime: Runtime
-    connections: ConnectionSettings
-    registry: set[Connection]
-
-    def initialize(
+    def __init__(
         self,
         runtime: Runtime,
         connections: ConnectionSettings,
@@ -120,45 +123,76 @@ class Gateway(tornado.web.RequestHandler):
         self.max_connections = max_connections
         self.allowed_origins = allowed_origins
 
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        await self._dispatch()
+    def start_request(self, server_conn: object, request_conn: HTTPConnection) -> Exchange:
+        return Exchange(self, cast(HTTP1Connection, request_conn))
 
-    post = put = patch = delete = head = options = get
 
-    def set_default_headers(self) -> None:
-        # The Fetch API adds no Content-Type or Server of its own; nor do we.
-        self.clear_header("Content-Type")
-        self.clear_header("Server")
+class Exchange(tornado.httputil.HTTPMessageDelegate):
+    """One request and its response."""
 
-    def compute_etag(self) -> str | None:
-        return None  # the application sets ETag itself if it wants one
+    __slots__ = ("body", "conn", "gateway", "headers", "start_line", "started")
 
-    async def _dispatch(self) -> None:
-        req = self.request
-        if "websocket" in req.headers.get("Upgrade", "").lower():
+    def __init__(self, gateway: Gateway, conn: HTTP1Connection) -> None:
+        self.gateway = gateway
+        self.conn = conn
+        self.start_line: tornado.httputil.RequestStartLine | None = None
+        self.headers: tornado.httputil.HTTPHeaders | None = None
+        self.body: list[bytes] = []
+        self.started = 0.0
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, tornado.httputil.RequestStartLine)
+        self.start_line = start_line
+        self.headers = headers
+        self.started = time.monotonic()
+
+    def data_received(self, chunk: bytes) -> None:
+        self.body.append(chunk)
+
+    def finish(self) -> None:
+        # Tornado waits for the response (or the hand-over) before it reads the next request.
+        task = asyncio.ensure_future(self._handle())
+        task.add_done_callback(_log_crash)
+
+    def on_connection_close(self) -> None:
+        pass  # the client left before the request was complete; nothing was started
+
+    @property
+    def url(self) -> str:
+        assert self.start_line is not None
+        assert self.headers is not None
+        host = self.headers.get("Host", "127.0.0.1")
+        return f"{self.conn.context.protocol}://{host}{self.start_line.path}"  # type: ignore[attr-defined]
+
+    async def _handle(self) -> None:
+        gateway = self.gateway
+        headers = self.headers
+        start_line = self.start_line
+        assert headers is not None
+        assert start_line is not None
+        if "websocket" in headers.get("Upgrade", "").lower():
             refusal = self._refuse_upgrade()
             if refusal is not None:
                 self._plain(*refusal)
                 return
         request = Request(
-            url=req.full_url(),
-            method=req.method or "GET",
-            headers=list(req.headers.get_all()),
-            body=req.body,
+            url=self.url,
+            method=start_line.method,
+            headers=Headers(headers.get_all()),
+            body=b"".join(self.body),
         )
         try:
-            response = await self.runtime.fetch(request)
+            response = await gateway.runtime.fetch(request)
         except Exception:
-            log.exception("the worker's fetch() raised for %s %s", req.method, req.uri)
+            log.exception("the worker's fetch() raised for %s %s", start_line.method, start_line.path)
             self._plain(500, "Internal Server Error")
             return
         if response.status != 101:
-            self.set_status(response.status)
-            for name, value in response.headers.items():
-                self.add_header(name, value)
-            if response.body:
-                self.write(response.body)
-            self.finish()
+            self._respond(response.status, response.headers.items(), response.body or b"")
             return
         assert response.web_socket is not None
         server = peer_of(response.web_socket)
@@ -166,23 +200,42 @@ class Gateway(tornado.web.RequestHandler):
             log.error(
                 "fetch() answered 101 for %s but no object accepted the server end of its "
                 "WebSocketPair (call ctx.accept_web_socket(server))",
-                req.uri,
+                start_line.path,
             )
             self._plain(500, "Internal Server Error")
             return
-        problem = handshake_problem(req.headers)
+        problem = handshake_problem(headers)
         if problem is not None:
             status, text = problem
-            if status == 426:
-                self.set_header("Sec-WebSocket-Version", "13")
-            self._plain(status, text)
-            self.runtime.handshake_failed(server)
+            extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
+            self._plain(status, text, extra)
+            gateway.runtime.handshake_failed(server)
             return
         await self._upgrade(server, response)
 
+    def _refuse_upgrade(self) -> tuple[int, str] | None:
+        """Server-wide rules an upgrade request must pass before the application sees it."""
+        gateway = self.gateway
+        assert self.headers is not None
+        if gateway.max_connections and len(gateway.registry) >= gateway.max_connections:
+            limit = gateway.max_connections
+            return 503, f"The server is at its limit of {limit} WebSocket connections; try again later"
+        origin = self.headers.get("Origin")
+        if origin is None or "*" in gateway.allowed_origins:
+            return None  # not a browser, or any origin allowed
+        normalized = origin.strip().rstrip("/").lower()
+        if normalized in gateway.allowed_origins:
+            return None
+        # Browsers do not apply the same-origin policy to WebSockets, so the server does
+        # (cross-site WebSocket hijacking): same origin is always fine.
+        if urlsplit(normalized).netloc == self.headers.get("Host", "").strip().lower():
+            return None
+        return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
+
     async def _upgrade(self, server: WebSocket, response: Response) -> None:
-        req = self.request
-        offered = [p.strip() for p in req.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        headers = self.headers
+        assert headers is not None
+        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         # Like Cloudflare: the application picks by setting the header on its 101 Response.
         chosen = response.headers.get("Sec-WebSocket-Protocol")
         protocol = chosen if chosen in offered else None
@@ -190,7 +243,7 @@ class Gateway(tornado.web.RequestHandler):
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
             "Connection: Upgrade",
-            f"Sec-WebSocket-Accept: {accept_value(req.headers['Sec-WebSocket-Key'].strip())}",
+            f"Sec-WebSocket-Accept: {accept_value(headers['Sec-WebSocket-Key'].strip())}",
         ]
         if protocol:
             lines.append(f"Sec-WebSocket-Protocol: {protocol}")
@@ -202,44 +255,60 @@ class Gateway(tornado.web.RequestHandler):
                 continue
             lines.append(f"{name}: {value}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
-        self.set_status(101)
-        self.application.log_request(self)
-        stream = self.detach()
+        self._log(101)
+        url = self.url
+        stream = self.conn.detach()
         try:
             await stream.write(head)
         except StreamClosedError:
-            self.runtime.handshake_failed(server)
+            self.gateway.runtime.handshake_failed(server)
             return
-        sock = take_socket(stream)
+        taken = take_socket(stream)
         connection = Connection(
-            server, self.connections, sock.leftover, self.registry, url=req.full_url(), protocol=protocol
+            server, self.gateway.connections, taken.leftover, self.gateway.registry, url=url, protocol=protocol
         )
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=sock.sock)
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
         except OSError:
-            sock.sock.close()
-            self.runtime.handshake_failed(server)
+            taken.sock.close()
+            self.gateway.runtime.handshake_failed(server)
 
-    def _refuse_upgrade(self) -> tuple[int, str] | None:
-        """Server-wide rules an upgrade request must pass before the application sees it."""
-        if self.max_connections and len(self.registry) >= self.max_connections:
-            return 503, f"The server is at its limit of {self.max_connections} WebSocket connections; try again later"
-        origin = self.request.headers.get("Origin")
-        if origin is None or "*" in self.allowed_origins:
-            return None  # not a browser, or any origin allowed
-        normalized = origin.strip().rstrip("/").lower()
-        if normalized in self.allowed_origins:
-            return None
-        # Browsers do not apply the same-origin policy to WebSockets, so the server does
-        # (cross-site WebSocket hijacking): same origin is always fine.
-        if urlsplit(normalized).netloc == self.request.headers.get("Host", "").strip().lower():
-            return None
-        return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
+    def _plain(self, status: int, text: str, extra: list[tuple[str, str]] | None = None) -> None:
+        self._respond(status, [("Content-Type", TEXT_PLAIN), *(extra or [])], text.encode("utf-8"))
 
-    def _plain(self, status: int, text: str) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "text/plain;charset=UTF-8")
-        self.finish(text)
+    def _respond(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        assert self.start_line is not None
+        out = tornado.httputil.HTTPHeaders()
+        for name, value in headers:
+            out.add(name, value)
+        if "Date" not in out:
+            out["Date"] = tornado.httputil.format_timestamp(time.time())
+        head = self.start_line.method == "HEAD"
+        if status >= 200 and status not in (204, 304) and not (head and "Content-Length" in out):
+            # The body's own length; for HEAD the application may state the length a GET has.
+            out["Content-Length"] = str(len(body))
+        line = tornado.httputil.ResponseStartLine("HTTP/1.1", status, HTTP_REASONS.get(status, "Unknown"))
+        try:
+            self.conn.write_headers(line, out, None if head else body or None)
+            self.conn.finish()
+        except StreamClosedError:
+            pass  # the client left; there is nobody to answer
+        self._log(status)
+
+    def _log(self, status: int) -> None:
+        # Tornado's access-log line, on Tornado's access logger (--access-log off silences it).
+        if not access_log.isEnabledFor(logging.INFO) or access_log.disabled:
+            return
+        assert self.start_line is not None
+        method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+        remote = getattr(self.conn.context, "remote_ip", "?")
+        elapsed = (time.monotonic() - self.started) * 1000
+        method("%d %s %s (%s) %.2fms", status, self.start_line.method, self.start_line.path, remote, elapsed)
+
+
+def _log_crash(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a request failed inside the gateway", exc_info=task.exception())
 
 
 class _TakenSocket:
@@ -274,19 +343,18 @@ def make_application(
     allowed_origins: tuple[str, ...] = (),
     max_outgoing: int = MAX_OUTGOING_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
-) -> tornado.web.Application:
-    """The application's HTTP side; ``registry`` collects the open connections."""
+) -> Gateway:
+    """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections."""
     connections = ConnectionSettings(
         runtime, max_message_size=max_message_size, max_outgoing=max_outgoing, close_timeout=close_timeout
     )
-    gateway = {
-        "runtime": runtime,
-        "connections": connections,
-        "registry": registry if registry is not None else set(),
-        "max_connections": max_connections,
-        "allowed_origins": allowed_origins,
-    }
-    return tornado.web.Application([(r".*", Gateway, gateway)])
+    return Gateway(
+        runtime,
+        connections,
+        registry if registry is not None else set(),
+        max_connections,
+        allowed_origins,
+    )
 
 
 class Sweeper:
