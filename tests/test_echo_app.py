@@ -1,6 +1,7 @@
 """Every row of SPEC §1 against the default application, with real clients on 127.0.0.1."""
 
 import asyncio
+import logging
 
 import pytest
 from tornado.httpclient import HTTPRequest
@@ -218,3 +219,15 @@ async def test_dropped_connection_leaves_the_count(url, http_client, port, runti
     # The server learns of the drop when its read fails; nothing to await but that.
     await until(lambda: not host.sockets)
     assert await count(http_client, url) == ("There are 0 WebSocket clients connected to this Durable Object instance.")
+
+
+@pytest.mark.gen_test
+async def test_the_echo_app_answers_a_dropped_connection_without_an_error(port, runtime, caplog):
+    # The default application answers every close with ws.close(code, ...); for a dropped
+    # connection the code is 1006, which may not be sent: that is not an error.
+    caplog.set_level(logging.ERROR)
+    raw = await RawClient.connect(port, "/websocket")
+    raw.abort()
+    await until(lambda: runtime.find("WEBSOCKET_HIBERNATION_SERVER", "foo").sockets == {})
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert runtime.counters["handler_errors"] == 0

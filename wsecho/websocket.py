@@ -146,7 +146,14 @@ class WebSocket:
             raise InvalidStateError(msg)
 
     def close(self, code: int | None = None, reason: str = "") -> None:
-        """Start (or answer) the closing handshake; a second call is ignored."""
+        """Start (or answer) the closing handshake; a second call is ignored.
+
+        On a socket whose connection is already gone (its close event says 1006) nothing
+        can be sent, so the call only marks it closed, whatever the code.
+        """
+        if self._state is SocketState.LOST:
+            self._move(SocketInput.APP_CLOSE)
+            return
         validate_close(code, reason)
         self._require_server_end("close")
         self._close_unchecked(code, reason)
