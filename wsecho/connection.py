@@ -67,6 +67,7 @@ class Connection(asyncio.Protocol):
         "_timer",
         "backlog",
         "failure",
+        "heard",
         "last_seen",
         "leftover",
         "parser",
@@ -104,6 +105,8 @@ class Connection(asyncio.Protocol):
         self.failure: tuple[int, str] | None = None
         #: Loop time of the last bytes from the peer, and of our outstanding ping (for dead peers).
         self.last_seen = 0.0
+        #: Whether the peer sent anything since the last ping pass looked.
+        self.heard = False
         self.ping_sent_at: float | None = None
         #: Events parsed but held back while the object's queue is long (see _process).
         self.backlog: list[tuple[str, Any]] | None = None
@@ -124,7 +127,9 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failure is not None:
             return  # draining after a failure
-        self.last_seen = asyncio.get_running_loop().time()
+        # Just a flag: the ping pass turns it into a time. Reading the clock here would cost a
+        # call per message (asyncio.get_running_loop() even makes a getpid() system call).
+        self.heard = True
         events = self.parser.feed(data)
         if self.backlog is not None:
             self.backlog.extend(events)

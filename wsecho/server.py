@@ -538,7 +538,11 @@ class Server:
         interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
         dead = 0
         for conn in list(self.connections):
-            if conn.ping_sent_at is not None:
+            if conn.heard:  # the peer sent something since the last pass
+                conn.heard = False
+                conn.last_seen = now
+                conn.ping_sent_at = None
+            elif conn.ping_sent_at is not None:
                 if now - conn.ping_sent_at > timeout:
                     conn.abort()
                     dead += 1
