@@ -119,11 +119,13 @@ class WebSocket:
 
     def send(self, message: str | bytes) -> None:
         """Queue ``message`` (text for ``str``, binary for bytes); never blocks."""
-        if isinstance(message, bytearray | memoryview):
-            message = bytes(message)
-        if not isinstance(message, str | bytes):
-            msg = f"send() takes str or bytes, not {type(message).__name__}"
-            raise InvalidArgumentError(msg)
+        kind = type(message)
+        if kind is not str and kind is not bytes:
+            if isinstance(message, bytearray | memoryview):
+                message = bytes(message)
+            elif not isinstance(message, str | bytes):
+                msg = f"send() takes str or bytes, not {type(message).__name__}"
+                raise InvalidArgumentError(msg)
         state = self._state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
             assert self._host is not None
