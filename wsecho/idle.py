@@ -39,6 +39,11 @@ class IdleIndex(Generic[K]):
         Calls must come with non-decreasing ``since`` values for one timeout
         (they do: the runtime reads one monotonic clock).
         """
+        queue = self._queues.get(timeout)
+        if queue is not None and self._timeout_of.get(key) == timeout:
+            del queue[key]  # moves to the end below: the common case, an object idle again
+            queue[key] = since
+            return
         self.discard(key)
         queue = self._queues.get(timeout)
         if queue is None:

@@ -147,6 +147,12 @@ class ObjectLifecycle(Generic[E]):
     # -- inputs ---------------------------------------------------------------
 
     def event_arrived(self, event: E, now: float) -> list[Effect[E]]:
+        if self.state is _ACTIVE and self.current is None and not self.queue:
+            # The hottest row, (active, event arrived) with nothing queued: what _fire would
+            # do for it (checked against the table at import, see _check_fast_paths).
+            self.current = event
+            self.idle_since = None
+            return [Deliver(event)]
         return self._fire(ObjectInput.EVENT_ARRIVED, now, event)
 
     def constructed(self, now: float) -> list[Effect[E]]:
@@ -159,6 +165,11 @@ class ObjectLifecycle(Generic[E]):
         if self.current is None:
             msg = f"turn_ended() with no event being handled (state {self.state.value})"
             raise InvalidStateError(msg)
+        if self.state is _ACTIVE and not self.queue and not self.pins:
+            # The other hot row, (active, turn ended) with nothing queued or pinned.
+            self.current = None
+            self.idle_since = now
+            return [BecameIdle(now)]
         return self._fire(ObjectInput.TURN_ENDED, now)
 
     def evict(self, now: float) -> list[Effect[E]]:
@@ -241,6 +252,34 @@ class ObjectLifecycle(Generic[E]):
             self.idle_since = now
             return [BecameIdle(now)]
         return []
+
+
+_ACTIVE = ObjectState.ACTIVE
+
+
+def _check_fast_paths() -> None:
+    """The fast paths in ``event_arrived`` and ``turn_ended`` must do what the table says.
+
+    Run at import: a change to the table that the fast paths do not follow stops wsecho
+    from starting instead of changing behaviour silently.
+    """
+    fast: ObjectLifecycle[str] = ObjectLifecycle(state=ObjectState.ACTIVE)
+    slow: ObjectLifecycle[str] = ObjectLifecycle(state=ObjectState.ACTIVE)
+    steps = [
+        (fast.event_arrived("e", 1.0), slow._fire(ObjectInput.EVENT_ARRIVED, 1.0, "e")),
+        (fast.turn_ended(2.0), slow._fire(ObjectInput.TURN_ENDED, 2.0)),
+    ]
+    for fast_effects, slow_effects in steps:
+        if fast_effects != slow_effects or _snapshot(fast) != _snapshot(slow):
+            msg = "a lifecycle fast path no longer matches OBJECT_TRANSITIONS"
+            raise AssertionError(msg)
+
+
+def _snapshot(lc: ObjectLifecycle[str]) -> tuple[object, ...]:
+    return (lc.state, list(lc.queue), lc.current, dict(lc.pins), lc.idle_since)
+
+
+_check_fast_paths()
 
 
 # -- sockets ------------------------------------------------------------------------
