@@ -27,6 +27,19 @@ async def until(predicate, timeout: float = 5.0, step: float = 0.005) -> None:
             await asyncio.sleep(step)
 
 
+class FakeTransport:
+    """Records the frames a socket sends, for tests that run the runtime without a network."""
+
+    def __init__(self):
+        self.frames = []
+
+    def send_message(self, message):
+        self.frames.append(("message", message))
+
+    def send_close(self, code, reason):
+        self.frames.append(("close", code, reason))
+
+
 class FakeClock:
     """A monotonic clock that only moves when a test says so."""
 

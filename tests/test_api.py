@@ -8,7 +8,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from websockets.asyncio.client import connect
 
-from tests.helpers import until
+from tests.helpers import FakeTransport, until
 from tests.lab import lab_app
 from wsecho import (
     InvalidArgumentError,
@@ -455,17 +455,6 @@ async def test_close_arguments_are_validated(url, args, message):
         assert answer["error"].startswith("InvalidArgumentError")
         assert message in answer["error"]
         assert await ask(ws, "ready_state") == {"ok": 1}
-
-
-class FakeTransport:
-    def __init__(self):
-        self.frames = []
-
-    def send_message(self, message):
-        self.frames.append(("message", message))
-
-    def send_close(self, code, reason):
-        self.frames.append(("close", code, reason))
 
 
 def accepted_socket(runtime):

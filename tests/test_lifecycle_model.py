@@ -13,22 +13,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.helpers import FakeClock
+from tests.helpers import FakeClock, FakeTransport
 from wsecho import App, DurableObject, Response, WebSocketPair
 from wsecho.lifecycle import SocketState
 from wsecho.objects import DurableObjectState
 from wsecho.runtime import Runtime
-
-
-class FakeTransport:
-    def __init__(self):
-        self.frames = []
-
-    def send_message(self, message):
-        self.frames.append(("message", message))
-
-    def send_close(self, code, reason):
-        self.frames.append(("close", code))
 
 
 class Model(DurableObject):

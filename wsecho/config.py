@@ -41,16 +41,21 @@ def _integer(text: str) -> int:
         raise ValueError(msg) from None
 
 
-def _positive_seconds(text: str) -> float:
+def _seconds(text: str, *, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         msg = f"must be a number of seconds, got {text!r}"
         raise ValueError(msg) from None
-    if not (value > 0 and math.isfinite(value)):
-        msg = f"must be more than 0 seconds, got {text}"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_allowed):
+        bound = "0 seconds or more" if zero_allowed else "more than 0 seconds"
+        msg = f"must be {bound}, got {text}"
         raise ValueError(msg)
     return value
+
+
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, zero_allowed=False)
 
 
 def _message_size(text: str) -> int:
@@ -128,15 +133,7 @@ def _switch(text: str) -> bool:
 
 
 def _non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"must be a number of seconds, got {text!r}"
-        raise ValueError(msg) from None
-    if not (value >= 0 and math.isfinite(value)):
-        msg = f"must be 0 seconds or more, got {text}"
-        raise ValueError(msg)
-    return value
+    return _seconds(text, zero_allowed=True)
 
 
 def _any_text(text: str) -> str:
