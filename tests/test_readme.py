@@ -50,3 +50,22 @@ async def test_tutorial_rooms_broadcast_and_survive_hibernation(rooms_module, io
             assert alice.close_reason == "goodbye"
     finally:
         await server.stop()
+
+
+def test_the_chat_walkthrough_test_passes(tmp_path):
+    """The "Test it with wsecho.testing" example, run by pytest exactly as a user would."""
+    import subprocess
+    import sys
+
+    match = re.search(r"<!-- chat test: test_my_chat.py -->\n```python\n(.*?)```", README, re.S)
+    assert match, "the README has no chat test block"
+    (tmp_path / "test_my_chat.py").write_text(match.group(1))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_chat.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
