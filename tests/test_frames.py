@@ -169,3 +169,21 @@ def test_nothing_after_a_close_is_parsed():
     parser = FrameParser(1000)
     assert parser.feed(close + client_frame(9, b"p") + close) == [(CLOSE, (1000, ""))]
     assert parser.feed(client_frame(1, b"late")) == []
+
+
+def test_invalid_utf8_inside_one_frame_fails_before_the_frame_is_complete():
+    # Autobahn 6.4.3/6.4.4: the frame arrives in chops; the bad byte is in the second one
+    whole = client_frame(1, "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited")
+    parser = FrameParser(1000)
+    assert parser.feed(whole[:10]) == []
+    assert parser.feed(whole[10:20]) == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_valid_text_checked_in_chops_is_not_checked_twice():
+    text = "κόσμε €" * 10
+    data = client_frame(1, text.encode()[:30], fin=False) + client_frame(0, text.encode()[30:])
+    parser = FrameParser(1000)
+    events = []
+    for i in range(0, len(data), 3):
+        events += parser.feed(data[i : i + 3])
+    assert events == [(TEXT, text)]

@@ -10,8 +10,9 @@ server must enforce (RFC 6455 §5 and §7), so that the connection code only mov
 - ``(FAIL, (code, reason))`` — the connection must be failed with this close code
   (1002 protocol error, 1007 invalid UTF-8, 1009 message too big). Nothing is parsed after it.
 
-Text is validated incrementally, so invalid UTF-8 fails the connection at the first bad
-fragment ("fail fast"), not when the message ends. Frames are built by :func:`frame`.
+Text is validated incrementally, as its bytes arrive (even within a frame that is not
+complete yet), so invalid UTF-8 fails the connection at the first bad byte ("fail fast"),
+not when the message or the frame ends. Frames are built by :func:`frame`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def valid_close_code(code: int) -> bool:
 class FrameParser:
     """Parses client-to-server frames (which must be masked) up to ``max_message_size`` per message."""
 
-    __slots__ = ("_buf", "_decoder", "_failed", "_frag_op", "_frag_size", "_frags", "max_message_size")
+    __slots__ = ("_buf", "_checked", "_decoder", "_failed", "_frag_op", "_frag_size", "_frags", "max_message_size")
 
     def __init__(self, max_message_size: int) -> None:
         self.max_message_size = max_message_size
@@ -59,6 +60,8 @@ class FrameParser:
         self._frags: list[bytes] = []
         self._frag_size = 0
         self._decoder: Any = None
+        #: Payload bytes of the frame in progress whose UTF-8 was already checked.
+        self._checked = 0
         self._failed = False
 
     def feed(self, data: bytes) -> list[tuple[str, Any]]:
@@ -91,6 +94,12 @@ class FrameParser:
             start = pos + head + 4
             stop = start + length
             if stop > end:
+                if end > start + self._checked and self._text_frame(opcode):
+                    # Part of a text frame is here: check its UTF-8 now, so that invalid text
+                    # fails the connection at the bad byte, not when the frame completes.
+                    fail = self._check_partial(buf[pos + head : start], buf[start + self._checked : end])
+                    if fail is not None:
+                        return self._fail(events, *fail)
                 break
             payload = unmask(buf[pos + head : start], buf[start:stop]) if length else b""
             pos = stop
@@ -98,6 +107,21 @@ class FrameParser:
                 return events
         self._buf = buf[pos:] if pos < end else b""
         return events
+
+    def _text_frame(self, opcode: int) -> bool:
+        return opcode == OP_TEXT or (opcode == OP_CONT and self._frag_op == OP_TEXT)
+
+    def _check_partial(self, mask: bytes, chunk: bytes) -> tuple[int, str] | None:
+        """Validate the next ``chunk`` of the frame in progress (``_checked`` bytes already were)."""
+        if self._decoder is None:
+            self._decoder = _utf8_decoder()  # the first frame of a text message
+        shift = self._checked % 4
+        try:
+            self._decoder.decode(unmask(mask[shift:] + mask[:shift], chunk), False)
+        except UnicodeDecodeError:
+            return 1007, "invalid UTF-8 in a text message"
+        self._checked += len(chunk)
+        return None
 
     def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> tuple[int, str] | None:
         if b0 & 0x70:
@@ -136,8 +160,10 @@ class FrameParser:
             return True
         if opcode == OP_CLOSE:
             return self._close(payload, events)
+        checked, self._checked = self._checked, 0
         if opcode != OP_CONT:  # the first frame of a message
             if fin:
+                self._decoder = None  # used only while the frame was arriving
                 if opcode == OP_TEXT:
                     try:
                         events.append((TEXT, payload.decode("utf-8")))
@@ -150,12 +176,13 @@ class FrameParser:
             self._frag_op = opcode
             self._frags = []
             self._frag_size = 0
-            self._decoder = _utf8_decoder() if opcode == OP_TEXT else None
+            if opcode == OP_TEXT and not checked:
+                self._decoder = _utf8_decoder()
         self._frags.append(payload)
         self._frag_size += len(payload)
         if self._decoder is not None:
             try:  # validated as it arrives: invalid UTF-8 fails at its first fragment
-                self._decoder.decode(payload, bool(fin))
+                self._decoder.decode(payload[checked:], bool(fin))
             except UnicodeDecodeError:
                 self._fail(events, 1007, "invalid UTF-8 in a text message")
                 return False
