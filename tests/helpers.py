@@ -40,6 +40,11 @@ class FakeTransport:
         self.frames.append(("close", code, reason))
 
 
+def constructions(recorder, name):
+    """The constructor runs a test object recorded for the object ``name``."""
+    return [e for e in recorder.of("constructor") if e[1] == name]
+
+
 class FakeClock:
     """A monotonic clock that only moves when a test says so."""
 

@@ -8,7 +8,7 @@ import pytest
 from tornado.httpclient import HTTPRequest
 from websockets.asyncio.client import connect
 
-from tests.helpers import FakeTransport, until
+from tests.helpers import FakeTransport, constructions, until
 from tests.lab import lab_app
 from wsecho import (
     InvalidArgumentError,
@@ -35,10 +35,6 @@ def wsecho_app(recorder, flags):
 async def ask(ws, op, **args):
     await ws.send(json.dumps({"op": op, **args}))
     return json.loads(await ws.recv())
-
-
-def constructions(recorder, name):
-    return [e for e in recorder.of("constructor") if e[1] == name]
 
 
 async def status_of(http_client, url):

@@ -5,17 +5,13 @@ import asyncio
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import probe_app, until
+from tests.helpers import constructions, probe_app, until
 from wsecho.lifecycle import ObjectState
 
 
 @pytest.fixture
 def wsecho_app(recorder):
     return probe_app(recorder)
-
-
-def constructions(recorder, name="default"):
-    return [e for e in recorder.of("constructor") if e[1] == name]
 
 
 @pytest.mark.gen_test

@@ -83,11 +83,6 @@ def validate_close(code: int | None, reason: str) -> None:
         raise InvalidArgumentError(msg)
 
 
-def is_valid_received_close_code(code: int) -> bool:
-    """Whether a peer may send ``code`` (RFC 6455 §7.4.1 and the IANA registry)."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
-
-
 @attrs.define(eq=False, repr=False)
 class WebSocket:
     """One end of a WebSocket connection, as handlers see it."""
