@@ -253,6 +253,8 @@ class Connection(asyncio.Protocol):
 
     def _resume(self) -> None:
         backlog, self.backlog = self.backlog or [], None
+        if self.transport is None:
+            return  # the connection ended meanwhile: its close event was the last one
         self._process(backlog, 0)
         if self.backlog is None and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()

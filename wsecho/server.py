@@ -263,7 +263,12 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         except StreamClosedError:
             self.gateway.runtime.handshake_failed(server)
             return
-        taken = take_socket(stream)
+        try:
+            taken = take_socket(stream)
+        except (AttributeError, OSError):  # the client left between the 101 and now
+            stream.close()
+            self.gateway.runtime.handshake_failed(server)
+            return
         connection = Connection(
             server, self.gateway.connections, taken.leftover, self.gateway.registry, url=url, protocol=protocol
         )
