@@ -208,3 +208,45 @@ async def test_hibernate_after_zero_hibernates_after_every_event(recorder):
         assert (await stub.fetch("http://x/obj/e/count")).body == b"0"
     assert len(recorder.of("constructor")) == 3
     assert rt.find("EAGER", "e") is None  # hibernated, nothing left in memory
+
+
+@pytest.mark.gen_test
+async def test_eager_handlers_false_gives_every_handler_its_own_task():
+    # A message arrives in a socket callback, where no task runs. An eager handler's first
+    # step runs right there, so asyncio.timeout() at its top fails; with
+    # eager_handlers = False the handler has its own task from its first line.
+    from tests.helpers import FakeTransport
+    from wsecho import App, DurableObject, Response
+    from wsecho.objects import DurableObjectState
+    from wsecho.runtime import Runtime
+    from wsecho.websocket import WebSocketPair
+
+    class Timed(DurableObject):
+        async def web_socket_message(self, ws, message):
+            async with asyncio.timeout(5):  # needs the current task from the first line
+                ws.send(f"timed {message}")
+
+    class TaskPerEvent(Timed):
+        eager_handlers = False
+
+    rt = Runtime(
+        App(fetch=lambda request, env: Response(""), bindings={"EAGER": Timed, "TASKS": TaskPerEvent}),
+        clock=lambda: 0.0,
+        wall_clock=lambda: None,
+    )
+    loop = asyncio.get_running_loop()
+    sent = {}
+    for binding, cls in (("EAGER", Timed), ("TASKS", TaskPerEvent)):
+        host = rt.host(rt.namespaces[binding].id_from_name("x"), cls)
+        _client, ws = WebSocketPair()
+        DurableObjectState(host, rt).accept_web_socket(ws)
+        transport = FakeTransport()
+        rt.socket_opened(ws, transport, "ws://x/", None, "")
+        done = loop.create_future()
+        loop.call_soon(lambda ws=ws, done=done: (rt.message_received(ws, "hi"), done.set_result(None)))
+        await done
+        await rt.barrier(host)
+        sent[binding] = transport.frames
+    assert sent["TASKS"] == [("message", "timed hi")]
+    assert sent["EAGER"] == []
+    assert rt.stats.handler_errors["web_socket_message"] == 1

@@ -320,9 +320,16 @@ class DurableObject:
     was_clean)``, ``web_socket_error(ws, error)``.
     A class attribute ``hibernate_after`` (seconds) overrides the server's setting;
     ``0`` hibernates the object the moment it is idle (every event wakes it).
+    ``eager_handlers = False`` runs every async handler in a task of its own.
     """
 
     hibernate_after: ClassVar[float | None] = None
+    #: Run an async handler's first step at once, without a task (most handlers never
+    #: suspend, and a task per event is costly). Until its first suspending ``await`` it
+    #: runs where the event came from (a socket callback, or the caller's task), so
+    #: ``asyncio.current_task()`` is not its own; set this to False in a class whose
+    #: handlers need their own task from the first line (``asyncio.timeout()``).
+    eager_handlers: ClassVar[bool] = True
 
     def __init__(self, ctx: DurableObjectState, env: Env) -> None:
         self.ctx = ctx

@@ -904,7 +904,7 @@ class Runtime:
         token = _current_host.set(host)
         try:
             result = event.invoke(host.instance)
-            if type(result) is _CoroutineType:
+            if type(result) is _CoroutineType and host.cls.eager_handlers:
                 # Run the handler's first step right here: most handlers finish without
                 # ever suspending (an echo, a broadcast), and then no task is needed.
                 try:
