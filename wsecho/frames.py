@@ -35,12 +35,15 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
-def unmask(mask: bytes, data: bytes) -> bytes:
-    if _c_mask is not None:
-        return bytes(_c_mask(mask, data))
+def _py_unmask(mask: bytes, data: bytes) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``mask``, with big-int arithmetic."""
     n = len(data)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
+
+
+#: Tornado's C routine when it was built (it returns bytes), else the big-int version.
+unmask: Callable[[bytes, bytes], bytes] = _c_mask if _c_mask is not None else _py_unmask
 
 
 def valid_close_code(code: int) -> bool:
@@ -88,9 +91,19 @@ class FrameParser:
                 (length,) = struct.unpack_from("!Q", buf, pos + 2)
                 head = 10
             opcode = b0 & 0x0F
-            fail = self._check_header(b0, b1, opcode, length)
-            if fail is not None:
-                return self._fail(events, *fail)
+            # The common frame: final, masked, no reserved bits, text or binary, no message
+            # in progress, within the limit. Anything else takes the full check.
+            common = (
+                (b0 & 0xF0) == 0x80
+                and b1 & 0x80
+                and (opcode == 1 or opcode == 2)
+                and self._frag_op < 0
+                and length <= self.max_message_size
+            )
+            if not common:
+                fail = self._check_header(b0, b1, opcode, length)
+                if fail is not None:
+                    return self._fail(events, *fail)
             start = pos + head + 4
             stop = start + length
             if stop > end:
@@ -103,6 +116,16 @@ class FrameParser:
                 break
             payload = unmask(buf[pos + head : start], buf[start:stop]) if length else b""
             pos = stop
+            if common and not self._checked:
+                # a whole message in one frame, nothing of it checked yet: the usual case
+                if opcode == OP_BINARY:
+                    events.append((BINARY, payload))
+                    continue
+                try:
+                    events.append((TEXT, payload.decode("utf-8")))
+                    continue
+                except UnicodeDecodeError:
+                    return self._fail(events, 1007, "invalid UTF-8 in a text message")
             if not self._frame(b0 & 0x80, opcode, payload, events):
                 return events
         self._buf = buf[pos:] if pos < end else b""

@@ -147,13 +147,30 @@ class ObjectLifecycle(Generic[E]):
     # -- inputs ---------------------------------------------------------------
 
     def event_arrived(self, event: E, now: float) -> list[Effect[E]]:
-        if self.state is _ACTIVE and self.current is None and not self.queue:
-            # The hottest row, (active, event arrived) with nothing queued: what _fire would
-            # do for it (checked against the table at import, see _check_fast_paths).
-            self.current = event
-            self.idle_since = None
+        if self.try_start(event):
             return [Deliver(event)]
         return self._fire(ObjectInput.EVENT_ARRIVED, now, event)
+
+    def try_start(self, event: E) -> bool:
+        """The hottest row, (active, event arrived) with nothing queued: start ``event``'s turn
+        and return True (its one effect is ``Deliver(event)``); otherwise change nothing.
+
+        What ``_fire`` would do for that row; checked against the table at import.
+        """
+        if self.state is _ACTIVE and self.current is None and not self.queue:
+            self.current = event
+            self.idle_since = None
+            return True
+        return False
+
+    def try_end(self, now: float) -> bool:
+        """The other hot row, (active, turn ended) with nothing queued or pinned: end the turn
+        and return True (its one effect is ``BecameIdle(now)``); otherwise change nothing."""
+        if self.state is _ACTIVE and self.current is not None and not self.queue and not self.pins:
+            self.current = None
+            self.idle_since = now
+            return True
+        return False
 
     def constructed(self, now: float) -> list[Effect[E]]:
         return self._fire(ObjectInput.CONSTRUCTOR_RETURNED, now)
@@ -165,10 +182,7 @@ class ObjectLifecycle(Generic[E]):
         if self.current is None:
             msg = f"turn_ended() with no event being handled (state {self.state.value})"
             raise InvalidStateError(msg)
-        if self.state is _ACTIVE and not self.queue and not self.pins:
-            # The other hot row, (active, turn ended) with nothing queued or pinned.
-            self.current = None
-            self.idle_since = now
+        if self.try_end(now):
             return [BecameIdle(now)]
         return self._fire(ObjectInput.TURN_ENDED, now)
 

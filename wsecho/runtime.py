@@ -18,7 +18,7 @@ import inspect
 import logging
 import types
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -499,7 +499,10 @@ class Runtime:
 
     def submit(self, host: ObjectHost, event: Event) -> None:
         """Hand ``event`` to its object: wake it if needed, deliver in arrival order."""
-        self._run(host, host.lifecycle.event_arrived(event, self.clock()))
+        if host.lifecycle.try_start(event):  # an awake, idle object: its turn starts now
+            self._run(host, self._deliver(host, event))
+        else:
+            self._run(host, host.lifecycle.event_arrived(event, self.clock()))
 
     def hibernate(self, host: ObjectHost) -> None:
         """Hibernate ``host`` now (like a sweep would, for this object only).
@@ -807,9 +810,13 @@ class Runtime:
 
     # -- carrying out effects -----------------------------------------------------------
 
-    def _run(self, host: ObjectHost, effects: Iterable[Effect[Event]]) -> None:
+    def _run(self, host: ObjectHost, effects: list[Effect[Event]]) -> None:
         # A worklist rather than recursion: sync handlers end their turn at once,
         # and a long queue must not grow the stack.
+        if not effects:  # the common end of a turn: nothing more to do
+            if host.lifecycle.state is ObjectState.HIBERNATING:
+                self._maybe_forget(host)
+            return
         work: deque[Effect[Event]] = deque(effects)
         while work:
             effect = work.popleft()
@@ -821,13 +828,7 @@ class Runtime:
                     host.wake_started = None
                 work.extend(self._deliver(host, effect.event))  # type: ignore[union-attr]
             elif kind is BecameIdle:
-                if host.hibernate_after <= 0:
-                    # hibernate_after = 0: hibernate the moment the object is idle.
-                    self.counters["evictions"] += 1
-                    self.stats.evictions["idle"] += 1
-                    work.extend(host.lifecycle.evict(effect.since))  # type: ignore[union-attr]
-                else:
-                    self._idle.touch(host, host.hibernate_after, effect.since)  # type: ignore[union-attr]
+                work.extend(self._became_idle(host, effect.since))  # type: ignore[union-attr]
             elif kind is RunConstructor:
                 host.wake_started = self.clock()
                 work.extend(self._construct(host))
@@ -851,6 +852,15 @@ class Runtime:
                 for event in effect.events:
                     event.dropped(f"{host.cls.__name__} {host.id} was reset: {host.reset_reason}")
         self._maybe_forget(host)
+
+    def _became_idle(self, host: ObjectHost, since: float) -> list[Effect[Event]]:
+        if host.hibernate_after <= 0:
+            # hibernate_after = 0: hibernate the moment the object is idle.
+            self.counters["evictions"] += 1
+            self.stats.evictions["idle"] += 1
+            return host.lifecycle.evict(since)
+        self._idle.touch(host, host.hibernate_after, since)
+        return []
 
     def _construct(self, host: ObjectHost) -> list[Effect[Event]]:
         ctx = DurableObjectState(host, self)
@@ -900,7 +910,7 @@ class Runtime:
 
     def _deliver(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         assert host.instance is not None
-        started = self.clock()
+        started = self.clock() if host.event_timeout_ms is not None else None
         token = _current_host.set(host)
         try:
             result = event.invoke(host.instance)
@@ -952,7 +962,8 @@ class Runtime:
                 event.after(self, host)
                 self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout", "event_timeout")
                 return []
-        event.before_commit(self, host, exc)
+        if type(event) is AlarmEvent:
+            event.before_commit(self, host, exc)  # the only event that writes at the end of its turn
         storage = host.storage
         if storage is not None and storage.busy():
             host.turn_task = asyncio.ensure_future(self._commit_turn(host, storage, event, result, exc))
@@ -984,10 +995,14 @@ class Runtime:
     def _finish(self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None) -> list[Effect[Event]]:
         if exc is not None:
             self._handler_failed(host, event, exc)
-        else:
+        elif type(event) is not MessageEvent:  # a message's result goes nowhere
             event.succeeded(result)
-        event.after(self, host)
-        return host.lifecycle.turn_ended(self.clock())
+        if type(event) is not MessageEvent:
+            event.after(self, host)
+        now = self.clock()
+        if host.lifecycle.try_end(now):
+            return self._became_idle(host, now)
+        return host.lifecycle.turn_ended(now)
 
     def _event_timed_out(self, host: ObjectHost, event: Event) -> None:
         if host.lifecycle.current is event:
