@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wsecho.connection")
 
+_TEXT = frames.TEXT
+_BINARY = frames.BINARY
 _PONG = frames.OP_PONG
 _PING = frames.OP_PING
 _TEXT_FRAME = frames.OP_TEXT
@@ -141,7 +143,7 @@ class Connection(asyncio.Protocol):
         ws = self.ws
         for i in range(start, len(events)):
             kind, value = events[i]
-            if kind == "text" or kind == "binary":
+            if kind is _TEXT or kind is _BINARY:  # the parser's own constants: identity is enough
                 if self._peer_closed:
                     continue  # nothing may follow a Close (RFC 6455 §5.5.1)
                 pause = runtime.message_received(ws, value)

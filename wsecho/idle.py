@@ -41,8 +41,11 @@ class IdleIndex(Generic[K]):
         """
         queue = self._queues.get(timeout)
         if queue is not None and self._timeout_of.get(key) == timeout:
-            del queue[key]  # moves to the end below: the common case, an object idle again
-            queue[key] = since
+            if next(reversed(queue)) is key:
+                queue[key] = since  # already last (a busy object): only its time changes
+            else:
+                del queue[key]  # an object idle again moves to the end
+                queue[key] = since
             return
         self.discard(key)
         queue = self._queues.get(timeout)
