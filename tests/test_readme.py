@@ -69,3 +69,12 @@ def test_the_chat_walkthrough_test_passes(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+def test_the_running_table_documents_every_option():
+    from wsecho.config import OPTIONS
+
+    section = README.split("## Running it", 1)[1].split("**Precedence**", 1)[0]
+    for opt in OPTIONS:
+        row = f"| `{opt.flag}` | `{opt.env}` / `{opt.dest}` |"
+        assert row in section, f"README's Running it table has no row for {opt.flag}"
