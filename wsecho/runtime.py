@@ -80,8 +80,30 @@ _current_host: contextvars.ContextVar[ObjectHost | None] = contextvars.ContextVa
 # -- events: what sits in an object's queue ----------------------------------------
 
 
+class _Hooks:
+    """What the runtime calls around an event's handler; by default, nothing."""
+
+    __slots__ = ()
+
+    def succeeded(self, result: Any) -> None:
+        pass
+
+    def failed(self, exc: BaseException) -> bool:
+        """Whether the exception reached someone (a caller); if not, the runtime logs it."""
+        return False
+
+    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
+        pass
+
+    def after(self, runtime: Runtime, host: ObjectHost) -> None:
+        pass
+
+    def dropped(self, reason: str) -> None:
+        pass
+
+
 @attrs.define(eq=False)
-class _CallEvent:
+class _CallEvent(_Hooks):
     """An event whose caller waits for its result (HTTP, RPC, block_concurrency_while)."""
 
     reply: asyncio.Future[Any]
@@ -95,12 +117,6 @@ class _CallEvent:
         if not self.reply.done():
             self.reply.set_exception(exc)
         return True
-
-    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
-        pass
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        pass
 
     def dropped(self, reason: str) -> None:
         self.failed(ObjectResetError(reason))
@@ -156,26 +172,11 @@ class BlockEvent(_CallEvent):
 
 
 @attrs.define(eq=False)
-class _SocketEvent:
+class _SocketEvent(_Hooks):
     """A socket event: its handler's errors are logged, nobody waits for its result."""
 
     ws: WebSocket
     name = "socket event"
-
-    def succeeded(self, result: Any) -> None:
-        pass
-
-    def failed(self, exc: BaseException) -> bool:
-        return False
-
-    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
-        pass
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        pass
-
-    def dropped(self, reason: str) -> None:
-        pass
 
 
 @attrs.define(eq=False)
@@ -249,7 +250,7 @@ class AlarmInfo:
 
 
 @attrs.define(eq=False)
-class AlarmEvent:
+class AlarmEvent(_Hooks):
     runtime: Runtime
     due: Due
     error: BaseException | None = None
@@ -271,9 +272,6 @@ class AlarmEvent:
             storage = runtime.storage_for(host)
             if not storage.alarm_touched():
                 storage._batch().alarm = None
-
-    def succeeded(self, result: Any) -> None:
-        pass
 
     def failed(self, exc: BaseException) -> bool:
         self.error = exc

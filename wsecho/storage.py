@@ -164,13 +164,17 @@ class DurableObjectStorage:
 
     def _overlay(self, key: str) -> tuple[bool, bytes | None]:
         """``(True, value or None if deleted)`` from uncommitted batches, else ``(False, None)``."""
-        batches = [*self._in_flight, self._pending] if self._pending else self._in_flight
+        batches = self._batches()
         for batch in reversed(batches):
             if key in batch.writes:
                 return True, batch.writes[key]
             if batch.clear:
                 return True, None
         return False, None
+
+    def _batches(self) -> list[Batch]:
+        """The uncommitted batches, oldest first: those in flight, then this turn's."""
+        return [*self._in_flight, self._pending] if self._pending else self._in_flight
 
     async def _read(self, keys: list[str]) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
@@ -237,7 +241,7 @@ class DurableObjectStorage:
         def wanted(key: str) -> bool:
             return (lo is None or key >= lo) and (hi is None or key < hi) and (prefix is None or key.startswith(prefix))
 
-        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        batches = self._batches()
         cleared_at = max((i for i, b in enumerate(batches) if b.clear), default=-1)
         merged: dict[str, bytes | None] = {}
         if cleared_at < 0:
@@ -347,7 +351,7 @@ class DurableObjectStorage:
 
     async def get_alarm(self) -> int | None:
         """When the alarm will go off, in epoch milliseconds, or None."""
-        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        batches = self._batches()
         for batch in reversed(batches):
             if batch.alarm is not ...:
                 return batch.alarm.at_ms if isinstance(batch.alarm, AlarmRow) else None
@@ -366,7 +370,7 @@ class DurableObjectStorage:
 
     def alarm_touched(self) -> bool:
         """Whether an uncommitted batch sets or deletes the alarm."""
-        batches = [*self._in_flight, *([self._pending] if self._pending else [])]
+        batches = self._batches()
         return any(b.alarm is not ... for b in batches)
 
     def in_flight(self) -> bool:
