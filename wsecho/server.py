@@ -211,7 +211,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             self._plain(status, text, extra)
             gateway.runtime.handshake_failed(server)
             return
-        await self._upgrade(server, response)
+        await self._upgrade(server, response, request.url)
 
     def _refuse_upgrade(self) -> tuple[int, str] | None:
         """Server-wide rules an upgrade request must pass before the application sees it."""
@@ -232,7 +232,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return None
         return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
 
-    async def _upgrade(self, server: WebSocket, response: Response) -> None:
+    async def _upgrade(self, server: WebSocket, response: Response, url: str) -> None:
         headers = self.headers
         assert headers is not None
         offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
@@ -256,7 +256,6 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             lines.append(f"{name}: {value}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
         self._log(101)
-        url = self.url
         stream = self.conn.detach()
         try:
             await stream.write(head)
