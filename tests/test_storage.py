@@ -1,6 +1,7 @@
 """The storage contract, run against both backends, plus alarms, the output gate and restarts."""
 
 import asyncio
+import contextlib
 import sqlite3
 from datetime import UTC, datetime, timedelta
 
@@ -440,3 +441,106 @@ async def test_a_real_client_sees_its_data_after_a_hibernation(recorder, flags, 
             assert len(recorder.of("constructor")) == 2
     finally:
         await server.stop()
+
+
+class FailingBackend(MemoryBackend):
+    """Commits fail with ``OSError(ENOSPC)`` once ``fail_from`` commits have succeeded."""
+
+    def __init__(self, fail_from):
+        super().__init__()
+        self.fail_from = fail_from
+
+    async def commit(self, batches):
+        if self.commits >= self.fail_from:
+            raise OSError(28, "No space left on device")
+        await super().commit(batches)
+
+
+@pytest.mark.gen_test
+async def test_a_failed_commit_never_releases_what_it_held_back(recorder, flags):
+    # Red team H1: the frames held for a failed batch were sent before the 1011.
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from wsecho.config import Settings
+    from wsecho.server import Server
+
+    backend = FailingBackend(fail_from=1)
+    server = Server(store_app(recorder, flags), Settings(port=0), backend=backend)
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/h1/ws") as ws:
+            await ws.send("put a 1")
+            assert await asyncio.wait_for(ws.recv(), 5) == "ok a"
+            await ws.send("put b 2")
+            # "ok b" was never durable, so it is never sent: the next thing is the Close.
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            assert ws.close_code == 1011
+        assert backend.data == {"STORE:" + server.runtime.find("STORE", "h1").id.hex: {"a": b'j"1"'}}
+        assert server.runtime.counters["storage_errors"] == 1
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs (root only): a real filesystem that runs full."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_full_disk_loses_no_acknowledged_write_and_makes_the_server_unready(recorder, flags, tiny_disk, caplog):
+    # Red team H1 and L1 with a real filesystem running full under SQLite.
+    from tornado.httpclient import AsyncHTTPClient
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from wsecho.config import Settings
+    from wsecho.server import Server
+
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * 256 * 1024)  # freed later, to see the server recover
+    server = Server(store_app(recorder, flags), Settings(port=0, admin_port=0, data_dir=str(tiny_disk / "d")))
+    server.runtime.storage_probe_interval = 0.05
+    await server.start()
+    acknowledged, sent = [], 0
+    http = AsyncHTTPClient()
+
+    async def readyz():
+        return await http.fetch(f"http://127.0.0.1:{server.admin_port}/readyz", raise_error=False)
+
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/disk/ws", max_size=None) as ws:
+            with contextlib.suppress(ConnectionClosed):
+                for sent in range(1, 200):  # 200 × 40 KB is four times the disk
+                    await ws.send(f"put k{sent} {'x' * 40_000}")
+                    acknowledged.append((await asyncio.wait_for(ws.recv(), 10)).split()[1])
+            assert ws.close_code == 1011
+        assert 0 < len(acknowledged) < sent
+        answer = await readyz()
+        assert answer.code == 503
+        assert b"storage failing:" in answer.body
+        assert b"database or disk is full" in answer.body
+        assert "cannot rollback" not in caplog.text
+        filler.unlink()
+        await until(lambda: server.runtime.storage_failure() is None, timeout=10)
+        assert (await readyz()).code == 200
+    finally:
+        await server.stop()
+    conn = sqlite3.connect(tiny_disk / "d" / DB_FILE)
+    stored = {key for (key,) in conn.execute("SELECT key FROM kv")}
+    conn.close()
+    assert set(acknowledged) <= stored  # every write a client was told about is on disk
+    assert f"k{sent}" not in stored

@@ -13,6 +13,7 @@ lets the reader work while the writer commits).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import importlib.resources
 import logging
@@ -296,7 +297,11 @@ class SQLiteBackend:
                         conn.execute("DELETE FROM alarms WHERE object = ?", (batch.object,))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR); a
+                # ROLLBACK then fails and would hide the real error ("database or disk is full").
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
                 raise
 
         try:

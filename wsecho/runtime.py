@@ -69,6 +69,11 @@ QUEUE_HIGH_WATER = 100
 #: Handler names that stubs do not expose as RPC methods.
 NOT_RPC = frozenset({"fetch", "alarm", "web_socket_message", "web_socket_close", "web_socket_error", "ctx", "env"})
 
+#: How often a write is tried while storage is failing, to notice that it works again.
+STORAGE_PROBE_INTERVAL = 2.0
+#: The storage key of the probe's row (no object's key: those are ``namespace:hex``).
+PROBE_OBJECT = "wsecho:probe"
+
 PIN_WAIT_UNTIL = "wait_until() work is pending"
 PIN_STORAGE = "storage writes are being committed"
 PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
@@ -388,6 +393,10 @@ class Runtime:
         self.counters: Counter[str] = Counter()
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
+        self.committer.on_health = self._storage_health
+        self._probe_timer: asyncio.TimerHandle | None = None
+        #: Seconds between the writes that probe a failing storage.
+        self.storage_probe_interval = STORAGE_PROBE_INTERVAL
         self.stats = Stats()
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
@@ -407,6 +416,9 @@ class Runtime:
         if self._alarm_timer is not None:
             self._alarm_timer.cancel()
             self._alarm_timer = None
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
         for host in list(self._hosts.values()):
             if host.storage is not None and host.storage.busy():
                 with contextlib.suppress(StorageError):
@@ -583,6 +595,10 @@ class Runtime:
                 except Exception as exc:
                     storage.failed(batch)
                     self.counters["storage_errors"] += 1
+                    # The output gate breaks: what waited for these writes must never be
+                    # sent (the finally below would otherwise release it before the reset).
+                    if host.storage is storage or host.storage is None:
+                        host.gate = None
                     if isinstance(exc, StorageError):
                         raise
                     raise StorageError(str(exc)) from exc
@@ -592,6 +608,42 @@ class Runtime:
                 await self.committer.idle()
         finally:
             self._release_gate(host, storage)
+
+    def storage_failure(self) -> str | None:
+        """Why storage is failing (the last commit's error), or None when it works."""
+        failure = self.committer.failure
+        return None if failure is None else str(failure) or type(failure).__name__
+
+    def _storage_health(self, failure: BaseException | None) -> None:
+        if failure is None:
+            log.warning("storage works again: a commit succeeded")
+            return
+        log.error(
+            "storage is failing (%s); not ready until a write succeeds (a probe tries every %g s)",
+            failure,
+            self.storage_probe_interval,
+        )
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        if self._probe_timer is None:
+            loop = asyncio.get_running_loop()
+            self._probe_timer = loop.call_later(self.storage_probe_interval, self._probe_storage)
+
+    def _probe_storage(self) -> None:
+        """While commits fail, a write that leaves nothing behind tells when storage works again
+        (without traffic, which a load balancer stops sending to a server that is not ready)."""
+        self._probe_timer = None
+        if self.committer.failure is None:
+            return
+        probe = [Batch(PROBE_OBJECT, writes={"probe": b"j0"}), Batch(PROBE_OBJECT, writes={"probe": None})]
+        task = asyncio.ensure_future(self.committer.commit_many(probe))
+
+        def done(t: asyncio.Future[None]) -> None:
+            if t.cancelled() or t.exception() is not None:
+                self._schedule_probe()
+
+        task.add_done_callback(done)
 
     def _release_gate(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
         if storage.busy():

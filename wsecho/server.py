@@ -424,6 +424,11 @@ class Healthz(AdminHandler):
 class Readyz(AdminHandler):
     def get(self) -> None:
         phase = self.server.phase
+        failure = self.server.runtime.storage_failure()
+        if phase == "ready" and failure is not None:
+            # Writes fail (a full disk, an I/O error): new work would only be reset with 1011.
+            self.text(503, f"storage failing: {failure}")
+            return
         self.text(200 if phase == "ready" else 503, phase)
 
 

@@ -111,10 +111,18 @@ class GroupCommitter:
         #: How many backend commits ran, and how many batches they carried.
         self.commits = 0
         self.batches = 0
+        #: The error of the last commit if it failed, None once a commit succeeds again.
+        self.failure: BaseException | None = None
+        #: Called with the failure when commits start failing, and with None when they recover.
+        self.on_health: Callable[[BaseException | None], None] | None = None
 
     async def commit(self, batch: Batch) -> None:
+        await self.commit_many([batch])
+
+    async def commit_many(self, batches: list[Batch]) -> None:
+        """Commit ``batches`` together, in one transaction with whatever else is waiting."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((batch, done))
+        self._waiting.extend((batch, done) for batch in batches)
         if self._task is None:
             self._task = asyncio.ensure_future(self._drain())
         await done
@@ -126,15 +134,25 @@ class GroupCommitter:
                 try:
                     await self.backend.commit([batch for batch, _ in group])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the error
+                    self._health(exc)
                     for _, done in group:
-                        done.set_exception(exc)
+                        if not done.done():
+                            done.set_exception(exc)
                 else:
+                    self._health(None)
                     self.commits += 1
                     self.batches += len(group)
                     for _, done in group:
-                        done.set_result(None)
+                        if not done.done():
+                            done.set_result(None)
         finally:
             self._task = None
+
+    def _health(self, failure: BaseException | None) -> None:
+        was_failing = self.failure is not None
+        self.failure = failure
+        if was_failing != (failure is not None) and self.on_health is not None:
+            self.on_health(failure)
 
     async def idle(self) -> None:
         """Wait until every submitted batch is committed."""
