@@ -506,6 +506,14 @@ def test_client_end_of_a_pair_cannot_send(runtime):
 async def test_send_takes_str_or_bytes(url):
     async with connect(url("/lab/s/ws", "ws")) as ws:
         assert await ask(ws, "send", value=5) == {"error": "InvalidArgumentError: send() takes str or bytes, not int"}
+        # red team L6: a lone surrogate cannot be sent as UTF-8; it is a clear error at the call
+        assert await ask(ws, "send", value="a\ud800") == {
+            "error": "InvalidArgumentError: send(): the message contains a lone surrogate (\\ud800 at index 1), "
+            "which UTF-8 cannot encode"
+        }
+        assert (await ask(ws, "close", code=4000, reason="\udc00"))["error"].startswith(
+            "InvalidArgumentError: close(): the reason contains a lone surrogate"
+        )
 
 
 def test_error_hierarchy():

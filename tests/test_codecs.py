@@ -53,3 +53,10 @@ def test_decoding_arbitrary_bytes_only_ever_raises_value_errors(data):
 def test_attachments_refuse_what_json_cannot_hold(bad):
     with pytest.raises(InvalidArgumentError):
         attachment.encode(bad, 1 << 20)
+
+
+@pytest.mark.parametrize("value", ["\ud800", {"text": "a\udfffb"}, ["ok", "\udc80"]])
+def test_a_lone_surrogate_is_an_invalid_argument_not_a_unicode_error(value):
+    # Red team L6: storage.put raised UnicodeEncodeError (a traceback, no answer).
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        codec.encode(value)

@@ -176,6 +176,9 @@ async def test_a_handler_that_raises_after_writing_still_commits(rt):
         (("k", float("inf")), "must be finite"),
         (("k", object()), "cannot store a object"),
         (({f"k{i}": i for i in range(129)},), "put() of 129 keys; the limit is 128"),
+        # red team L6: a lone surrogate was a UnicodeEncodeError with a traceback
+        (("k", "a\ud800"), "a stored string contains a lone surrogate (\\ud800 at index"),
+        (("k\udfff", 1), "a storage key contains a lone surrogate (\\udfff at index 1)"),
     ],
 )
 @pytest.mark.gen_test

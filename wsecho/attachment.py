@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+from wsecho.codec import utf8
 from wsecho.errors import InvalidArgumentError
 
 _SCALARS = (str, int, bool, type(None))
@@ -51,7 +52,7 @@ def encode(value: Any, limit: int) -> str:
     """The compact JSON text of ``value``; raises if it is not JSON-compatible or too big."""
     _check(value, "the top level", 0)
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    size = len(text.encode("utf-8"))
+    size = len(utf8(text, "serialize_attachment(): the value"))
     if size > limit:
         msg = f"serialize_attachment(): the value is {size} bytes encoded; the limit is {limit}"
         raise InvalidArgumentError(msg)

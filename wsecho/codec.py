@@ -74,7 +74,17 @@ def encode(value: Any) -> bytes:
     if isinstance(value, bytes | bytearray | memoryview):
         return b"b" + bytes(value)
     text = json.dumps(_to_json(value, 0), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return b"j" + text.encode("utf-8")
+    return b"j" + utf8(text, "a stored string")
+
+
+def utf8(text: str, what: str) -> bytes:
+    """``text`` in UTF-8; a lone surrogate (which UTF-8 cannot encode) is an InvalidArgumentError."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+        msg = f"{what} contains a lone surrogate ({bad} at index {exc.start}), which UTF-8 cannot encode"
+        raise InvalidArgumentError(msg) from None
 
 
 def decode(data: bytes) -> Any:

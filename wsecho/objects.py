@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
+from wsecho.codec import utf8
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.http import Request
 from wsecho.websocket import WebSocketRequestResponsePair
@@ -77,7 +78,7 @@ class DurableObjectNamespace:
         if not isinstance(name, str):
             msg = f"id_from_name() takes a str, not {type(name).__name__}"
             raise InvalidArgumentError(msg)
-        digest = hashlib.sha256(f"{self.name}\0{name}".encode()).hexdigest()
+        digest = hashlib.sha256(utf8(f"{self.name}\0{name}", "id_from_name(): the name")).hexdigest()
         return DurableObjectId(self.name, digest, name)
 
     def new_unique_id(self) -> DurableObjectId:
@@ -236,7 +237,7 @@ class DurableObjectState:
                 raise InvalidArgumentError(msg)
             limit = self._runtime.limits.auto_response_bytes
             for name, text in (("request", pair.request), ("response", pair.response)):
-                size = len(text.encode("utf-8"))
+                size = len(utf8(text, f"set_web_socket_auto_response(): the {name}"))
                 if size > limit:
                     msg = f"set_web_socket_auto_response(): the {name} is {size} UTF-8 bytes; the limit is {limit}"
                     raise InvalidArgumentError(msg)
@@ -301,7 +302,7 @@ def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
         if not isinstance(tag, str):
             msg = f"accept_web_socket(): every tag must be a str, got {tag!r}"
             raise InvalidArgumentError(msg)
-        size = len(tag.encode("utf-8"))
+        size = len(utf8(tag, "accept_web_socket(): a tag"))
         if size > limits.tag_bytes:
             msg = f"accept_web_socket(): tag {tag[:40]!r}… is {size} UTF-8 bytes; the limit is {limits.tag_bytes}"
             raise InvalidArgumentError(msg)

@@ -53,7 +53,7 @@ def _check_key(key: object) -> str:
     if not isinstance(key, str):
         msg = f"storage keys must be str, got {type(key).__name__}"
         raise InvalidArgumentError(msg)
-    size = len(key.encode("utf-8"))
+    size = len(codec.utf8(key, "a storage key"))
     if size > MAX_KEY_BYTES:
         msg = f"storage key {key[:40]!r}… is {size} UTF-8 bytes; the limit is {MAX_KEY_BYTES}"
         raise InvalidArgumentError(msg)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 
 from wsecho import attachment
+from wsecho.codec import utf8
 from wsecho.errors import InvalidArgumentError, InvalidStateError
 from wsecho.lifecycle import Final, SocketInput, SocketState, socket_transition
 from wsecho.limits import Limits
@@ -77,7 +78,7 @@ def validate_close(code: int | None, reason: str) -> None:
     if not isinstance(reason, str):
         msg = f"close(): the reason must be a str, got {type(reason).__name__}"
         raise InvalidArgumentError(msg)
-    size = len(reason.encode("utf-8"))
+    size = len(utf8(reason, "close(): the reason"))
     if size > MAX_CLOSE_REASON_BYTES:
         msg = f"close(): the reason is {size} UTF-8 bytes; the limit is {MAX_CLOSE_REASON_BYTES}"
         raise InvalidArgumentError(msg)
@@ -121,6 +122,8 @@ class WebSocket:
             elif not isinstance(message, str | bytes):
                 msg = f"send() takes str or bytes, not {type(message).__name__}"
                 raise InvalidArgumentError(msg)
+        if isinstance(message, str) and not message.isascii():  # isascii() reads a flag: free
+            utf8(message, "send(): the message")  # a lone surrogate fails here, not when sent
         state = self._state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
             assert self._host is not None
