@@ -118,6 +118,13 @@ class Lab(DurableObject):
             _answer(ws, ctx.get_hibernatable_web_socket_event_timeout)
         elif op == "hang":
             await asyncio.get_running_loop().create_future()
+        elif op == "busy":
+            # Sends, then "runs" for cmd["seconds"] without awaiting (the fake clock moves).
+            if cmd.get("suspend_first"):
+                await asyncio.sleep(0)
+            ws.send("partial output")
+            self.flags["clock"].now += cmd["seconds"]
+            _answer(ws, lambda: "done")
         elif op == "loaded":
             _answer(ws, lambda: self.loaded)
         elif op == "block":

@@ -7,6 +7,7 @@ from urllib.parse import quote
 import pytest
 from tornado.httpclient import HTTPRequest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import FakeTransport, constructions, until
 from tests.lab import lab_app
@@ -255,6 +256,25 @@ async def test_a_handler_over_the_event_timeout_resets_the_object(url, runtime, 
     # the peers' answers to the 1011 Close were delivered to a fresh instance
     await recorder.wait_for(lambda r: len(r.of("close")) == 2)
     assert len(constructions(recorder, "e")) == 2
+
+
+@pytest.mark.parametrize("suspend_first", [False, True])
+@pytest.mark.gen_test
+async def test_nothing_a_turn_over_the_event_timeout_sent_is_delivered(url, runtime, clock, flags, suspend_first):
+    # Red team L9: a handler that does not await cannot be interrupted; when it returns
+    # over the timeout, what it sent must not reach anyone (it did, before the 1011), also
+    # when it had suspended once and then ran on in its task (that was not checked at all).
+    flags.update(clock=clock)
+    async with connect(url("/lab/bt/ws", "ws")) as ws:
+        assert await ask(ws, "timeout", ms=100) == {"ok": None}
+        await ws.send(json.dumps({"op": "busy", "seconds": 0.05, "suspend_first": suspend_first}))
+        assert await ws.recv() == "partial output"  # within the timeout: delivered at the end of the turn
+        assert json.loads(await ws.recv()) == {"ok": "done"}
+        await ws.send(json.dumps({"op": "busy", "seconds": 0.5, "suspend_first": suspend_first}))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)  # the Close is the first thing to arrive
+        assert ws.close_code == 1011
+    assert runtime.counters["event_timeouts"] == 1
 
 
 # -- block_concurrency_while, wait_until, abort ----------------------------------------

@@ -234,6 +234,13 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--warn-blocked",
+        _non_negative_seconds,
+        "0.5",
+        "log a warning, with the stack, when a handler blocks the event loop this long (0: never)",
+        "SECONDS",
+    ),
+    Option(
         "--loop",
         _choice("auto", "uvloop", "asyncio"),
         "auto",
@@ -266,6 +273,7 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
     drain_timeout: float = 5.0
+    warn_blocked: float = 0.5
     loop: str = "auto"
     log_level: str = "info"
     log_format: str = "text"

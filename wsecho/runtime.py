@@ -326,6 +326,8 @@ class ObjectHost:
     wake_started: float | None = None
     #: The output gate: frames held back until the object's writes are durable, or None.
     gate: list[tuple[WebSocket, str | bytes | CloseFrame]] | None = None
+    #: The gate also waits for the current turn to end (it has an event timeout to keep).
+    turn_hold: bool = False
 
     def __repr__(self) -> str:
         return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
@@ -648,12 +650,15 @@ class Runtime:
     def _release_gate(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
         if storage.busy():
             return
-        if host.storage is storage or host.storage is None:
-            held, host.gate = host.gate, None
-            for ws, frame in held or ():
-                ws._emit(frame)
+        if (host.storage is storage or host.storage is None) and not host.turn_hold:
+            self._open_gate(host)
         if PIN_STORAGE in host.lifecycle.pins:
             self._run(host, host.lifecycle.unpin(PIN_STORAGE, self.clock()))
+
+    def _open_gate(self, host: ObjectHost) -> None:
+        held, host.gate = host.gate, None
+        for ws, frame in held or ():
+            ws._emit(frame)
 
     # -- alarms --------------------------------------------------------------------------
 
@@ -789,6 +794,7 @@ class Runtime:
         if host.storage is not None:
             host.storage.discard_pending()  # a reset loses the writes not yet committed ...
         host.gate = None  # ... and the outputs that waited for them
+        host.turn_hold = False
         task = host.turn_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -960,7 +966,13 @@ class Runtime:
 
     def _deliver(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         assert host.instance is not None
-        started = self.clock() if host.event_timeout_ms is not None else None
+        started = None
+        if host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
+            # A turn may still run over its timeout, and then nothing it sent may go out.
+            started = self.clock()
+            host.turn_hold = True
+            if host.gate is None:
+                host.gate = []
         token = _current_host.set(host)
         try:
             result = event.invoke(host.instance)
@@ -974,10 +986,11 @@ class Runtime:
                 result = _resume(result, suspended_on)
             if inspect.isawaitable(result):
                 # The task copies this context, so the handler's awaits stay "inside" the object.
-                host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result))
-                if host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
+                host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result, started))
+                timeout_ms = host.event_timeout_ms
+                if started is not None and timeout_ms is not None:
                     handle = asyncio.get_running_loop().call_later(
-                        host.event_timeout_ms / 1000, self._event_timed_out, host, event
+                        timeout_ms / 1000, self._event_timed_out, host, event
                     )
                     task.add_done_callback(lambda _: handle.cancel())
                 return []
@@ -987,13 +1000,15 @@ class Runtime:
             _current_host.reset(token)
         return self._complete(host, event, result, None, started)
 
-    async def _finish_turn(self, host: ObjectHost, event: Event, pending: Awaitable[Any]) -> None:
+    async def _finish_turn(
+        self, host: ObjectHost, event: Event, pending: Awaitable[Any], started: float | None
+    ) -> None:
         try:
             result = await pending
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - logged, never fatal
-            effects = self._complete(host, event, None, exc, None)
+            effects = self._complete(host, event, None, exc, started)
         else:
-            effects = self._complete(host, event, result, None, None)
+            effects = self._complete(host, event, result, None, started)
         self._run(host, effects)
 
     def _complete(
@@ -1004,8 +1019,9 @@ class Runtime:
             event.after(self, host)  # the object was reset while this ran; that was logged
             return []
         host.turn_task = None
-        if started is not None and host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
-            # A synchronous handler cannot be interrupted: it is measured when it returns.
+        if started is not None and host.event_timeout_ms is not None:
+            # Python cannot interrupt a handler that does not await (a sync handler, a busy
+            # loop): it is measured when it returns, and what it sent is discarded.
             elapsed_ms = (self.clock() - started) * 1000
             if elapsed_ms > host.event_timeout_ms:
                 self.counters["event_timeouts"] += 1
@@ -1043,6 +1059,10 @@ class Runtime:
         self._run(host, self._finish(host, event, result, exc))
 
     def _finish(self, host: ObjectHost, event: Event, result: Any, exc: BaseException | None) -> list[Effect[Event]]:
+        if host.turn_hold:
+            host.turn_hold = False
+            if host.storage is None or not host.storage.busy():
+                self._open_gate(host)
         if exc is not None:
             self._handler_failed(host, event, exc)
         elif type(event) is not MessageEvent:  # a message's result goes nowhere

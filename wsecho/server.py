@@ -44,6 +44,7 @@ from wsecho.lifecycle import ObjectState
 from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
 from wsecho.sdnotify import Notifier
+from wsecho.watchdog import LoopWatchdog
 from wsecho.websocket import peer_of
 
 if TYPE_CHECKING:
@@ -485,6 +486,8 @@ class Server:
         self._admin: tornado.httpserver.HTTPServer | None = None
         self._sweeper = Sweeper(self.runtime)
         self._periodic: list[PeriodicCallback] = []
+        #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
+        self.blocked_watch = LoopWatchdog(settings.warn_blocked) if settings.warn_blocked > 0 else None
         self.addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
 
@@ -525,6 +528,8 @@ class Server:
         if self.notifier.watchdog_interval is not None:
             # From the event loop itself: a stuck loop stops the pings and systemd restarts us.
             self._start_periodic(self._watchdog, self.notifier.watchdog_interval)
+        if self.blocked_watch is not None:
+            self.blocked_watch.start()
         self.phase = "ready"
         self.notifier.ready()
         self._report_status()
@@ -648,6 +653,8 @@ class Server:
         for callback in self._periodic:
             callback.stop()
         self._periodic.clear()
+        if self.blocked_watch is not None:
+            self.blocked_watch.stop()
         if self._admin is not None:
             self._admin.stop()
             await self._admin.close_all_connections()
