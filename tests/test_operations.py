@@ -123,6 +123,8 @@ async def test_metrics_after_a_known_sequence(admin_server, io_loop):
     assert metric(text, "wsecho_wake_latency_seconds_count") == 2  # the first creation and the wake
     assert metric(text, "wsecho_objects", 'state="active"') == 1
     assert "wsecho_event_loop_lag_seconds" in text
+    assert metric(text, "wsecho_storage_bytes") == server.runtime.committer.stored_bytes
+    assert metric(text, "wsecho_storage_quota_refusals_total", 'quota="object"') == 0
 
 
 @pytest.mark.gen_test
@@ -331,3 +333,16 @@ def run_in_new_loop(coro_fn):
         return loop.run_until_complete(asyncio.wait_for(coro_fn(), 20))
     finally:
         loop.close()
+
+
+def test_storage_quotas_take_bytes_with_binary_units_or_off():
+    s = resolve(["--max-object-storage", "64MiB", "--max-storage", "off"], {})
+    assert (s.max_object_storage, s.max_storage) == (64 * 1024**2, None)
+    assert resolve([], {"WSECHO_MAX_STORAGE": "1048576"}).max_storage == 1048576
+    defaults = resolve([], {})
+    assert (defaults.max_object_storage, defaults.max_storage) == (128 * 1024**2, 4 * 1024**3)
+    for bad in ("-1", "1.5GiB", "lots", "0MiB", "²"):
+        with pytest.raises(ConfigError, match="must be a number of bytes"):
+            resolve(["--max-object-storage", bad], {})
+    server = Server(probe_app(Recorder()), settings_from(build_parser().parse_args(["--max-storage", "2KiB"]), {}))
+    assert server.runtime.limits.storage_bytes == 2048

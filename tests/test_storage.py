@@ -9,9 +9,9 @@ import pytest
 
 from tests.helpers import FakeClock, until
 from tests.store import store_app
-from wsecho import InvalidArgumentError, StorageError
+from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.alarms import MAX_RETRIES, retry_delay_ms
-from wsecho.backends import DB_FILE, MemoryBackend, SQLiteBackend
+from wsecho.backends import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.runtime import PIN_STORAGE, Runtime
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -44,12 +44,13 @@ def flags():
 def make_runtime(backend_factory, recorder, flags):
     """Starts a runtime on the backend under test; the test closes what it starts."""
 
-    async def make():
+    async def make(limits=None):
         rt = Runtime(
             store_app(recorder, flags),
             clock=FakeClock(),
             wall_clock=WallClock(),
             backend=backend_factory(),
+            limits=limits,
         )
         await rt.start()
         return rt
@@ -316,6 +317,98 @@ def test_retry_bounds():
     assert [retry_delay_ms(n) for n in range(1, MAX_RETRIES + 1)] == [2000, 4000, 8000, 16000, 32000, 64000]
 
 
+# -- usage and quotas (red team M4) -------------------------------------------------------------
+
+
+async def stored_bytes(rt, name="s"):
+    """What the object really stores, counted from its rows."""
+    rows = await stub(rt, name).do("list")
+    from wsecho import codec
+
+    return sum(entry_bytes(k, codec.encode(v)) for k, v in rows.items())
+
+
+@pytest.mark.gen_test
+async def test_usage_is_kept_exactly_through_every_kind_of_write(rt):
+    s, obj = stub(rt), "STORE:" + rt.env.STORE.id_from_name("s").hex
+    await s.do("put", {"a": "x" * 100, "é": [1, 2], "c": b"\0" * 50})
+    await s.do("put", "a", "short")  # an overwrite of a value it never read
+    await s.do("delete", ["c", "missing"])
+    await s.script([("put", ("d", "y" * 300), {}), ("delete_all", (), {}), ("put", ("e", 7), {})])
+    await s.txn({"f": "z" * 40}, rollback=True)
+    await stub(rt, "other").do("put", "k", "v" * 10)
+    assert await rt.backend.usage(obj) == await stored_bytes(rt) == entry_bytes("e", b"j7")
+    assert (
+        rt.committer.stored_bytes
+        == await rt.backend.usage(None)
+        == await stored_bytes(rt) + await stored_bytes(rt, "other")
+    )
+
+
+@pytest.mark.gen_test
+async def test_an_object_over_its_quota_is_refused_and_nothing_of_the_call_is_stored(make_runtime):
+    rt = await make_runtime(Limits(object_storage_bytes=1000))
+    try:
+        s = stub(rt)
+        await s.do("put", "a", "x" * 600)
+        with pytest.raises(QuotaExceededError) as info:
+            await s.do("put", {"b": "y" * 600, "c": 1})
+        assert "this object would store 1,2" in str(info.value)
+        assert "its quota is 1,000 (--max-object-storage)" in str(info.value)
+        assert await s.do("get", ["b", "c"]) == {}
+        # a known overwrite counts only what it adds; a delete makes room
+        assert await s.script([("get", ("a",), {}), ("put", ("a", "z" * 900), {})]) == ["x" * 600, None]
+        await s.do("delete", "a")
+        await s.do("put", "b", "y" * 900)
+        assert rt.stats.quota_refusals["object"] == 1
+        # a refused write in a handler does not reset the object
+        assert rt.counters["resets"] == 0
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
+async def test_all_objects_together_are_held_to_the_total_quota(make_runtime):
+    rt = await make_runtime(Limits(storage_bytes=1500))
+    try:
+        await stub(rt, "a").do("put", "k", "x" * 1000)
+        with pytest.raises(QuotaExceededError, match=r"all objects would store 1,[0-9]{3} bytes; the quota is 1,500"):
+            await stub(rt, "b").do("put", "k", "y" * 600)
+        await stub(rt, "b").do("put", "k", "y" * 100)
+        assert rt.stats.quota_refusals["total"] == 1
+    finally:
+        await rt.close()
+    # the total is read back from storage at the next start
+    rt = await make_runtime(Limits(storage_bytes=1500))
+    try:
+        assert rt.committer.stored_bytes == await stored_bytes(rt, "a") + await stored_bytes(rt, "b")
+        with pytest.raises(QuotaExceededError):
+            await stub(rt, "c").do("put", "k", "z" * 600)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
+async def test_the_usage_table_is_filled_from_a_version_1_database(tmp_path):
+    (tmp_path / "d").mkdir()
+    db = sqlite3.connect(tmp_path / "d" / DB_FILE)
+    version, _, sql = migrations()[0]
+    db.executescript(sql)
+    db.executemany("INSERT INTO kv VALUES (?, ?, ?)", [("o:1", "ké", b"j1"), ("o:1", "b", b"jxyz"), ("o:2", "c", b"b")])
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    backend = SQLiteBackend(tmp_path / "d")
+    await backend.open()
+    try:
+        assert await backend.usage("o:1") == 3 + 2 + 1 + 4
+        assert await backend.usage("o:2") == 2
+        assert await backend.usage(None) == 12
+        assert await backend.usage("o:3") == 0
+    finally:
+        await backend.close()
+
+
 # -- SQLite specifics -------------------------------------------------------------------------
 
 
@@ -325,7 +418,7 @@ async def test_sqlite_schema_version_wal_and_lock(tmp_path):
     await backend.open()
     try:
         db = sqlite3.connect(tmp_path / "d" / DB_FILE)
-        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        assert db.execute("PRAGMA user_version").fetchone() == (migrations()[-1][0],)
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         db.close()
         with pytest.raises(StorageError, match="in use by another wsecho process"):
@@ -363,7 +456,7 @@ class GatedBackend(MemoryBackend):
         await self.gate.wait()
         if self.fail:
             raise StorageError("disk on fire")
-        await super().commit(batches)
+        return await super().commit(batches)
 
 
 @pytest.mark.gen_test
@@ -456,7 +549,7 @@ class FailingBackend(MemoryBackend):
     async def commit(self, batches):
         if self.commits >= self.fail_from:
             raise OSError(28, "No space left on device")
-        await super().commit(batches)
+        return await super().commit(batches)
 
 
 @pytest.mark.gen_test

@@ -61,6 +61,9 @@ class Batch:
     #: The object's alarm after this batch: a row to store, None to delete, or
     #: ``...`` (the default) for "unchanged".
     alarm: AlarmRow | EllipsisType | None = ...
+    #: How many bytes these writes add to the object's usage, as far as the writer knew
+    #: (an overwrite of a value it had not read counts whole): for the quota checks.
+    growth: int = 0
 
     def empty(self) -> bool:
         return not self.clear and not self.writes and self.alarm is ...
@@ -86,11 +89,22 @@ class Backend(Protocol):
         """Keys in ``[start, end)`` in key order (descending if ``reverse``), at most ``limit``."""
         ...
 
-    async def commit(self, batches: list[Batch]) -> None:
-        """Apply every batch in one transaction; durable when this returns."""
+    async def commit(self, batches: list[Batch]) -> dict[str, int]:
+        """Apply every batch in one transaction; durable when this returns.
+
+        Returns by how many bytes each object's usage changed (see :meth:`usage`)."""
+        ...
+
+    async def usage(self, obj: str | None) -> int:
+        """Bytes stored by ``obj`` (its keys in UTF-8 plus its encoded values), or by all objects."""
         ...
 
     async def close(self) -> None: ...
+
+
+def entry_bytes(key: str, value: bytes) -> int:
+    """What one stored entry counts against the quotas."""
+    return len(key.encode("utf-8")) + len(value)
 
 
 def _in_range(key: str, start: str | None, end: str | None) -> bool:
@@ -104,6 +118,7 @@ class MemoryBackend:
         self.data: dict[str, dict[str, bytes]] = {}
         self.alarms: dict[str, AlarmRow] = {}
         self.commits = 0
+        self._usage: dict[str, int] = {}
 
     async def open(self) -> list[AlarmRow]:
         return list(self.alarms.values())
@@ -126,23 +141,39 @@ class MemoryBackend:
             keys = keys[:limit]
         return [(k, rows[k]) for k in keys]
 
-    async def commit(self, batches: list[Batch]) -> None:
+    async def commit(self, batches: list[Batch]) -> dict[str, int]:
+        changes: dict[str, int] = {}
         for batch in batches:
-            rows = self.data.setdefault(batch.object, {})
+            obj = batch.object
+            rows = self.data.setdefault(obj, {})
+            change = 0
             if batch.clear:
+                change -= self._usage.get(obj, 0)
                 rows.clear()
             for key, value in batch.writes.items():
-                if value is None:
-                    rows.pop(key, None)
-                else:
+                old = rows.pop(key, None)
+                if old is not None:
+                    change -= entry_bytes(key, old)
+                if value is not None:
                     rows[key] = value
+                    change += entry_bytes(key, value)
             if not rows:
-                del self.data[batch.object]
+                del self.data[obj]
+            usage = self._usage.get(obj, 0) + change
+            if usage:
+                self._usage[obj] = usage
+            else:
+                self._usage.pop(obj, None)
+            changes[obj] = changes.get(obj, 0) + change
             if isinstance(batch.alarm, AlarmRow):
                 self.alarms[batch.object] = batch.alarm
             elif batch.alarm is None:
                 self.alarms.pop(batch.object, None)
         self.commits += 1
+        return changes
+
+    async def usage(self, obj: str | None) -> int:
+        return sum(self._usage.values()) if obj is None else self._usage.get(obj, 0)
 
     async def close(self) -> None:
         pass
@@ -268,12 +299,23 @@ class SQLiteBackend:
 
         return await self._on(self._reader, run)
 
-    async def commit(self, batches: list[Batch]) -> None:
-        def run() -> None:
+    async def commit(self, batches: list[Batch]) -> dict[str, int]:
+        objects = list(dict.fromkeys(batch.object for batch in batches))
+
+        def usage_of(conn: sqlite3.Connection) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for i in range(0, len(objects), 500):  # under SQLite's limit of bound parameters
+                chunk = objects[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(conn.execute(f"SELECT object, bytes FROM usage WHERE object IN ({marks})", chunk))
+            return found
+
+        def run() -> dict[str, int]:
             conn = self._wconn
             assert conn is not None
             conn.execute("BEGIN IMMEDIATE")
             try:
+                before = usage_of(conn)
                 for batch in batches:
                     if batch.clear:
                         conn.execute("DELETE FROM kv WHERE object = ?", (batch.object,))
@@ -295,6 +337,7 @@ class SQLiteBackend:
                         )
                     elif batch.alarm is None:
                         conn.execute("DELETE FROM alarms WHERE object = ?", (batch.object,))
+                after = usage_of(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 # SQLite rolls back by itself on some errors (SQLITE_FULL, SQLITE_IOERR); a
@@ -303,12 +346,24 @@ class SQLiteBackend:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
                 raise
+            return {obj: after.get(obj, 0) - before.get(obj, 0) for obj in objects}
 
         try:
-            await self._on(self._writer, run)
+            return await self._on(self._writer, run)
         except sqlite3.Error as exc:
             msg = f"writing to {self.path} failed: {exc}"
             raise StorageError(msg) from exc
+
+    async def usage(self, obj: str | None) -> int:
+        def run() -> int:
+            assert self._rconn is not None
+            if obj is None:
+                rows = self._rconn.execute("SELECT COALESCE(SUM(bytes), 0) FROM usage")
+            else:
+                rows = self._rconn.execute("SELECT COALESCE(MAX(bytes), 0) FROM usage WHERE object = ?", (obj,))
+            return int(rows.fetchone()[0])
+
+        return await self._on(self._reader, run)
 
     async def close(self) -> None:
         def run() -> None:
@@ -329,6 +384,15 @@ class SQLiteBackend:
 
 
 def _statements(sql: str) -> list[str]:
-    """Split a schema file into statements (they contain no ';' inside strings)."""
-    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """Split a schema file into statements (a trigger's body holds several ';')."""
+    statements, current = [], ""
+    for line in sql.splitlines():
+        if line.strip().startswith("--"):
+            continue
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements

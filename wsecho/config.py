@@ -148,6 +148,25 @@ def _count(text: str) -> int:
     return value
 
 
+_BINARY_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def _quota(text: str) -> int | None:
+    """Bytes (a whole number, optionally with KiB, MiB, GiB or TiB), or 0 / off for no quota."""
+    value = text.strip().lower()
+    if value in ("off", "0"):
+        return None
+    unit = 1
+    for suffix, size in _BINARY_UNITS.items():
+        if value.endswith(suffix):
+            value, unit = value[: -len(suffix)].strip(), size
+            break
+    if not value.isascii() or not value.isdigit() or int(value) == 0:
+        msg = f"must be a number of bytes (like 1048576 or 64MiB), or off, got {text!r}"
+        raise ValueError(msg)
+    return int(value) * unit
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
     for origin in origins:
@@ -234,6 +253,21 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--max-object-storage",
+        _quota,
+        "128MiB",
+        "bytes one object may store (keys plus encoded values); put() beyond it raises "
+        "QuotaExceededError (off: no quota)",
+        "BYTES",
+    ),
+    Option(
+        "--max-storage",
+        _quota,
+        "4GiB",
+        "bytes all objects together may store; put() beyond it raises QuotaExceededError (off: no quota)",
+        "BYTES",
+    ),
+    Option(
         "--warn-blocked",
         _non_negative_seconds,
         "0.5",
@@ -273,6 +307,8 @@ class Settings:
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
     drain_timeout: float = 5.0
+    max_object_storage: int | None = 128 * 1024**2
+    max_storage: int | None = 4 * 1024**3
     warn_blocked: float = 0.5
     loop: str = "auto"
     log_level: str = "info"

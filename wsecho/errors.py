@@ -58,3 +58,10 @@ class ObjectResetError(WsechoError, RuntimeError):
 
 class StorageError(WsechoError):
     """The storage backend failed (a disk error, a locked or too-new database)."""
+
+
+class QuotaExceededError(WsechoError):
+    """A write would take an object, or all objects together, past a storage quota.
+
+    Nothing of the refused call is stored; the object keeps serving, and deleting
+    data makes room again."""

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 
-def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         msg = f"Limits.{attribute.name} must be a positive integer, got {value!r}"
         raise ValueError(msg)
+
+
+def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None:
+        _positive(instance, attribute, value)
 
 
 @attrs.frozen
@@ -26,3 +33,7 @@ class Limits:
     auto_response_bytes: int = attrs.field(default=2_048, validator=_positive)
     #: The largest hibernatable-socket event timeout an object may set (7 days).
     event_timeout_ms: int = attrs.field(default=604_800_000, validator=_positive)
+    #: Bytes one object may store (keys in UTF-8 plus encoded values); None: no quota.
+    object_storage_bytes: int | None = attrs.field(default=128 * 1024 * 1024, validator=_positive_or_none)
+    #: Bytes all objects together may store; None: no quota.
+    storage_bytes: int | None = attrs.field(default=4 * 1024 * 1024 * 1024, validator=_positive_or_none)

@@ -86,6 +86,15 @@ class RuntimeCollector(Collector):
         yield _counter("wsecho_alarms", "alarms delivered", counters["alarms"])
         yield _counter("wsecho_storage_errors", "storage commits that failed", counters["storage_errors"])
         yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
+        stored = GaugeMetricFamily("wsecho_storage_bytes", "bytes stored by all objects (keys plus values)")
+        stored.add_metric([], rt.committer.stored_bytes)
+        yield stored
+        refusals = CounterMetricFamily(
+            "wsecho_storage_quota_refusals", "put() calls refused by a storage quota", labels=["quota"]
+        )
+        for which in ("object", "total"):
+            refusals.add_metric([which], stats.quota_refusals[which])
+        yield refusals
 
         lag = GaugeMetricFamily(
             "wsecho_event_loop_lag_seconds", "how late the event loop ran a timer, last second's worst"

@@ -71,6 +71,8 @@ NOT_RPC = frozenset({"fetch", "alarm", "web_socket_message", "web_socket_close",
 
 #: How often a write is tried while storage is failing, to notice that it works again.
 STORAGE_PROBE_INTERVAL = 2.0
+#: At most one log line per this many seconds about the total storage quota.
+QUOTA_LOG_INTERVAL = 60.0
 #: The storage key of the probe's row (no object's key: those are ``namespace:hex``).
 PROBE_OBJECT = "wsecho:probe"
 
@@ -399,6 +401,7 @@ class Runtime:
         self._probe_timer: asyncio.TimerHandle | None = None
         #: Seconds between the writes that probe a failing storage.
         self.storage_probe_interval = STORAGE_PROBE_INTERVAL
+        self._quota_logged_at = -QUOTA_LOG_INTERVAL
         self.stats = Stats()
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
@@ -407,6 +410,7 @@ class Runtime:
     async def start(self) -> None:
         """Open storage and schedule the stored alarms (those missed while down fire now)."""
         rows = await self.backend.open()
+        self.committer.stored_bytes = await self.backend.usage(None)
         for row in rows:
             self.alarms.set(row)
         if rows:
@@ -593,7 +597,7 @@ class Runtime:
         try:
             if batch is not None:
                 try:
-                    await self.committer.commit(batch)
+                    change = await self.committer.commit(batch)
                 except Exception as exc:
                     storage.failed(batch)
                     self.counters["storage_errors"] += 1
@@ -604,12 +608,21 @@ class Runtime:
                     if isinstance(exc, StorageError):
                         raise
                     raise StorageError(str(exc)) from exc
-                storage.committed(batch)
+                storage.committed(batch, change)
                 self._alarm_committed(batch)
             if storage.in_flight():
                 await self.committer.idle()
         finally:
             self._release_gate(host, storage)
+
+    def quota_refused(self, which: str, message: str) -> None:
+        """A put() was refused by the ``object`` or the ``total`` storage quota."""
+        self.stats.quota_refusals[which] += 1
+        now = self.clock()
+        if which == "total" and now >= self._quota_logged_at + QUOTA_LOG_INTERVAL:
+            # The operator's quota (the application gets the exception): said once a minute.
+            self._quota_logged_at = now
+            log.warning("storage quota reached: %s", message)
 
     def storage_failure(self) -> str | None:
         """Why storage is failing (the last commit's error), or None when it works."""
@@ -641,7 +654,7 @@ class Runtime:
         probe = [Batch(PROBE_OBJECT, writes={"probe": b"j0"}), Batch(PROBE_OBJECT, writes={"probe": None})]
         task = asyncio.ensure_future(self.committer.commit_many(probe))
 
-        def done(t: asyncio.Future[None]) -> None:
+        def done(t: asyncio.Future[int]) -> None:
             if t.cancelled() or t.exception() is not None:
                 self._schedule_probe()
 

@@ -41,6 +41,7 @@ from wsecho.config import RELOADABLE, Settings
 from wsecho.connection import Connection, ConnectionSettings
 from wsecho.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.lifecycle import ObjectState
+from wsecho.limits import Limits
 from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
 from wsecho.sdnotify import Notifier
@@ -465,6 +466,7 @@ class Server:
             clock=time.monotonic,
             wall_clock=utc_now,
             hibernate_after=settings.hibernate_after,
+            limits=Limits(object_storage_bytes=settings.max_object_storage, storage_bytes=settings.max_storage),
             backend=backend if backend is not None else backend_for(settings.data_dir),
         )
         self.notifier = notifier if notifier is not None else Notifier(None)

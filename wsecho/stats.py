@@ -51,5 +51,7 @@ class Stats:
     handler_errors: Counter[str] = attrs.field(factory=Counter)
     #: Instances dropped, by why: idle (hibernation), abort, event_timeout, storage_error.
     evictions: Counter[str] = attrs.field(factory=Counter)
+    #: put() calls refused by a storage quota: "object" or "total".
+    quota_refusals: Counter[str] = attrs.field(factory=Counter)
     #: From an event's arrival at a hibernated object to the start of its handler.
     wake_latency: Histogram = attrs.field(factory=lambda: Histogram(WAKE_BUCKETS))

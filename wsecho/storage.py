@@ -28,8 +28,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsecho import codec
-from wsecho.backends import AlarmRow, Backend, Batch
-from wsecho.errors import InvalidArgumentError, InvalidStateError
+from wsecho.backends import AlarmRow, Backend, Batch, entry_bytes
+from wsecho.errors import InvalidArgumentError, InvalidStateError, QuotaExceededError
 
 if TYPE_CHECKING:
     from wsecho.runtime import ObjectHost, Runtime
@@ -106,33 +106,36 @@ class GroupCommitter:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._waiting: list[tuple[Batch, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[list[Batch], asyncio.Future[int]]] = []
         self._task: asyncio.Future[None] | None = None
         #: How many backend commits ran, and how many batches they carried.
         self.commits = 0
         self.batches = 0
+        #: Bytes stored by all objects, as committed (read at start, then kept by each commit).
+        self.stored_bytes = 0
         #: The error of the last commit if it failed, None once a commit succeeds again.
         self.failure: BaseException | None = None
         #: Called with the failure when commits start failing, and with None when they recover.
         self.on_health: Callable[[BaseException | None], None] | None = None
 
-    async def commit(self, batch: Batch) -> None:
-        await self.commit_many([batch])
+    async def commit(self, batch: Batch) -> int:
+        """Commit ``batch``; return by how many bytes its object's usage changed."""
+        return await self.commit_many([batch])
 
-    async def commit_many(self, batches: list[Batch]) -> None:
+    async def commit_many(self, batches: list[Batch]) -> int:
         """Commit ``batches`` together, in one transaction with whatever else is waiting."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.extend((batch, done) for batch in batches)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((batches, done))
         if self._task is None:
             self._task = asyncio.ensure_future(self._drain())
-        await done
+        return await done
 
     async def _drain(self) -> None:
         try:
             while self._waiting:
                 group, self._waiting = self._waiting, []
                 try:
-                    await self.backend.commit([batch for batch, _ in group])
+                    changes = await self.backend.commit([batch for batches, _ in group for batch in batches])
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the error
                     self._health(exc)
                     for _, done in group:
@@ -141,10 +144,13 @@ class GroupCommitter:
                 else:
                     self._health(None)
                     self.commits += 1
-                    self.batches += len(group)
-                    for _, done in group:
+                    self.batches += sum(len(batches) for batches, _ in group)
+                    self.stored_bytes += sum(changes.values())
+                    for batches, done in group:
+                        # Each object's change goes to the first waiter with a batch of it.
+                        share = sum(changes.pop(batch.object, 0) for batch in batches)
                         if not done.done():
-                            done.set_result(None)
+                            done.set_result(share)
         finally:
             self._task = None
 
@@ -177,6 +183,8 @@ class DurableObjectStorage:
         self._generation = 0
         self._transactions = 0
         self._flush_scheduled = False
+        #: Committed bytes of this object (for the quotas), once read from the backend.
+        self._usage: int | None = None
 
     # -- reading ---------------------------------------------------------------------
 
@@ -307,26 +315,34 @@ class DurableObjectStorage:
         else:
             msg = f"put() takes a str key and a value, or a dict, not {type(key).__name__}"
             raise InvalidArgumentError(msg)
-        self._batch().writes.update(encoded)
+        growth = 0
+        for k, data in encoded.items():
+            known, old = self._overlay(k)
+            if not known:
+                old = self._cache.get(k)  # unknown (not read): counted as a new entry
+            growth += entry_bytes(k, data) - (entry_bytes(k, old) if old is not None else 0)
+        if growth > 0:
+            await self._check_quotas(growth)
+        batch = self._batch()
+        batch.writes.update(encoded)
+        batch.growth += growth
 
     async def delete(self, key: str | Iterable[str]) -> bool | int:
         """Delete ``key`` (True if it existed) or every key of a list (how many existed)."""
-        if isinstance(key, str):
-            existed = await self._read([_check_key(key)])
-            self._batch().writes[key] = None
-            return key in existed
-        keys = _check_keys(key, "delete")
+        keys = [_check_key(key)] if isinstance(key, str) else _check_keys(key, "delete")
         existed = await self._read(keys)
         batch = self._batch()
         for k in keys:
             batch.writes[k] = None
-        return len(existed)
+        batch.growth -= sum(entry_bytes(k, v) for k, v in existed.items())
+        return key in existed if isinstance(key, str) else len(existed)
 
     async def delete_all(self) -> None:
         """Delete every key of this object (the alarm stays; use delete_alarm())."""
         batch = self._batch()
         batch.clear = True
         batch.writes.clear()
+        batch.growth = 0  # counted from nothing (see _estimated_usage)
 
     async def transaction(self, fn: Callable[[Transaction], Awaitable[T] | T]) -> T:
         """Run ``fn(txn)``; if it raises or calls ``txn.rollback()``, none of its writes stay."""
@@ -349,17 +365,60 @@ class DurableObjectStorage:
             self._runtime._storage_dirty(self._host, self)
         return result
 
-    def _snapshot(self) -> tuple[bool, dict[str, bytes | None], Any] | None:
+    def _snapshot(self) -> tuple[bool, dict[str, bytes | None], Any, int] | None:
         p = self._pending
-        return None if p is None else (p.clear, dict(p.writes), p.alarm)
+        return None if p is None else (p.clear, dict(p.writes), p.alarm, p.growth)
 
-    def _restore(self, saved: tuple[bool, dict[str, bytes | None], Any] | None) -> None:
+    def _restore(self, saved: tuple[bool, dict[str, bytes | None], Any, int] | None) -> None:
+        p = self._pending
         if saved is None:
-            if self._pending is not None:
-                self._pending.clear, self._pending.writes, self._pending.alarm = False, {}, ...
+            if p is not None:
+                p.clear, p.writes, p.alarm, p.growth = False, {}, ..., 0
             return
-        assert self._pending is not None
-        self._pending.clear, self._pending.writes, self._pending.alarm = saved
+        assert p is not None
+        p.clear, p.writes, p.alarm, p.growth = saved
+
+    # -- quotas ---------------------------------------------------------------------------
+
+    async def _committed_usage(self) -> int:
+        while self._usage is None:
+            generation = self._generation
+            usage = await self._runtime.backend.usage(self._object)
+            if generation == self._generation:  # no commit changed it meanwhile
+                self._usage = usage
+        return self._usage
+
+    def _estimated_usage(self, committed: int) -> int:
+        """Committed bytes plus what the uncommitted batches add (from the last delete_all)."""
+        total = committed
+        for batch in self._batches():
+            total = batch.growth if batch.clear else total + batch.growth
+        return total
+
+    async def _check_quotas(self, growth: int) -> None:
+        limits = self._runtime.limits
+        if limits.object_storage_bytes is None and limits.storage_bytes is None:
+            return
+        committed = await self._committed_usage()
+        mine = self._estimated_usage(committed)
+        wanted = mine + growth
+        quota = limits.object_storage_bytes
+        if quota is not None and wanted > quota:
+            msg = (
+                f"put(): this object would store {wanted:,} bytes; its quota is {quota:,} "
+                f"(--max-object-storage); nothing was stored, delete data to make room"
+            )
+            self._runtime.quota_refused("object", msg)
+            raise QuotaExceededError(msg)
+        quota = limits.storage_bytes
+        everyone = self._runtime.committer.stored_bytes - committed + wanted
+        if quota is not None and everyone > quota:
+            msg = (
+                f"put(): all objects would store {everyone:,} bytes; the quota is {quota:,} "
+                f"(--max-storage); nothing was stored"
+            )
+            self._runtime.quota_refused("total", msg)
+            raise QuotaExceededError(msg)
 
     async def sync(self) -> None:
         """Wait until every write made so far is durable."""
@@ -407,8 +466,11 @@ class DurableObjectStorage:
         self._in_flight.append(batch)
         return batch
 
-    def committed(self, batch: Batch) -> None:
+    def committed(self, batch: Batch, change: int) -> None:
+        """``batch`` is durable; it changed this object's stored bytes by ``change``."""
         self._in_flight.remove(batch)
+        if self._usage is not None:
+            self._usage += change
         self._generation += 1
         if batch.clear:
             self._cache.clear()
