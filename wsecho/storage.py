@@ -402,23 +402,19 @@ class DurableObjectStorage:
         committed = await self._committed_usage()
         mine = self._estimated_usage(committed)
         wanted = mine + growth
-        quota = limits.object_storage_bytes
-        if quota is not None and wanted > quota:
-            msg = (
-                f"put(): this object would store {wanted:,} bytes; its quota is {quota:,} "
-                f"(--max-object-storage); nothing was stored, delete data to make room"
-            )
-            self._runtime.quota_refused("object", msg)
-            raise QuotaExceededError(msg)
-        quota = limits.storage_bytes
         everyone = self._runtime.committer.stored_bytes - committed + wanted
-        if quota is not None and everyone > quota:
-            msg = (
-                f"put(): all objects would store {everyone:,} bytes; the quota is {quota:,} "
-                f"(--max-storage); nothing was stored"
-            )
-            self._runtime.quota_refused("total", msg)
-            raise QuotaExceededError(msg)
+        for which, quota, size, whose, option in (
+            ("object", limits.object_storage_bytes, wanted, "this object", "its quota is"),
+            ("total", limits.storage_bytes, everyone, "all objects", "the quota is"),
+        ):
+            if quota is not None and size > quota:
+                flag = "--max-object-storage" if which == "object" else "--max-storage"
+                msg = (
+                    f"put(): {whose} would store {size:,} bytes; {option} {quota:,} ({flag}); "
+                    "nothing was stored, delete data to make room"
+                )
+                self._runtime.quota_refused(which, msg)
+                raise QuotaExceededError(msg)
 
     async def sync(self) -> None:
         """Wait until every write made so far is durable."""
