@@ -58,3 +58,11 @@ class ObjectResetError(WsechoError, RuntimeError):
 
 class StorageError(WsechoError):
     """The storage backend failed (a disk error, a locked or too-new database)."""
+
+
+class BadRequestError(WsechoError, ValueError):
+    """A request the server refuses before the application sees it; ``status`` is the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
