@@ -115,8 +115,8 @@ async def test_metrics_after_a_known_sequence(admin_server, io_loop):
     assert metric(text, "wsecho_sockets_accepted_total") == 2
     assert metric(text, "wsecho_messages_received_total") == 4
     assert metric(text, "wsecho_messages_sent_total") == 4
-    assert metric(text, "wsecho_sockets_closed_total", 'code="1006"') == 1
-    assert metric(text, "wsecho_sockets_closed_total", 'code="4000"') == 1
+    assert metric(text, "wsecho_sockets_closed_total", 'code="1006",name="abnormal_closure"') == 1
+    assert metric(text, "wsecho_sockets_closed_total", 'code="4000-4999",name="private_use"') == 1
     assert metric(text, "wsecho_sockets_open") == 0
     assert metric(text, "wsecho_wakes_total") == 1
     assert metric(text, "wsecho_evictions_total", 'reason="idle"') == 1

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from wsecho.errors import ConfigError
+from wsecho.target import normalize_host
 
 DEFAULT_APP = "wsecho.examples.echo:app"
 DEFAULT_DATA_DIR = "wsecho-data"
@@ -176,6 +177,13 @@ def _origins(text: str) -> tuple[str, ...]:
     return origins
 
 
+def _allowed_hosts(text: str) -> tuple[str, ...]:
+    """``auto`` (empty: each listener decides from its address) or the normalized entries."""
+    if text.strip().lower() in ("auto", ""):
+        return ()
+    return tuple(normalize_host(h) for h in text.split(",") if h.strip())
+
+
 OPTIONS = (
     Option("--host", _host, "127.0.0.1", "address to listen on", "ADDR"),
     Option("--port", _port, "8787", "port to listen on (0 picks a free one and logs it)", "PORT"),
@@ -215,6 +223,15 @@ OPTIONS = (
         "Origin values allowed to open WebSockets, comma-separated, or * for any; requests "
         "without Origin and same-origin requests are always allowed",
         "ORIGINS",
+    ),
+    Option(
+        "--allowed-hosts",
+        _allowed_hosts,
+        "auto",
+        "Host names both listeners answer to, comma-separated (.example.com: the domain and its "
+        "subdomains; *: any); others get 421 (DNS rebinding). localhost, 127.0.0.1, [::1] and the "
+        "listener's own address always pass; auto: only those on a loopback address, any host otherwise",
+        "HOSTS",
     ),
     Option(
         "--handshake-timeout",
@@ -301,6 +318,8 @@ class Settings:
     data_dir: str = DEFAULT_DATA_DIR
     max_connections: int = 10_000
     allowed_origins: tuple[str, ...] = ()
+    #: Empty: automatic (see ``AllowedHosts.for_listener``).
+    allowed_hosts: tuple[str, ...] = ()
     handshake_timeout: float = 5.0
     ping_interval: float = 30.0
     ping_timeout: float = 20.0

@@ -65,3 +65,11 @@ class QuotaExceededError(WsechoError):
 
     Nothing of the refused call is stored; the object keeps serving, and deleting
     data makes room again."""
+
+
+class BadRequestError(WsechoError, ValueError):
+    """A request the server refuses before the application sees it; ``status`` is the answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)

@@ -46,10 +46,12 @@ class RuntimeCollector(Collector):
 
         yield _counter("wsecho_sockets_accepted", "WebSocket handshakes completed", counters["sockets_accepted"])
         closed = CounterMetricFamily(
-            "wsecho_sockets_closed", "WebSockets ended, by close code (1006: dropped)", labels=["code"]
+            "wsecho_sockets_closed",
+            "WebSockets ended, by close code (1006: dropped; 3000-3999, 4000-4999 and other: one series each)",
+            labels=["code", "name"],
         )
-        for code, n in sorted(stats.closed_by_code.items()):
-            closed.add_metric([str(code)], n)
+        for (code, name), n in sorted(stats.closed_by_code.items()):
+            closed.add_metric([code, name], n)
         yield closed
         yield _counter("wsecho_messages_received", "WebSocket messages received", counters["messages_in"])
         yield _counter("wsecho_messages_sent", "WebSocket messages sent by objects", counters["messages_out"])

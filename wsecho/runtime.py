@@ -871,7 +871,7 @@ class Runtime:
         final = ws._move(what)
         if host is None or final is Final.NONE:
             return
-        self.stats.closed_by_code[code] += 1
+        self.stats.count_close(code)
         if final is Final.CLOSE:
             self.submit(host, CloseEvent(ws, code, reason, clean))
         else:

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import logging
 import socket
@@ -39,12 +40,14 @@ from tornado.log import access_log
 from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
 from wsecho.config import RELOADABLE, Settings
 from wsecho.connection import Connection, ConnectionSettings
+from wsecho.errors import BadRequestError
 from wsecho.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.lifecycle import ObjectState
 from wsecho.limits import Limits
 from wsecho.metrics import CONTENT_TYPE, make_registry, render
 from wsecho.runtime import Runtime
 from wsecho.sdnotify import Notifier
+from wsecho.target import AllowedHosts, Target, resolve
 from wsecho.watchdog import LoopWatchdog
 from wsecho.websocket import peer_of
 
@@ -68,14 +71,27 @@ MAX_HEADER_BYTES = 16 * 1024
 #: A request body must arrive within this time.
 BODY_TIMEOUT = 30.0
 
+#: The most objects one /objects answer lists (?limit=), so that one request's work is bounded.
+MAX_OBJECTS_LISTED = 10_000
+
 #: Handshake response headers that Tornado computes itself.
 _HANDSHAKE_HEADERS = frozenset(
     {"upgrade", "connection", "sec-websocket-accept", "sec-websocket-protocol", "sec-websocket-extensions"}
 )
 
 
-def handshake_problem(headers: tornado.httputil.HTTPHeaders) -> tuple[int, str] | None:
-    """Why a request the application answered with 101 cannot be upgraded (RFC 6455 §4.2.1)."""
+def handshake_problem(
+    start_line: tornado.httputil.RequestStartLine, headers: tornado.httputil.HTTPHeaders
+) -> tuple[int, str] | None:
+    """Why a request the application answered with 101 cannot be upgraded (RFC 6455 §4.2.1).
+
+    A wrong method gets 400, not 405: the application routes every request, so the gateway
+    cannot know which methods the resource allows (405 must list them in ``Allow``).
+    """
+    if start_line.method != "GET":
+        return 400, f"Bad WebSocket handshake: the method must be GET, got {start_line.method}"
+    if start_line.version == "HTTP/1.0":
+        return 400, "Bad WebSocket handshake: the request must be HTTP/1.1, got HTTP/1.0"
     if headers.get("Upgrade", "").strip().lower() != "websocket":
         return 400, 'Bad WebSocket handshake: the "Upgrade" header must be "websocket"'
     tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
@@ -118,12 +134,14 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         registry: set[Connection],
         max_connections: int,
         allowed_origins: tuple[str, ...],
+        allowed_hosts: AllowedHosts,
     ) -> None:
         self.runtime = runtime
         self.connections = connections
         self.registry = registry
         self.max_connections = max_connections
         self.allowed_origins = allowed_origins
+        self.allowed_hosts = allowed_hosts
 
     def start_request(self, server_conn: object, request_conn: HTTPConnection) -> Exchange:
         return Exchange(self, cast(HTTP1Connection, request_conn))
@@ -132,7 +150,7 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
 class Exchange(tornado.httputil.HTTPMessageDelegate):
     """One request and its response."""
 
-    __slots__ = ("body", "conn", "gateway", "headers", "start_line", "started")
+    __slots__ = ("body", "conn", "gateway", "headers", "start_line", "started", "target")
 
     def __init__(self, gateway: Gateway, conn: HTTP1Connection) -> None:
         self.gateway = gateway
@@ -141,6 +159,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         self.headers: tornado.httputil.HTTPHeaders | None = None
         self.body: list[bytes] = []
         self.started = 0.0
+        self.target: Target | None = None
 
     def headers_received(
         self,
@@ -165,10 +184,26 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
 
     @property
     def url(self) -> str:
+        """``request.url``: the connection's scheme (not one a client claims), the authority, the path."""
+        assert self.target is not None
+        return f"{self.conn.context.protocol}://{self.target.authority}{self.target.path}"  # type: ignore[attr-defined]
+
+    def _resolve(self) -> Target:
+        """The request's host and path, validated (RFC 9112 §3.2) and checked against --allowed-hosts."""
         assert self.start_line is not None
         assert self.headers is not None
-        host = self.headers.get("Host", "127.0.0.1")
-        return f"{self.conn.context.protocol}://{host}{self.start_line.path}"  # type: ignore[attr-defined]
+        fields = self.headers.get_list("Host")
+        local = "" if fields else self._local_authority()
+        line = self.start_line
+        return resolve(line.method, line.path, line.version, fields, self.gateway.allowed_hosts, local)
+
+    def _local_authority(self) -> str:
+        # An HTTP/1.0 request without Host: the address it reached (RFC 9112 §3.3).
+        try:
+            host, port = self.conn.stream.socket.getsockname()[:2]
+        except (AttributeError, OSError):
+            return "localhost"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def _handle(self) -> None:
         gateway = self.gateway
@@ -176,6 +211,11 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         start_line = self.start_line
         assert headers is not None
         assert start_line is not None
+        try:
+            self.target = self._resolve()
+        except BadRequestError as exc:
+            self._plain(exc.status, str(exc))
+            return
         if "websocket" in headers.get("Upgrade", "").lower():
             refusal = self._refuse_upgrade()
             if refusal is not None:
@@ -206,7 +246,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             )
             self._plain(500, "Internal Server Error")
             return
-        problem = handshake_problem(headers)
+        problem = handshake_problem(start_line, headers)
         if problem is not None:
             status, text = problem
             extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
@@ -219,6 +259,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         """Server-wide rules an upgrade request must pass before the application sees it."""
         gateway = self.gateway
         assert self.headers is not None
+        assert self.target is not None
         if gateway.max_connections and len(gateway.registry) >= gateway.max_connections:
             limit = gateway.max_connections
             return 503, f"The server is at its limit of {limit} WebSocket connections; try again later"
@@ -230,7 +271,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return None
         # Browsers do not apply the same-origin policy to WebSockets, so the server does
         # (cross-site WebSocket hijacking): same origin is always fine.
-        if urlsplit(normalized).netloc == self.headers.get("Host", "").strip().lower():
+        if urlsplit(normalized).netloc == self.target.authority.lower():
             return None
         return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
 
@@ -347,10 +388,15 @@ def make_application(
     registry: set[Connection] | None = None,
     max_connections: int = 0,
     allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: AllowedHosts | None = None,
     max_outgoing: int = MAX_OUTGOING_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Gateway:
-    """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections."""
+    """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections.
+
+    ``allowed_hosts`` defaults to any host: only the caller knows the address it binds
+    (:class:`Server` passes ``AllowedHosts.for_listener`` of its own).
+    """
     connections = ConnectionSettings(
         runtime, max_message_size=max_message_size, max_outgoing=max_outgoing, close_timeout=close_timeout
     )
@@ -360,6 +406,7 @@ def make_application(
         registry if registry is not None else set(),
         max_connections,
         allowed_origins,
+        allowed_hosts if allowed_hosts is not None else AllowedHosts(frozenset(), (), any=True),
     )
 
 
@@ -408,6 +455,23 @@ class AdminHandler(tornado.web.RequestHandler):
         self.clear_header("Server")
         self.set_header("Cache-Control", "no-store")
 
+    def prepare(self) -> None:
+        # The same Host rules as the application's port: a DNS-rebound page must not read
+        # /metrics or /objects from a browser on this machine.
+        request = self.request
+        fields = request.headers.get_list("Host")
+        try:
+            resolve(
+                request.method or "GET",
+                request.uri or "/",
+                request.version,
+                fields,
+                self.server.admin_hosts,
+                request.host,
+            )
+        except BadRequestError as exc:
+            self.text(exc.status, str(exc))
+
     def compute_etag(self) -> str | None:
         return None
 
@@ -415,6 +479,13 @@ class AdminHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "text/plain;charset=UTF-8")
         self.finish(body + "\n")
+
+
+class NotFound(AdminHandler):
+    """Every other path (after the Host check, so that it is the same for every path)."""
+
+    def get(self) -> None:
+        self.text(404, "Not Found: the admin listener serves /healthz, /readyz, /metrics and /objects")
 
 
 class Healthz(AdminHandler):
@@ -443,10 +514,19 @@ class Metrics(AdminHandler):
 class Objects(AdminHandler):
     def get(self) -> None:
         limit_arg = self.get_argument("limit", "1000")
-        state = self.get_argument("state", None)
-        if not limit_arg.isdigit():
-            self.text(400, f"limit must be a whole number, got {limit_arg!r}")
+        state_arg = self.get_argument("state", None)
+        # ASCII digits only: str.isdigit() accepts "²", which int() refuses; and a length
+        # bound before int(), which refuses over 4,300 digits.
+        if not (limit_arg.isascii() and limit_arg.isdigit() and len(limit_arg) <= 6) or (
+            int(limit_arg) > MAX_OBJECTS_LISTED
+        ):
+            self.text(400, f"limit must be a whole number from 0 to {MAX_OBJECTS_LISTED}, got {limit_arg[:20]!r}")
             return
+        states = [s.value for s in ObjectState]
+        if state_arg is not None and state_arg not in states:
+            self.text(400, f"state must be one of {', '.join(states)}, got {state_arg[:20]!r}")
+            return
+        state = None if state_arg is None else ObjectState(state_arg)
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(self.server.describe_objects(int(limit_arg), state), indent=1))
 
@@ -477,12 +557,15 @@ class Server:
         self.loop_lag = 0.0
         #: Every open WebSocket connection (for dead-peer pings and shutdown).
         self.connections: set[Connection] = set()
+        #: The Host names the admin listener answers to (the application's are the gateway's).
+        self.admin_hosts = AllowedHosts.for_listener(settings.allowed_hosts, settings.admin_host)
         self._application = make_application(
             self.runtime,
             max_message_size=settings.max_message_size,
             registry=self.connections,
             max_connections=settings.max_connections,
             allowed_origins=settings.allowed_origins,
+            allowed_hosts=AllowedHosts.for_listener(settings.allowed_hosts, settings.host),
         )
         self._http: tornado.httpserver.HTTPServer | None = None
         self._admin: tornado.httpserver.HTTPServer | None = None
@@ -507,7 +590,10 @@ class Server:
                 )
             ]
             admin_sockets = tornado.netutil.bind_sockets(self.settings.admin_port, self.settings.admin_host)
-            self._admin = tornado.httpserver.HTTPServer(tornado.web.Application(handlers))
+            admin = tornado.web.Application(
+                handlers, default_handler_class=NotFound, default_handler_args={"server": self}
+            )
+            self._admin = tornado.httpserver.HTTPServer(admin)
             self._admin.add_sockets(admin_sockets)
             self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
         await self.runtime.start()
@@ -595,12 +681,16 @@ class Server:
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
 
-    def describe_objects(self, limit: int, state: str | None) -> dict[str, Any]:
-        """What /objects shows: each object's id, class, state, sockets, idle time and blocker."""
+    def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]:
+        """What /objects shows: each object's id, class, state, sockets, idle time and blocker.
+
+        Only ``limit`` objects are described; the others are only counted.
+        """
         now = self.runtime.clock()
-        hosts = [h for h in self.runtime.hosts() if state is None or h.lifecycle.state.value == state]
+        hosts = self.runtime.hosts()
+        selected = iter(hosts) if state is None else (h for h in hosts if h.lifecycle.state is state)
         listed = []
-        for host in hosts[:limit]:
+        for host in itertools.islice(selected, limit):
             lc = host.lifecycle
             active = lc.state is ObjectState.ACTIVE
             listed.append(
@@ -616,7 +706,8 @@ class Server:
                     "cannot_hibernate_because": lc.hibernation_blocker() if active else None,
                 }
             )
-        return {"count": len(hosts), "shown": len(listed), "objects": listed}
+        count = len(hosts) if state is None else len(listed) + sum(1 for _ in selected)
+        return {"count": count, "shown": len(listed), "objects": listed}
 
     def apply(self, settings: Settings) -> list[str]:
         """Apply the reloadable settings (SIGHUP); return the changed ones that need a restart."""

@@ -10,6 +10,44 @@ from collections import Counter
 
 import attrs
 
+#: RFC 6455 §7.4.1 and the IANA "WebSocket Close Code Number Registry": the codes wsecho
+#: counts by number (1004, 1005, 1006 and 1015 are never sent, but 1005 and 1006 are reported).
+CLOSE_CODE_NAMES = {
+    1000: "normal_closure",
+    1001: "going_away",
+    1002: "protocol_error",
+    1003: "unsupported_data",
+    1004: "reserved",
+    1005: "no_status_received",
+    1006: "abnormal_closure",
+    1007: "invalid_frame_payload_data",
+    1008: "policy_violation",
+    1009: "message_too_big",
+    1010: "mandatory_extension",
+    1011: "internal_error",
+    1012: "service_restart",
+    1013: "try_again_later",
+    1014: "bad_gateway",
+    1015: "tls_handshake",
+}
+
+
+def close_code_bucket(code: int) -> tuple[str, str]:
+    """The ``(code, name)`` labels a close is counted under: a registered code by its number and
+    name, the ranges RFC 6455 §7.4.2 leaves to others as one bucket each.
+
+    A peer picks its close code, so counting every code apart would let it add a metric series
+    per code it sends (up to 2,000 of them in 3000-4999).
+    """
+    if code in CLOSE_CODE_NAMES:
+        return str(code), CLOSE_CODE_NAMES[code]
+    if 3000 <= code <= 3999:
+        return "3000-3999", "registered"  # for libraries, frameworks and applications, via IANA
+    if 4000 <= code <= 4999:
+        return "4000-4999", "private_use"
+    return "other", "other"
+
+
 #: Wake latency buckets in seconds: 50 µs to 1 s.
 WAKE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
@@ -45,8 +83,9 @@ class Histogram:
 class Stats:
     """Labelled counts of one runtime."""
 
-    #: Final events by close code (1006 for dropped connections, 1009/1007/1002 for failures).
-    closed_by_code: Counter[int] = attrs.field(factory=Counter)
+    #: Final events by :func:`close_code_bucket` (1006 for dropped connections, 1009/1007/1002
+    #: for failures): at most 19 keys, whatever codes the peers send.
+    closed_by_code: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     #: Handler exceptions by handler name (fetch, web_socket_message, alarm, ...).
     handler_errors: Counter[str] = attrs.field(factory=Counter)
     #: Instances dropped, by why: idle (hibernation), abort, event_timeout, storage_error.
@@ -55,3 +94,6 @@ class Stats:
     quota_refusals: Counter[str] = attrs.field(factory=Counter)
     #: From an event's arrival at a hibernated object to the start of its handler.
     wake_latency: Histogram = attrs.field(factory=lambda: Histogram(WAKE_BUCKETS))
+
+    def count_close(self, code: int) -> None:
+        self.closed_by_code[close_code_bucket(code)] += 1
