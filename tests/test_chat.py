@@ -29,9 +29,12 @@ async def chat(room=ChatRoom, **settings):
         yield t
 
 
-async def join(t, name, room="kitchen"):
-    """A joined client and the history it was given; the presence frame is consumed."""
-    ws = await t.connect(f"/rooms/{room}/websocket?name={name}")
+async def join(t, name, room="kitchen", address="127.0.0.1"):
+    """A joined client (from ``address``, any of 127/8) and the history it was given; the
+    presence frame is consumed."""
+    # max_queue=None: a client that reads few of its frames must still see the server's Close
+    # at the end (websockets stops reading once 16 frames wait).
+    ws = await t.connect(f"/rooms/{room}/websocket?name={name}", local_addr=(address, 0), max_queue=None)
     history = await receive_json(ws)
     assert history["type"] == "history"
     presence = await receive_json(ws)
@@ -42,6 +45,13 @@ async def join(t, name, room="kitchen"):
 
 async def say(ws, text):
     await ws.send(json.dumps({"type": "message", "text": text}))
+
+
+async def talk(ws, *texts):
+    """Send each text and wait until it comes back, stored and broadcast."""
+    for text in texts:
+        await say(ws, text)
+        assert (await next_of(ws, "message"))["text"] == text
 
 
 async def next_of(ws, kind):
@@ -94,7 +104,7 @@ async def test_joining_gets_the_history_then_the_presence():
     async with chat() as t:
         ann = await t.connect("/rooms/kitchen/websocket?name=ann")
         assert await receive_json(ann) == {"type": "history", "messages": []}
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann"]}
+        assert await receive_json(ann) == {"type": "presence", "users": ["ann"], "count": 1}
         assert t.state("ROOMS", "kitchen") == "active"
         assert t.constructions("ROOMS", "kitchen") == 1
 
@@ -153,13 +163,66 @@ async def test_presence_updates_on_join_and_leave():
     async with chat() as t:
         ann, _ = await join(t, "ann")
         bob, _ = await join(t, "bob")
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann", "bob"]}
-        bob_again, _ = await join(t, "bob")  # a second tab: still one bob
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann", "bob"]}
-        await bob.close()
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann", "bob"]}
+        assert await receive_json(ann) == {"type": "joined", "name": "bob"}
+        bob_again = await t.connect("/rooms/kitchen/websocket?name=bob")  # a second tab: still one bob
+        await next_of(bob_again, "history")
+        assert await receive_json(bob_again) == {"type": "presence", "users": ["ann", "bob"], "count": 2}
+        await bob.close()  # bob is still there in his other tab: ann hears nothing of either
         await bob_again.close()
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann"]}
+        assert await receive_json(ann) == {"type": "left", "name": "bob"}
+
+
+@pytest.mark.gen_test
+async def test_a_join_costs_each_member_one_small_frame_however_full_the_room():
+    # The member list went to every member on every join: O(N) bytes each, O(N^2) per join.
+    async with chat() as t:
+        members = []
+        for i in range(40):
+            name = f"member-{i:02d}"
+            ws, _ = await join(t, name)
+            for other in members:
+                frame = await receive(other)
+                assert json.loads(frame) == {"type": "joined", "name": name}
+                assert len(frame.encode()) == 39  # the same for the 1st member and the 39th
+            members.append(ws)
+        # the last to join saw the first names and the count; everyone heard only that
+        await members[0].send(json.dumps({"type": "message", "text": "all here"}))
+        for ws in members:
+            assert (await receive_json(ws))["text"] == "all here"
+
+
+class ShortList(ChatRoom):
+    member_list_size = 3
+    max_members = 4
+
+
+@pytest.mark.gen_test
+async def test_the_joiner_gets_the_first_names_and_the_count_and_a_full_room_says_so():
+    async with chat(room=ShortList) as t:
+        ann, _ = await join(t, "ann")
+        for name in ("bob", "cat"):
+            await join(t, name)
+        dan = await t.connect("/rooms/kitchen/websocket?name=dan")
+        await next_of(dan, "history")
+        assert await receive_json(dan) == {"type": "presence", "users": ["ann", "bob", "cat"], "count": 4}
+        eve = await t.connect("/rooms/kitchen/websocket?name=eve")
+        assert await receive_json(eve) == {
+            "type": "error",
+            "message": "the room is full: it has its limit of 4 members; try again later",
+        }
+        async with asyncio.timeout(5):
+            await eve.wait_closed()
+        assert (eve.close_code, eve.close_reason) == (1013, "room is full")
+        # nobody heard of eve; once dan leaves there is room again
+        assert [await receive_json(ann) for _ in range(3)] == [
+            {"type": "joined", "name": name} for name in ("bob", "cat", "dan")
+        ]
+        await dan.close()
+        assert await receive_json(ann) == {"type": "left", "name": "dan"}
+        eve = await t.connect("/rooms/kitchen/websocket?name=eve")
+        await next_of(eve, "history")
+        assert await receive_json(eve) == {"type": "presence", "users": ["ann", "bob", "cat"], "count": 4}
+        assert await receive_json(ann) == {"type": "joined", "name": "eve"}
 
 
 @pytest.mark.gen_test
@@ -179,7 +242,7 @@ async def test_a_room_hibernated_between_messages_still_delivers_them():
             assert t.constructions("ROOMS", "kitchen") == 2 + i  # the constructor ran again
         # the names came back from the attachments and the tags, not from memory
         await bob.close()
-        assert await receive_json(ann) == {"type": "presence", "users": ["ann"]}
+        assert await receive_json(ann) == {"type": "left", "name": "bob"}
 
 
 @pytest.mark.gen_test
@@ -216,16 +279,14 @@ async def test_the_rate_limit_answers_with_an_error_and_survives_hibernation():
     async with chat() as t:
         ann, _ = await join(t, "ann")
         bob, _ = await join(t, "bob")
-        for i in range(5):
-            await say(ann, f"m{i}")
-            await next_of(ann, "message")
-        t.hibernate("ROOMS", "kitchen")  # the bucket is in the attachment: it survives
+        await talk(ann, *(f"m{i}" for i in range(5)))
+        t.hibernate("ROOMS", "kitchen")  # the bucket is in storage: it survives
         await say(ann, "one too many")
-        assert await receive_json(ann) == {
+        assert await next_of(ann, "error") == {
             "type": "error",
             "message": "slow down: at most 5 messages per 10 seconds; try again in 2.0 s",
         }
-        # the limit is per socket: bob may talk
+        # the limit is per name: bob may talk
         await say(bob, "my turn")
         assert (await next_of(ann, "message"))["text"] == "my turn"
         t.clock.advance(2)  # one token back
@@ -237,6 +298,67 @@ async def test_the_rate_limit_answers_with_an_error_and_survives_hibernation():
         assert [m["text"] for m in stored.values()] == ["m0", "m1", "m2", "m3", "m4", "my turn", "one more"]
 
 
+@pytest.mark.gen_test
+async def test_reconnecting_or_changing_names_does_not_refill_the_rate_limit():
+    # The bucket lived in the socket's attachment: a new socket came with a full one.
+    async with chat() as t:
+        ann, _ = await join(t, "ann")
+        await talk(ann, *(f"m{i}" for i in range(5)))
+        await ann.close()
+        ann, _ = await join(t, "ann")
+        await say(ann, "fresh start?")
+        assert (await receive_json(ann))["message"].startswith("slow down: at most 5 messages per 10 seconds")
+        # new names from the same address: 20 messages per 10 seconds, whatever the names
+        for name in ("ann2", "ann3", "ann4"):
+            ws, _ = await join(t, name)
+            await talk(ws, *(f"{name} {i}" for i in range(5)))
+        ann5, _ = await join(t, "ann5")
+        await say(ann5, "one more name")
+        assert await next_of(ann5, "error") == {
+            "type": "error",
+            "message": "slow down: at most 20 messages per 10 seconds from one address; try again in 0.5 s",
+        }
+        # the runtime sets the address header from the connection: a client cannot forge it
+        forger = await t.connect(
+            "/rooms/kitchen/websocket?name=ann6", additional_headers={"CF-Connecting-IP": "10.9.8.7"}
+        )
+        await say(forger, "I am someone else")
+        assert (await next_of(forger, "error"))["message"].endswith("from one address; try again in 0.5 s")
+        # someone at another address is not held back
+        bob, _ = await join(t, "bob", address="127.0.0.2")
+        await say(bob, "hello from elsewhere")
+        assert (await next_of(bob, "message"))["text"] == "hello from elsewhere"
+        stored = await t.storage("ROOMS", "kitchen").snapshot(prefix="rate:")
+        assert set(stored) == {
+            *(f"rate:name:{name}" for name in ("ann", "ann2", "ann3", "ann4", "bob")),
+            "rate:address:127.0.0.1",
+            "rate:address:127.0.0.2",
+        }
+
+
+class FewTalkers(ChatRoom):
+    max_talkers = 2
+
+
+@pytest.mark.gen_test
+async def test_the_rate_limit_rows_are_bounded_and_pruned_once_full_again():
+    async with chat(room=FewTalkers) as t:
+        storage = t.storage("ROOMS", "kitchen")
+        ann, _ = await join(t, "ann")
+        bob, _ = await join(t, "bob")
+        await talk(ann, "hi")
+        await say(bob, "me too")  # a third row (bob's name) would be over the limit of 2
+        assert await next_of(bob, "error") == {
+            "type": "error",
+            "message": "the room is busy: 2 names and addresses talked in the last 10 seconds "
+            "(the limit is 2); try again in a moment",
+        }
+        t.clock.advance(10)  # ann's buckets are full again: their rows can go
+        await say(bob, "me too")
+        assert (await next_of(bob, "message"))["text"] == "me too"
+        assert set(await storage.snapshot(prefix="rate:")) == {"rate:name:bob", "rate:address:127.0.0.1"}
+
+
 BAD_FRAMES = [
     ("not json", 'not JSON; send {"type": "message", "text": "hello"}'),
     ("[1, 2]", 'expected a JSON object like {"type": "message", "text": "hello"}, got list'),
@@ -246,7 +368,12 @@ BAD_FRAMES = [
     ('{"type": "message", "text": 42}', '"text" must be a string, got 42'),
     ('{"type": "message", "text": "   "}', "the message is empty"),
     (json.dumps({"type": "message", "text": "x" * 1001}), "a message is at most 1000 characters; this one has 1001"),
-    ("x" * 8193, "a frame is at most 8192 characters; this one has 8193"),
+    ("x" * 16385, "a frame is at most 16384 characters; this one has 16385"),
+    # json.loads makes a lone surrogate of the escape, which UTF-8 storage cannot hold
+    (
+        '{"type": "message", "text": "ok \\ud800"}',
+        "the message has a lone surrogate (U+D800 at character 4): not Unicode text; pair it or leave it out",
+    ),
     ("[" * 5000, 'not JSON; send {"type": "message", "text": "hello"}'),
     (b"\x01\x02", 'binary frames are not supported; send JSON text like {"type": "message", "text": "hello"}'),
 ]
@@ -303,6 +430,27 @@ async def test_a_bad_name_is_refused_with_an_error_frame_and_1008(query, error):
         assert await receive_json(ann) == {"type": "message", "name": "ann", "text": "still alone", "at": START_MS}
 
 
+class Chatty(ChatRoom):
+    rate_limit = address_rate_limit = 100
+
+
+@pytest.mark.gen_test
+async def test_the_history_frame_is_bounded_by_bytes_and_an_emoji_costs_4_bytes():
+    # 50 messages of 1,000 emoji made a 602,683-byte history frame (12 bytes per emoji).
+    async with chat(room=Chatty) as t:
+        ann, _ = await join(t, "ann")
+        for i in range(50):
+            await ann.send(json.dumps({"type": "message", "text": f"{i:02d}" + "\U0001f600" * 998}, ensure_ascii=False))
+            frame = await receive(ann)
+            assert len(frame.encode()) < 4100  # 998 emoji of 4 bytes, and the rest
+        bob = await t.connect("/rooms/kitchen/websocket?name=bob")
+        history = await receive(bob)
+        assert len(history.encode()) <= 64 * 1024
+        texts = [m["text"][:2] for m in json.loads(history)["messages"]]
+        assert texts == [f"{i:02d}" for i in range(50 - len(texts), 50)]  # the newest, oldest first
+        assert len(texts) == 16  # as many as fit: 16 of about 4,030 bytes
+
+
 # -- storage and the alarm ---------------------------------------------------------------------
 
 
@@ -322,8 +470,11 @@ async def test_messages_are_stored_under_keys_that_sort_by_time():
             f"msg:{START_MS}:000000000002": {"name": "ann", "text": "same millisecond", "at": START_MS},
             f"msg:{START_MS + 250}:000000000003": {"name": "ann", "text": "later", "at": START_MS + 250},
             "meta": {"seq": 3, "at": START_MS + 250},
+            # ann's buckets: 5 and 20 tokens, 3 spent, 0.125 back after 250 ms
+            "rate:name:ann": {"tokens": 2.125, "at": START_MS + 250},
+            "rate:address:127.0.0.1": {"tokens": 17.5, "at": START_MS + 250},
         }
-        assert all(re.fullmatch(r"msg:\d{13}:\d{12}", k) for k in stored if k != "meta")
+        assert all(re.fullmatch(r"msg:\d{13}:\d{12}", k) for k in stored if k.startswith("msg:"))
         # the pruning alarm is set for the oldest message's expiry
         assert await t.storage("ROOMS", "kitchen").get_alarm() == START_MS + 24 * HOUR * 1000
 
@@ -347,8 +498,9 @@ async def test_the_alarm_prunes_old_messages_while_time_is_advanced():
         assert t.constructions("ROOMS", "kitchen") == woken + 1
         assert await storage.get_alarm() == START_MS + 36 * HOUR * 1000
         await t.advance(12 * HOUR)
-        assert await storage.snapshot(prefix="msg:") == {}
         assert await storage.get_alarm() is None
+        # nothing is left behind: no message, no meta row, no rate-limit row
+        assert await storage.snapshot() == {}
         # a room whose history was pruned still works and replays nothing
         _, history = await join(t, "bob")
         assert history == []

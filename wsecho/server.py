@@ -66,6 +66,8 @@ STATUS_INTERVAL = 10.0
 MAX_OUTGOING_BYTES = 16 * 1024 * 1024
 #: How long the server waits for the peer's answer to its Close before cutting the connection.
 CLOSE_TIMEOUT = 5.0
+#: The request header that carries the client's address (the TCP peer), as on Cloudflare.
+CLIENT_ADDRESS_HEADER = "CF-Connecting-IP"
 #: Request headers larger than this are refused (Tornado closes the connection).
 MAX_HEADER_BYTES = 16 * 1024
 #: A request body must arrive within this time.
@@ -227,6 +229,9 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             headers=Headers(headers.get_all()),
             body=b"".join(self.body),
         )
+        # Cloudflare's header for the client's address, so that an application can limit
+        # per client; it replaces whatever the client sent, which anyone could forge.
+        request.headers.set(CLIENT_ADDRESS_HEADER, getattr(self.conn.context, "remote_ip", "") or "")
         try:
             response = await gateway.runtime.fetch(request)
         except Exception:

@@ -10,16 +10,25 @@ What each feature of wsecho does here:
 - **One object per room** (``env.ROOMS.get_by_name(room)``); the worker serves the page
   without waking any room.
 - **Presence with tags**: a joined socket has the tags ``member`` and ``user:<name>``;
-  the user list is read from the tags of the open ``member`` sockets.
-- **The name and the rate limiter in the attachment** (``{"name", "tokens", "at"}``), so
-  both survive hibernation: a token bucket of ``rate_limit`` messages per ``rate_window``
-  seconds per socket.
+  the user list is read from the tags of the open ``member`` sockets. A joining socket gets
+  the first ``member_list_size`` names and the count; the others get one small ``joined``
+  frame (and ``left`` when a name's last socket goes), never the whole list, so a join costs
+  every member the same few bytes however full the room is (at most ``max_members``).
+- **The name and the client's address in the attachment** (``{"name", "address"}``), so
+  both survive hibernation.
+- **Rate limits in storage**, so that reconnecting does not refill them: a token bucket of
+  ``rate_limit`` messages per ``rate_window`` seconds per name, and one of
+  ``address_rate_limit`` per client address (``CF-Connecting-IP``, set by the runtime; an
+  IPv6 client counts by its /64), so that changing names does not help either. A bucket is a
+  row ``rate:name:<name>`` or ``rate:address:<address>`` written with the message; rows whose
+  bucket is full again are deleted, and at most ``max_talkers`` are kept.
 - **History in storage**: the last ``history_size`` messages under keys that sort by time,
   ``msg:<13-digit epoch ms>:<12-digit sequence number>``, plus ``meta``
   (``{"seq", "at"}``: the last sequence number and time, so that keys never go backwards).
-  A joining socket gets them first.
+  A joining socket gets the newest of them that fit in ``history_bytes`` (64 KiB).
 - **An alarm prunes** messages older than ``history_max_age`` seconds: it is set for the
-  oldest message's expiry and, after pruning, for the next one.
+  oldest message's expiry and, after pruning, for the next one. Once no message is left it
+  deletes ``meta`` too, so an abandoned room leaves no rows behind.
 - **Keep-alive without waking**: the constructor sets the auto-response ``ping`` → ``pong``;
   the page sends ``ping`` every ``keep_alive`` seconds and the runtime answers it while the
   room hibernates.
@@ -31,18 +40,23 @@ Protocol (JSON text frames; the keep-alive is the bare text ``ping``, answered `
 
   - ``{"type": "history", "messages": [{"name", "text", "at"}, ...]}``: first, on joining,
     oldest first; ``at`` is epoch milliseconds.
+  - ``{"type": "presence", "users": ["ann", "bob"], "count": 2}``: second, on joining; the
+    first 100 names in joining order, each once, and how many names there are.
+  - ``{"type": "joined", "name": "bob"}`` and ``{"type": "left", "name": "bob"}``: to the
+    other members when a name's first socket joins and its last one leaves.
   - ``{"type": "message", "name": "...", "text": "...", "at": 1767225600000}``: to every
     member, the sender included, once the message is stored.
-  - ``{"type": "presence", "users": ["ann", "bob"]}``: to every member when someone joins or
-    leaves; names in joining order, each once.
   - ``{"type": "error", "message": "..."}``: only to the socket that sent bad input; the
-    connection stays open. A bad name at joining is the exception: the error frame is
-    followed by Close 1008.
+    connection stays open. A refused join is the exception: the error frame is followed by
+    Close 1008 for a bad name, 1013 for a full room.
+
+Frames are JSON without ASCII escapes (an emoji is 4 bytes, not 12).
 
 Limits, enforced by the room and checked by the page too: a name is 1 to 32 characters (spaces
 around it are dropped) without control characters; a message is 1 to 1,000 characters (spaces
-around it dropped); a frame is at most 8,192 characters; a socket sends at most 5 messages per
-10 seconds (frames answered with an error do not count). Binary frames are answered with an
+around it dropped) of Unicode text (no lone surrogates); a frame is at most 16,384 characters;
+a name sends at most 5 messages per 10 seconds and an address 20 (frames answered with an
+error do not count); a room has at most 1,000 sockets. Binary frames are answered with an
 error.
 
 The limits that are class attributes of :class:`ChatRoom` can be changed in a subclass; serve
@@ -54,6 +68,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import re
 import time
@@ -79,15 +94,24 @@ from wsecho import (
 
 NAME_MAX = 32
 TEXT_MAX = 1000
-FRAME_MAX = 8192
+#: Room for TEXT_MAX characters sent as ``\uXXXX`` surrogate pairs (12 characters each).
+FRAME_MAX = 16384
 #: The Close code for a socket whose name was refused (RFC 6455 §7.4.1: policy violation).
 CLOSE_BAD_NAME = 1008
+#: The Close code for a socket refused because the room is full (IANA: Try Again Later).
+CLOSE_ROOM_FULL = 1013
+#: The request header in which the runtime gives the client's address, as Cloudflare does.
+ADDRESS_HEADER = "CF-Connecting-IP"
 
 #: ``/`` and ``/rooms/<room>`` serve the page; ``/rooms/<room>/websocket`` is the room.
 _ROOM_PATH = re.compile(r"/rooms/([^/]+)(/websocket)?/?")
 _ROOM_NAME = re.compile(r"[\w-]{1,64}")
 #: Storage keys: ``msg:`` + 13-digit epoch ms + ``:`` + 12-digit sequence number.
 MSG_PREFIX = "msg:"
+#: ``{"seq", "at"}``: the last message's sequence number and time.
+META = "meta"
+#: Token buckets: ``rate:name:<name>`` and ``rate:address:<address>`` (``{"tokens", "at"}``).
+RATE_PREFIX = "rate:"
 #: ``delete()`` takes at most 128 keys per call.
 _DELETE_CHUNK = 128
 
@@ -104,7 +128,35 @@ def check_name(raw: str) -> str:
     if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
         msg = "a name cannot contain control characters"
         raise InvalidArgumentError(msg)
-    return name
+    return check_unicode(name, "name")
+
+
+def check_unicode(text: str, what: str) -> str:
+    """``text`` if it can be sent as UTF-8; a JSON ``"\\ud800"`` escape yields a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = f"U+{ord(text[exc.start]):04X} at character {exc.start + 1}"
+        msg = f"the {what} has a lone surrogate ({bad}): not Unicode text; pair it or leave it out"
+        raise InvalidArgumentError(msg) from None
+    return text
+
+
+def client_address(request: Request) -> str:
+    """The key of the client's address bucket: its IPv4 address, or its IPv6 /64.
+
+    One IPv6 client usually holds a whole /64, as a person behind a NAT holds one IPv4
+    address. Without the header (a runtime that does not set it) every client shares "unknown".
+    """
+    try:
+        ip = ipaddress.ip_address(request.headers.get(ADDRESS_HEADER) or "")
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def parse_message(frame: str | bytes) -> str:
@@ -141,11 +193,16 @@ def parse_message(frame: str | bytes) -> str:
     if len(text) > TEXT_MAX:
         msg = f"a message is at most {TEXT_MAX} characters; this one has {len(text)}"
         raise InvalidArgumentError(msg)
-    return text
+    return check_unicode(text, "message")
+
+
+def encode(frame: Any) -> str:
+    # Without ensure_ascii=False an emoji costs 12 bytes (two \uXXXX escapes), not 4.
+    return json.dumps(frame, ensure_ascii=False)
 
 
 def error_frame(message: str) -> str:
-    return json.dumps({"type": "error", "message": message})
+    return encode({"type": "error", "message": message})
 
 
 async def fetch(request: Request, env: Any) -> Response:
@@ -168,13 +225,21 @@ async def fetch(request: Request, env: Any) -> Response:
 class ChatRoom(DurableObject):
     """One chat room: its members' sockets, its history in storage, its pruning alarm."""
 
-    #: How many messages the room keeps (and replays to a joining socket).
+    #: How many messages the room keeps, and how many bytes of them a joining socket gets.
     history_size: ClassVar[int] = 50
+    history_bytes: ClassVar[int] = 64 * 1024
     #: Messages older than this many seconds are pruned by the alarm.
     history_max_age: ClassVar[float] = 24 * 3600.0
-    #: At most ``rate_limit`` messages per ``rate_window`` seconds per socket.
+    #: At most ``rate_limit`` messages per ``rate_window`` seconds per name, and
+    #: ``address_rate_limit`` per client address, whatever names it uses.
     rate_limit: ClassVar[int] = 5
+    address_rate_limit: ClassVar[int] = 20
     rate_window: ClassVar[float] = 10.0
+    #: At most this many names and addresses may have talked in the last ``rate_window``.
+    max_talkers: ClassVar[int] = 1000
+    #: At most this many sockets in the room; a joining socket is shown this many names.
+    max_members: ClassVar[int] = 1000
+    member_list_size: ClassVar[int] = 100
     #: How often the page sends its keep-alive "ping", in seconds.
     keep_alive: ClassVar[float] = 20.0
 
@@ -198,39 +263,39 @@ class ChatRoom(DurableObject):
         except InvalidArgumentError as exc:
             # A browser cannot read the body of a refused handshake, so the socket is
             # accepted (without the member tag: it is nobody) to carry the reason.
-            self.ctx.accept_web_socket(server)
-            server.send(error_frame(str(exc)))
-            server.close(CLOSE_BAD_NAME, "invalid name")
-            return Response(status=101, web_socket=client)
+            return self._refuse(client, server, str(exc), CLOSE_BAD_NAME, "invalid name")
+        members = self._members()
+        if len(members) >= self.max_members:
+            full = f"the room is full: it has its limit of {self.max_members} members; try again later"
+            return self._refuse(client, server, full, CLOSE_ROOM_FULL, "room is full")
+        # Another tab of the same name is not news to the others.
+        new_name = not self._open(self.ctx.get_web_sockets(f"user:{name}"))
         self.ctx.accept_web_socket(server, ["member", f"user:{name}"])
-        server.serialize_attachment({"name": name, "tokens": float(self.rate_limit), "at": self._now_ms()})
-        server.send(json.dumps({"type": "history", "messages": await self._history()}))
-        self._send_presence()
+        server.serialize_attachment({"name": name, "address": client_address(request)})
+        server.send(encode({"type": "history", "messages": await self._history()}))
+        server.send(self._presence())
+        if new_name:
+            # One small frame per member: presence goes out as a change, never as the list.
+            joined = encode({"type": "joined", "name": name})
+            for ws in members:
+                ws.send(joined)
         return Response(status=101, web_socket=client)
 
     async def web_socket_message(self, ws: WebSocket, message: str | bytes) -> None:
         member = ws.deserialize_attachment()
         if not isinstance(member, dict):
-            return  # a socket whose name was refused; it is already closing
+            return  # a socket that was refused; it is already closing
         try:
             text = parse_message(message)
+            entry = await self._store(member["name"], member["address"], text, self._now_ms())
         except InvalidArgumentError as exc:
             ws.send(error_frame(str(exc)))
             return
-        now = self._now_ms()
-        wait = self._take_token(ws, member, now)
-        if wait is not None:
-            ws.send(
-                error_frame(
-                    f"slow down: at most {self.rate_limit} messages per {self.rate_window:g} seconds; "
-                    f"try again in {wait:.1f} s"
-                )
-            )
-            return
-        entry = await self._store(member["name"], text, now)
         # Held back by the output gate until the message is durable: nobody sees a message
         # that a crash could still lose.
-        self._broadcast(json.dumps({"type": "message", **entry}))
+        frame = encode({"type": "message", **entry})
+        for other in self._members():
+            other.send(frame)
 
     async def web_socket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
         # The runtime answers the peer's Close (same code) since this handler does not.
@@ -242,60 +307,95 @@ class ChatRoom(DurableObject):
     async def alarm(self) -> None:
         """Prune every message older than ``history_max_age``; set the alarm for the next one."""
         storage = self.ctx.storage
-        cutoff = self._now_ms() - int(self.history_max_age * 1000)
+        now = self._now_ms()
+        cutoff = now - int(self.history_max_age * 1000)
         if cutoff >= 0:
             expired = await storage.list(prefix=MSG_PREFIX, end=f"{MSG_PREFIX}{cutoff + 1:013d}")
             await self._delete(expired)
+        await self._prune_rates(now)
         oldest = await storage.list(prefix=MSG_PREFIX, limit=1)
         for entry in oldest.values():
             await storage.set_alarm(self._expiry(entry))
+        if not oldest:
+            # Nothing is left to keep in order, so the room's storage is empty again.
+            await storage.delete(META)
 
     # -- the room's parts -------------------------------------------------------------------
 
-    def _members(self) -> list[WebSocket]:
+    def _refuse(self, client: WebSocket, server: WebSocket, why: str, code: int, reason: str) -> Response:
+        self.ctx.accept_web_socket(server)
+        server.send(error_frame(why))
+        server.close(code, reason)
+        return Response(status=101, web_socket=client)
+
+    @staticmethod
+    def _open(sockets: Iterable[WebSocket]) -> list[WebSocket]:
         # A socket that is joining is still CONNECTING (frames sent to it go out once the
         # handshake is done); one that is closing is no longer in the room.
-        return [ws for ws in self.ctx.get_web_sockets("member") if ws.ready_state <= ReadyState.OPEN]
+        return [ws for ws in sockets if ws.ready_state <= ReadyState.OPEN]
 
-    def _broadcast(self, frame: str) -> None:
-        for ws in self._members():
-            ws.send(frame)
+    def _members(self) -> list[WebSocket]:
+        return self._open(self.ctx.get_web_sockets("member"))
 
     def _left(self, ws: WebSocket) -> None:
-        if "member" in self.ctx.get_tags(ws):  # not a socket whose name was refused
-            self._send_presence()
+        tags = self.ctx.get_tags(ws)
+        if "member" not in tags:
+            return  # a socket that was refused
+        name = next(t for t in tags if t.startswith("user:"))
+        if not self._open(self.ctx.get_web_sockets(name)):  # its last tab closed
+            left = encode({"type": "left", "name": name.removeprefix("user:")})
+            for other in self._members():
+                other.send(left)
 
-    def _send_presence(self) -> None:
+    def _presence(self) -> str:
+        """The joining socket's view of the room: the first names and how many there are."""
         users: dict[str, None] = {}
         for ws in self._members():
             for tag in self.ctx.get_tags(ws):
                 if tag.startswith("user:"):
                     users[tag.removeprefix("user:")] = None
-        self._broadcast(json.dumps({"type": "presence", "users": list(users)}))
-
-    def _take_token(self, ws: WebSocket, member: dict[str, Any], now: int) -> float | None:
-        """Spend one token of the socket's bucket; None if there was one, else seconds to wait."""
-        per_ms = self.rate_limit / (self.rate_window * 1000)
-        elapsed = max(now - int(member["at"]), 0)  # a clock that stepped back refills nothing
-        tokens = min(float(self.rate_limit), float(member["tokens"]) + elapsed * per_ms)
-        if tokens < 1:
-            return (1 - tokens) / per_ms / 1000
-        member["tokens"], member["at"] = tokens - 1, now
-        ws.serialize_attachment(member)  # kept with the socket, so it survives hibernation
-        return None
+        shown = list(users)[: self.member_list_size]
+        return encode({"type": "presence", "users": shown, "count": len(users)})
 
     async def _history(self) -> list[Any]:
+        """The newest messages, oldest first, as many as fit in ``history_bytes`` with the frame."""
         newest = await self.ctx.storage.list(prefix=MSG_PREFIX, reverse=True, limit=self.history_size)
-        return list(reversed(newest.values()))
+        budget = self.history_bytes - len(encode({"type": "history", "messages": []}))
+        kept: list[Any] = []
+        for entry in newest.values():
+            budget -= len(encode(entry).encode()) + len(", ")
+            if budget < 0:
+                break
+            kept.append(entry)
+        return kept[::-1]
 
-    async def _store(self, name: str, text: str, now: int) -> dict[str, Any]:
+    async def _store(self, name: str, address: str, text: str, now: int) -> dict[str, Any]:
+        """Spend the sender's tokens and store the message; ``InvalidArgumentError`` if it may not."""
         storage = self.ctx.storage
-        meta = await storage.get("meta") or {"seq": 0, "at": 0}
+        limits = {
+            f"{RATE_PREFIX}name:{name}": self.rate_limit,
+            f"{RATE_PREFIX}address:{address}": self.address_rate_limit,
+        }
+        rows = await storage.get([META, *limits])
+        buckets: dict[str, Any] = {}
+        for key, limit in limits.items():
+            bucket, wait = take_token(rows.get(key), limit, self.rate_window, now)
+            if bucket is None:
+                whose = "" if key.startswith(f"{RATE_PREFIX}name:") else " from one address"
+                msg = (
+                    f"slow down: at most {limit} messages per {self.rate_window:g} seconds{whose}; "
+                    f"try again in {wait:.1f} s"
+                )
+                raise InvalidArgumentError(msg)
+            buckets[key] = bucket
+        if not rows.keys() >= limits.keys():
+            await self._make_room_for_talkers(now, len(limits.keys() - rows.keys()))
+        meta = rows.get(META) or {"seq": 0, "at": 0}
         # Keys sort by time; a clock that stepped back must not put a message before older ones.
         at = max(now, meta["at"])
         seq = meta["seq"] + 1
         entry = {"name": name, "text": text, "at": at}
-        await storage.put({f"{MSG_PREFIX}{at:013d}:{seq:012d}": entry, "meta": {"seq": seq, "at": at}})
+        await storage.put({f"{MSG_PREFIX}{at:013d}:{seq:012d}": entry, META: {"seq": seq, "at": at}, **buckets})
         stored = await storage.list(prefix=MSG_PREFIX)
         excess = max(len(stored) - self.history_size, 0)
         await self._delete(list(stored)[:excess])
@@ -303,6 +403,24 @@ class ChatRoom(DurableObject):
             oldest = list(stored.values())[excess]
             await storage.set_alarm(self._expiry(oldest))
         return entry
+
+    async def _make_room_for_talkers(self, now: int, new: int) -> None:
+        """Make room for ``new`` rate-limit rows, or refuse if the room holds ``max_talkers``."""
+        kept = await self._prune_rates(now)
+        if kept + new > self.max_talkers:
+            msg = (
+                f"the room is busy: {kept} names and addresses talked in the last "
+                f"{self.rate_window:g} seconds (the limit is {self.max_talkers}); try again in a moment"
+            )
+            raise InvalidArgumentError(msg)
+
+    async def _prune_rates(self, now: int) -> int:
+        """Delete the rate-limit rows whose bucket is full again; return how many are left."""
+        rows = await self.ctx.storage.list(prefix=RATE_PREFIX)
+        window = int(self.rate_window * 1000)
+        full = [key for key, row in rows.items() if now - int(row["at"]) >= window]
+        await self._delete(full)
+        return len(rows) - len(full)
 
     def _expiry(self, entry: dict[str, Any]) -> int:
         return int(entry["at"]) + int(self.history_max_age * 1000)
@@ -313,11 +431,34 @@ class ChatRoom(DurableObject):
             await self.ctx.storage.delete(keys[i : i + _DELETE_CHUNK])
 
 
+def take_token(
+    bucket: dict[str, Any] | None, limit: int, window: float, now: int
+) -> tuple[dict[str, Any] | None, float]:
+    """Spend a token of a bucket of ``limit`` tokens that refills over ``window`` seconds.
+
+    ``bucket`` is ``{"tokens", "at"}`` (None: a full one); returns the bucket after spending,
+    or None and the seconds to wait for a token.
+    """
+    per_ms = limit / (window * 1000)
+    tokens = float(limit)
+    if bucket is not None:
+        elapsed = max(now - int(bucket["at"]), 0)  # a clock that stepped back refills nothing
+        tokens = min(tokens, float(bucket["tokens"]) + elapsed * per_ms)
+    if tokens < 1:
+        return None, (1 - tokens) / per_ms / 1000
+    return {"tokens": tokens - 1, "at": now}, 0.0
+
+
 class ChatPage:
     """The page, rendered once with the room's limits, and the headers it is served with."""
 
     def __init__(self, room: type[ChatRoom]) -> None:
-        config = {"nameMax": NAME_MAX, "textMax": TEXT_MAX, "keepAliveMs": int(room.keep_alive * 1000)}
+        config = {
+            "nameMax": NAME_MAX,
+            "textMax": TEXT_MAX,
+            "listMax": room.member_list_size,
+            "keepAliveMs": int(room.keep_alive * 1000),
+        }
         self.body = (
             PAGE.replace("/*CONFIG*/{}", json.dumps(config)).replace("/*STYLE*/", STYLE).replace("/*SCRIPT*/", SCRIPT)
         ).encode()
@@ -391,7 +532,7 @@ const room = match ? decodeURIComponent(match[1]) : null;
 const NAME_KEY = "wsecho-chat:name";
 // Each tab keeps its own name (a reload rejoins as the same person); the last name used
 // anywhere only pre-fills the form.
-const state = { ws: null, name: sessionStorage.getItem(NAME_KEY), users: [], messages: 0,
+const state = { ws: null, name: sessionStorage.getItem(NAME_KEY), users: [], count: 0, messages: 0,
   pongs: 0, status: "not joined", retry: 0, errors: [] };
 
 function setStatus(text) {
@@ -424,13 +565,17 @@ function addMessage(m) {
   state.messages += 1;
 }
 
-function showPeople(users) {
+function showPeople(users, count) {
+  // The room sends the first names and the count on joining, then only who came and went.
   state.users = users;
+  state.count = count;
+  $("count").textContent = `(${count})`;
   $("people").replaceChildren(...users.map((u) => {
     const li = document.createElement("li");
     li.textContent = u;
     return li;
   }));
+  $("more").textContent = count > users.length ? `and ${count - users.length} more` : "";
 }
 
 function connect() {
@@ -451,7 +596,12 @@ function connect() {
     } else if (data.type === "message") {
       addMessage(data);
     } else if (data.type === "presence") {
-      showPeople(data.users);
+      showPeople(data.users, data.count);
+    } else if (data.type === "joined") {
+      const shown = state.users.length < config.listMax ? [...state.users, data.name] : state.users;
+      showPeople(shown, state.count + 1);
+    } else if (data.type === "left") {
+      showPeople(state.users.filter((u) => u !== data.name), Math.max(state.count - 1, 0));
     } else if (data.type === "error") {
       showError(data.message);
     }
@@ -579,8 +729,9 @@ PAGE = """<!doctype html>
       </form>
     </div>
     <aside class="card">
-      <h2>In the room</h2>
+      <h2>In the room <span id="count"></span></h2>
       <ul id="people"></ul>
+      <p class="hint" id="more"></p>
       <p class="hint">You are <strong id="who"></strong>.</p>
     </aside>
   </section>
