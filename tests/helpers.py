@@ -245,7 +245,7 @@ LISTENING = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
 class ServerProcess:
     """A wsecho subprocess whose log lines a test can wait for (bounded)."""
 
-    def __init__(self, args, cwd=None, env=None):
+    def __init__(self, args, cwd=None, env=None, preexec_fn=None):
         self.args = args
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsecho", *args],
@@ -255,6 +255,7 @@ class ServerProcess:
             text=True,
             cwd=cwd,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,  # a test may lower the child's limits (setrlimit)
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

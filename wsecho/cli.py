@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -40,6 +41,29 @@ def load_app(spec: str) -> App:
         msg = f"cannot load {spec!r}: {module_name}.{attr} must be a wsecho.App, found {found}"
         raise AppLoadError(msg)
     return app
+
+
+#: The soft open-file limit asked for when the hard limit is unlimited (macOS refuses infinity).
+UNLIMITED_NOFILE_TARGET = 1 << 20
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; return the limit before and after.
+
+    Every connection is a file descriptor, and the usual soft limit (1024) is far below the
+    default --max-connections. Go's runtime does the same at start (since Go 1.19); the
+    hard limit is what the administrator allowed (``ulimit -Hn``, ``LimitNOFILE=``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = UNLIMITED_NOFILE_TARGET if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit (ulimit -n) from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    return soft, target
 
 
 async def serve(
@@ -132,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = load_app(settings.app)
     except AppLoadError as exc:
         build_parser().error(str(exc))
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("raised the open-file limit (ulimit -n) from %d to %d, the hard limit", before, after)
+    else:
+        log.info("open-file limit (ulimit -n): %d, which is also the hard limit", after)
     notifier = Notifier.from_environ(os.environ)
     try:
         loop_factory, loop_name = event_loop(settings.loop)

@@ -141,12 +141,19 @@ def _any_text(text: str) -> str:
     return text
 
 
-def _count(text: str) -> int:
-    value = _integer(text)
-    if value < 0:
-        msg = f"must be 0 or more, got {value}"
-        raise ValueError(msg)
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            msg = f"must be {minimum} or more, got {value}"
+            raise ValueError(msg)
+        return value
+
+    return parse
+
+
+_count = _at_least(0)
+_backlog = _at_least(1)
 
 
 _BINARY_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -214,6 +221,29 @@ OPTIONS = (
         _count,
         "10000",
         "most WebSocket connections at once; an upgrade beyond it gets 503 (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-http-connections",
+        _count,
+        "1000",
+        "most plain HTTP connections at once (keep-alive ones too, not yet upgraded); a request "
+        "on a connection beyond it gets 503 and the connection is closed (0: no limit)",
+        "N",
+    ),
+    Option(
+        "--max-body-memory",
+        _count,
+        str(64 * 1024 * 1024),
+        "most bytes of request bodies held in memory at once, over all connections; a request "
+        "whose body does not fit gets 503 (0: no limit)",
+        "BYTES",
+    ),
+    Option(
+        "--backlog",
+        _backlog,
+        "2048",
+        "length of the listen queue (the kernel caps it at net.core.somaxconn)",
         "N",
     ),
     Option(
@@ -317,6 +347,9 @@ class Settings:
     max_message_size: int = 1024 * 1024
     data_dir: str = DEFAULT_DATA_DIR
     max_connections: int = 10_000
+    max_http_connections: int = 1000
+    max_body_memory: int = 64 * 1024 * 1024
+    backlog: int = 2048
     allowed_origins: tuple[str, ...] = ()
     #: Empty: automatic (see ``AllowedHosts.for_listener``).
     allowed_hosts: tuple[str, ...] = ()

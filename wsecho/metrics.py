@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -105,15 +106,60 @@ class RuntimeCollector(Collector):
         yield lag
 
 
+@attrs.frozen
+class ListenerStats:
+    """A snapshot of the listener's connection and memory accounting."""
+
+    #: Plain HTTP connections open (not upgraded).
+    http_connections: int
+    #: Bytes of request bodies held or reserved.
+    body_bytes: int
+    #: Times a listener paused because accept() failed (out of descriptors).
+    accept_pauses: int
+    #: Connections and requests turned away, by reason.
+    refused: dict[str, int]
+
+
+#: Why the listener turns a connection or request away (the ``reason`` label).
+REFUSAL_REASONS = ("websocket_limit", "http_limit", "body_memory", "descriptors")
+
+
+class ListenerCollector(Collector):
+    def __init__(self, stats: Callable[[], ListenerStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        http = GaugeMetricFamily("wsecho_http_connections_open", "plain HTTP connections open (keep-alive too)")
+        http.add_metric([], stats.http_connections)
+        yield http
+        body = GaugeMetricFamily("wsecho_request_body_bytes", "bytes of request bodies held in memory or reserved")
+        body.add_metric([], stats.body_bytes)
+        yield body
+        yield _counter(
+            "wsecho_accept_pauses", "times accepting paused because accept() failed (EMFILE)", stats.accept_pauses
+        )
+        refused = CounterMetricFamily(
+            "wsecho_refused", "connections and requests turned away at a limit, by reason", labels=["reason"]
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], stats.refused.get(reason, 0))
+        yield refused
+
+
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation)
     family.add_metric([], value)
     return family
 
 
-def make_registry(runtime: Runtime, loop_lag: Callable[[], float]) -> CollectorRegistry:
+def make_registry(
+    runtime: Runtime, loop_lag: Callable[[], float], listener: Callable[[], ListenerStats] | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime, loop_lag))
+    if listener is not None:
+        registry.register(ListenerCollector(listener))
     return registry
 
 

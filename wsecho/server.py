@@ -13,10 +13,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
 import hashlib
 import itertools
 import json
 import logging
+import os
+import resource
 import socket
 import time
 from collections import Counter
@@ -30,8 +33,9 @@ import attrs
 import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
+import tornado.tcpserver
 import tornado.web
-from tornado.http1connection import HTTP1Connection
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
@@ -44,7 +48,7 @@ from wsecho.errors import BadRequestError
 from wsecho.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.lifecycle import ObjectState
 from wsecho.limits import Limits
-from wsecho.metrics import CONTENT_TYPE, make_registry, render
+from wsecho.metrics import CONTENT_TYPE, ListenerStats, make_registry, render
 from wsecho.runtime import Runtime
 from wsecho.sdnotify import Notifier
 from wsecho.target import AllowedHosts, Target, resolve
@@ -75,6 +79,22 @@ BODY_TIMEOUT = 30.0
 
 #: The most objects one /objects answer lists (?limit=), so that one request's work is bounded.
 MAX_OBJECTS_LISTED = 10_000
+#: Descriptors kept free under RLIMIT_NOFILE, beyond those open at start, for the admin
+#: listener, storage and logs (an eighth of the limit, at most this): connections beyond
+#: the rest are closed at accept.
+MAX_RESERVED_FDS = 64
+#: The admin listener's listen queue (Tornado's default).
+ADMIN_BACKLOG = 128
+#: When accept() fails for lack of descriptors or memory, the listener pauses this long,
+#: doubling up to the maximum while it keeps failing (Go's net/http: 5 ms up to 1 s).
+ACCEPT_BACKOFF = 0.05
+MAX_ACCEPT_BACKOFF = 1.0
+#: A repeated warning (out of descriptors, connections refused) is logged at most this often.
+WARNING_INTERVAL = 60.0
+#: accept() errors that a pause cures: the process or the system ran out of descriptors,
+#: or the kernel out of buffers. Retrying at once would fail again (the listener stays
+#: readable), so the loop would spin.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 #: Handshake response headers that Tornado computes itself.
 _HANDSHAKE_HEADERS = frozenset(
@@ -137,6 +157,7 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         max_connections: int,
         allowed_origins: tuple[str, ...],
         allowed_hosts: AllowedHosts,
+        max_body_memory: int = 0,
     ) -> None:
         self.runtime = runtime
         self.connections = connections
@@ -144,15 +165,55 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.max_connections = max_connections
         self.allowed_origins = allowed_origins
         self.allowed_hosts = allowed_hosts
+        self.max_body_memory = max_body_memory
+        #: Upgrades between their admission and their connection's registration: they hold
+        #: a WebSocket slot, so concurrent upgrades cannot overshoot --max-connections.
+        self.upgrading = 0
+        #: Bytes of request bodies held (or reserved from Content-Length) right now.
+        self.body_bytes = 0
+        #: Connections and requests turned away, by reason (exported on /metrics).
+        self.refused: Counter[str] = Counter()
 
     def start_request(self, server_conn: object, request_conn: HTTPConnection) -> Exchange:
         return Exchange(self, cast(HTTP1Connection, request_conn))
+
+    def websockets(self) -> int:
+        """Open WebSocket connections plus upgrades holding a slot."""
+        return len(self.registry) + self.upgrading
+
+    def take_slot(self) -> bool:
+        """Reserve a WebSocket connection slot for an upgrade, before anything awaits."""
+        if self.max_connections and self.websockets() >= self.max_connections:
+            self.refused["websocket_limit"] += 1
+            return False
+        self.upgrading += 1
+        return True
+
+    def take_body(self, size: int) -> bool:
+        """Reserve ``size`` bytes of the request-body budget (--max-body-memory)."""
+        if self.max_body_memory and self.body_bytes + size > self.max_body_memory:
+            self.refused["body_memory"] += 1
+            return False
+        self.body_bytes += size
+        return True
 
 
 class Exchange(tornado.httputil.HTTPMessageDelegate):
     """One request and its response."""
 
-    __slots__ = ("body", "conn", "gateway", "headers", "start_line", "started", "target")
+    __slots__ = (
+        "body",
+        "body_reserved",
+        "conn",
+        "gateway",
+        "headers",
+        "received",
+        "refusal",
+        "slot",
+        "start_line",
+        "started",
+        "target",
+    )
 
     def __init__(self, gateway: Gateway, conn: HTTP1Connection) -> None:
         self.gateway = gateway
@@ -162,6 +223,13 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         self.body: list[bytes] = []
         self.started = 0.0
         self.target: Target | None = None
+        #: Set before the headers arrive to answer this request with it and close (a listener
+        #: over --max-http-connections), or once it was answered early (body over budget).
+        self.refusal: tuple[int, str] | None = None
+        #: Whether this request holds a WebSocket slot; bytes of body budget it holds and got.
+        self.slot = False
+        self.body_reserved = 0
+        self.received = 0
 
     def headers_received(
         self,
@@ -172,17 +240,65 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         self.start_line = start_line
         self.headers = headers
         self.started = time.monotonic()
+        if self.refusal is not None:
+            self._refuse(*self.refusal)
+            return
+        length = headers.get("Content-Length", "")
+        largest = self.conn.params.max_body_size or self.conn.stream.max_buffer_size
+        # The whole declared body is reserved now, before any of it arrives: a thousand clients
+        # that each send half a body cannot hold more than the budget between them. (Tornado
+        # itself refuses a Content-Length over --max-message-size.)
+        if length.isdigit() and int(length) <= largest:
+            self._reserve_body(int(length))
 
     def data_received(self, chunk: bytes) -> None:
+        if self.refusal is not None:
+            return  # answered already; Tornado reads the rest of the body and closes
+        extra = self.received + len(chunk) - self.body_reserved
+        if extra > 0 and not self._reserve_body(extra):  # a chunked body grows as it comes
+            return
+        self.received += len(chunk)
         self.body.append(chunk)
 
     def finish(self) -> None:
+        if self.refusal is not None:
+            return
         # Tornado waits for the response (or the hand-over) before it reads the next request.
         task = asyncio.ensure_future(self._handle())
+        task.add_done_callback(self._give_back)
         task.add_done_callback(_log_crash)
 
     def on_connection_close(self) -> None:
-        pass  # the client left before the request was complete; nothing was started
+        # The client left before the request was complete; nothing was started.
+        self._give_back()
+
+    def _reserve_body(self, size: int) -> bool:
+        if self.gateway.take_body(size):
+            self.body_reserved += size
+            return True
+        limit = self.gateway.max_body_memory
+        self._refuse(
+            503,
+            f"The server is at its limit of {limit} bytes of request bodies in memory "
+            f"(--max-body-memory); this request needs {size} more; try again later",
+        )
+        return False
+
+    def _refuse(self, status: int, text: str) -> None:
+        """Answer before the body is read, then close (Tornado reads and drops the rest)."""
+        self.refusal = (status, text)
+        self._give_back()
+        self._plain(status, text, [("Connection", "close")])
+
+    def _give_back(self, _: object = None) -> None:
+        """Release this request's WebSocket slot and body budget (once)."""
+        gateway = self.gateway
+        if self.slot:
+            self.slot = False
+            gateway.upgrading -= 1
+        gateway.body_bytes -= self.body_reserved
+        self.body_reserved = 0
+        self.body = []
 
     @property
     def url(self) -> str:
@@ -265,7 +381,8 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         gateway = self.gateway
         assert self.headers is not None
         assert self.target is not None
-        if gateway.max_connections and len(gateway.registry) >= gateway.max_connections:
+        self.slot = gateway.take_slot()
+        if not self.slot:
             limit = gateway.max_connections
             return 503, f"The server is at its limit of {limit} WebSocket connections; try again later"
         origin = self.headers.get("Origin")
@@ -386,6 +503,227 @@ def take_socket(stream: IOStream) -> _TakenSocket:
     return _TakenSocket(socket.socket(fileno=fd), leftover)
 
 
+class RateLimitedWarning:
+    """One warning line at most every :data:`WARNING_INTERVAL`, counting what it held back."""
+
+    __slots__ = ("_held", "_last", "_logger")
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._last: float | None = None
+        self._held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < WARNING_INTERVAL:
+            self._held += 1
+            return
+        held, self._held, self._last = self._held, 0, now
+        suffix = f" ({held} more like it in the last {WARNING_INTERVAL:g}s were not logged)" if held else ""
+        self._logger.warning(message + suffix, *args)
+
+
+def open_file_limit() -> int | None:
+    """RLIMIT_NOFILE's soft limit (``ulimit -n``), or None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def descriptors_in_use() -> int:
+    """How many descriptors the process holds (storage, logs, listeners); 32 where unknown."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listing it
+    except OSError:
+        return 32
+
+
+class Acceptor:
+    """Accepts connections on one listening socket, in place of ``tornado.netutil.add_accept_handler``.
+
+    Tornado's handler lets accept() errors escape, and the IOLoop calls it again at once,
+    since the listener stays readable: out of descriptors (EMFILE) it spins at 100% CPU and
+    logs a traceback per pass. This one pauses the listener instead, like Go's net/http and
+    uvicorn: the pending connections wait in the kernel's queue until descriptors are free.
+    """
+
+    __slots__ = ("_backoff", "_batch", "_on_connection", "_on_pause", "_removed", "_timer", "sock")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_connection: Callable[[socket.socket, Any], None],
+        on_pause: Callable[[OSError, float], None],
+        batch: int,
+    ) -> None:
+        self.sock = sock
+        self._on_connection = on_connection
+        self._on_pause = on_pause
+        # Like Tornado: at most a backlog's worth per wake-up, so other work is not starved.
+        self._batch = batch
+        self._backoff = ACCEPT_BACKOFF
+        self._removed = False
+        self._timer: object | None = None
+        IOLoop.current().add_handler(sock, self._ready, IOLoop.READ)
+
+    def _ready(self, fd: object, events: int) -> None:
+        for _ in range(self._batch):
+            if self._removed:
+                return
+            try:
+                conn, address = self.sock.accept()
+            except BlockingIOError:
+                return  # every pending connection is taken
+            except (ConnectionAbortedError, InterruptedError):
+                continue  # the client left while in the queue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._pause(exc)
+                return
+            self._backoff = ACCEPT_BACKOFF
+            self._on_connection(conn, address)
+
+    def _pause(self, exc: OSError) -> None:
+        loop = IOLoop.current()
+        loop.remove_handler(self.sock)
+        delay, self._backoff = self._backoff, min(self._backoff * 2, MAX_ACCEPT_BACKOFF)
+        self._timer = loop.call_later(delay, self._resume)
+        self._on_pause(exc, delay)
+
+    def _resume(self) -> None:
+        self._timer = None
+        if not self._removed:
+            IOLoop.current().add_handler(self.sock, self._ready, IOLoop.READ)
+
+    def remove(self) -> None:
+        """Stop accepting (what ``TCPServer.stop`` calls)."""
+        if self._removed:
+            return
+        self._removed = True
+        loop = IOLoop.current()
+        if self._timer is not None:
+            loop.remove_timeout(self._timer)
+            self._timer = None
+        else:
+            loop.remove_handler(self.sock)
+
+
+class Listener(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server with its accept loop replaced and every connection counted.
+
+    Plain HTTP connections (keep-alive ones too) count against ``max_http``: a request on
+    a connection beyond it is answered 503 and the connection closed. Every connection,
+    HTTP or WebSocket, counts against ``fd_cap`` (from RLIMIT_NOFILE): beyond it a new
+    connection is closed at accept, which keeps descriptors for the admin listener,
+    storage and the connections already open.
+
+    This reaches into TCPServer (``_sockets``, ``_handlers``, ``_handle_connection``):
+    :func:`check_tornado` verifies them when the module loads.
+    """
+
+    gateway: Gateway | None = None
+    max_http = 0
+    fd_cap: int | None = None
+    http_open = 0
+    pause_warning: RateLimitedWarning | None = None
+    cap_warning: RateLimitedWarning | None = None
+    accept_pauses = 0
+    backlog = ADMIN_BACKLOG
+
+    def configure_limits(self, gateway: Gateway | None, *, max_http: int, fd_cap: int | None, backlog: int) -> None:
+        self.gateway = gateway
+        self.max_http = max_http
+        self.fd_cap = fd_cap
+        self.backlog = backlog
+        self.pause_warning = RateLimitedWarning(log)
+        self.cap_warning = RateLimitedWarning(log)
+        self._over: set[IOStream] = set()
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            acceptor = Acceptor(sock, self._accepted, self._paused, self.backlog)
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = acceptor.remove
+
+    def open_connections(self) -> int:
+        websockets = self.gateway.websockets() if self.gateway is not None else 0
+        return self.http_open + websockets
+
+    def _paused(self, exc: OSError, delay: float) -> None:
+        self.accept_pauses += 1
+        assert self.pause_warning is not None
+        limit = open_file_limit()
+        self.pause_warning.warn(
+            "cannot accept connections: %s (the open-file limit, ulimit -n, is %s; %d connections "
+            "are open); not accepting for %gs, the waiting clients stay queued",
+            exc.strerror,
+            "unlimited" if limit is None else limit,
+            self.open_connections(),
+            delay,
+        )
+
+    def _accepted(self, conn: socket.socket, address: Any) -> None:
+        if self.fd_cap is not None and self.open_connections() >= self.fd_cap:
+            conn.close()
+            if self.gateway is not None:
+                self.gateway.refused["descriptors"] += 1
+            assert self.cap_warning is not None
+            self.cap_warning.warn(
+                "closed a new connection at accept: %d connections are open, the most that fit "
+                "under the open-file limit (ulimit -n %s) with descriptors kept in reserve",
+                self.fd_cap,
+                open_file_limit(),
+            )
+            return
+        self._handle_connection(conn, address)
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        self.http_open += 1
+        if self.max_http and self.http_open > self.max_http:
+            self._over.add(stream)
+            assert self.gateway is not None
+            self.gateway.refused["http_limit"] += 1
+        super().handle_stream(stream, address)
+
+    def start_request(self, server_conn: object, request_conn: HTTPConnection) -> tornado.httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = cast(HTTP1Connection, request_conn).stream
+        # (Tornado asks for a delegate before each request on the connection.)
+        if self.max_http and stream in self._over and isinstance(delegate, Exchange):
+            delegate.refusal = (
+                503,
+                f"The server is at its limit of {self.max_http} HTTP connections "
+                "(--max-http-connections); try again later",
+            )
+        return delegate
+
+    def on_close(self, server_conn: object) -> None:
+        self.http_open -= 1
+        if self.max_http:
+            self._over.discard(cast(HTTP1ServerConnection, server_conn).stream)
+        super().on_close(server_conn)
+
+
+def check_tornado() -> None:
+    """Fail loudly if the Tornado internals :class:`Listener` and :func:`take_socket` use changed."""
+    probe = tornado.tcpserver.TCPServer()
+    missing = [
+        name
+        for name, ok in (
+            ("TCPServer._sockets", isinstance(getattr(probe, "_sockets", None), dict)),
+            ("TCPServer._handlers", isinstance(getattr(probe, "_handlers", None), dict)),
+            ("TCPServer._handle_connection", callable(getattr(probe, "_handle_connection", None))),
+        )
+        if not ok
+    ]
+    if missing or tornado.version_info[0] != 6:
+        msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {tornado.version}"
+        raise ImportError(msg)
+
+
+check_tornado()
+
+
 def make_application(
     runtime: Runtime,
     *,
@@ -394,6 +732,7 @@ def make_application(
     max_connections: int = 0,
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: AllowedHosts | None = None,
+    max_body_memory: int = 0,
     max_outgoing: int = MAX_OUTGOING_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Gateway:
@@ -412,6 +751,7 @@ def make_application(
         max_connections,
         allowed_origins,
         allowed_hosts if allowed_hosts is not None else AllowedHosts(frozenset(), (), any=True),
+        max_body_memory,
     )
 
 
@@ -557,7 +897,7 @@ class Server:
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).
         self.phase = "starting"
-        self.registry = make_registry(self.runtime, lambda: self.loop_lag)
+        self.registry = make_registry(self.runtime, lambda: self.loop_lag, self.listener_stats)
         #: How late the event loop last ran a timer, in seconds.
         self.loop_lag = 0.0
         #: Every open WebSocket connection (for dead-peer pings and shutdown).
@@ -571,9 +911,10 @@ class Server:
             max_connections=settings.max_connections,
             allowed_origins=settings.allowed_origins,
             allowed_hosts=AllowedHosts.for_listener(settings.allowed_hosts, settings.host),
+            max_body_memory=settings.max_body_memory,
         )
-        self._http: tornado.httpserver.HTTPServer | None = None
-        self._admin: tornado.httpserver.HTTPServer | None = None
+        self._http: Listener | None = None
+        self._admin: Listener | None = None
         self._sweeper = Sweeper(self.runtime)
         self._periodic: list[PeriodicCallback] = []
         #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
@@ -598,18 +939,25 @@ class Server:
             admin = tornado.web.Application(
                 handlers, default_handler_class=NotFound, default_handler_args={"server": self}
             )
-            self._admin = tornado.httpserver.HTTPServer(admin)
+            self._admin = Listener(admin)
+            self._admin.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
             self._admin.add_sockets(admin_sockets)
             self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
         await self.runtime.start()
-        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host)
-        self._http = tornado.httpserver.HTTPServer(
+        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host, backlog=self.settings.backlog)
+        self._http = Listener(
             self._application,
             max_body_size=max(self.settings.max_message_size, 64 * 1024),
             max_header_size=MAX_HEADER_BYTES,
             # Tornado's header timeout: a client that dribbles its request is cut (slowloris).
             idle_connection_timeout=self.settings.handshake_timeout,
             body_timeout=BODY_TIMEOUT,
+        )
+        self._http.configure_limits(
+            self._application,
+            max_http=self.settings.max_http_connections,
+            fd_cap=self._fd_cap(),
+            backlog=self.settings.backlog,
         )
         self._http.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]
@@ -627,6 +975,43 @@ class Server:
         self.notifier.ready()
         self._report_status()
         return self.addresses
+
+    def _fd_cap(self) -> int | None:
+        """The most connections that fit under RLIMIT_NOFILE with a reserve; warn if the limits do not."""
+        limit = open_file_limit()
+        if limit is None:
+            return None
+        reserve = min(MAX_RESERVED_FDS, limit // 8)
+        cap = max(limit - descriptors_in_use() - reserve, 1)
+        settings = self.settings
+        wanted = settings.max_connections + settings.max_http_connections
+        log.debug("at most %d connections fit under the open-file limit of %d", cap, limit)
+        if not settings.max_connections or not settings.max_http_connections or wanted > cap:
+            shown = wanted if settings.max_connections and settings.max_http_connections else "unlimited"
+            log.warning(
+                "--max-connections %d plus --max-http-connections %d (%s connections) do not fit under "
+                "the open-file limit (ulimit -n) of %d with %d descriptors for storage and reserve: at most %d "
+                "connections at once, the rest are closed at accept; raise the limit (LimitNOFILE= "
+                "under systemd) or lower the options",
+                settings.max_connections,
+                settings.max_http_connections,
+                shown,
+                limit,
+                limit - cap,
+                cap,
+            )
+        return cap
+
+    def listener_stats(self) -> ListenerStats:
+        """What /metrics reports about the listener."""
+        gateway = self._application
+        listeners = [x for x in (self._http, self._admin) if x is not None]
+        return ListenerStats(
+            http_connections=self._http.http_open if self._http is not None else 0,
+            body_bytes=gateway.body_bytes,
+            accept_pauses=sum(x.accept_pauses for x in listeners),
+            refused=dict(gateway.refused),
+        )
 
     def _watchdog(self) -> None:
         self.notifier.watchdog()
