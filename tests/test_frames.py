@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsecho.frames import BINARY, CLOSE, FAIL, PING, PONG, TEXT, FrameParser, frame, unmask
+from wsecho.frames import BINARY, CLOSE, FAIL, MAX_FRAGMENTS, PING, PONG, TEXT, FrameParser, frame, unmask
 
 
 def client_frame(opcode, payload=b"", fin=True, masked=True, rsv=0, length=None):
@@ -187,3 +187,61 @@ def test_valid_text_checked_in_chops_is_not_checked_twice():
     for i in range(0, len(data), 3):
         events += parser.feed(data[i : i + 3])
     assert events == [(TEXT, text)]
+
+
+def fragmented(count, opcode=2, piece=b"a"):
+    """One message in ``count`` frames of ``piece`` each."""
+    first = client_frame(opcode, piece, fin=count == 1)
+    middle = client_frame(0, piece, fin=False) * (count - 2)
+    return first + middle + (client_frame(0, piece) if count > 1 else b"")
+
+
+def test_a_message_may_come_in_as_many_fragments_as_the_limit_and_not_one_more():
+    assert FrameParser(1000, max_fragments=3).feed(fragmented(3)) == [(BINARY, b"aaa")]
+    events = FrameParser(1000, max_fragments=3).feed(fragmented(4))
+    assert events == [(FAIL, (1009, "message in more than 3 fragments"))]
+
+
+def test_the_fragment_limit_holds_for_empty_fragments_too():
+    # Empty continuation frames never grow the message: only the count stops them.
+    data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * MAX_FRAGMENTS
+    assert FrameParser(1000).feed(data) == [(FAIL, (1009, f"message in more than {MAX_FRAGMENTS} fragments"))]
+    assert FrameParser(1 << 20).feed(fragmented(MAX_FRAGMENTS, opcode=1)) == [(TEXT, "a" * MAX_FRAGMENTS)]
+
+
+def test_a_pass_consumes_at_most_its_budget_then_resume_goes_on():
+    message = client_frame(2, b"x" * 20)  # 26 bytes
+    parser = FrameParser(1000, pass_bytes=60)
+    assert parser.feed(message * 5) == [(BINARY, b"x" * 20)] * 3  # the third frame crosses 60
+    assert parser.held
+    assert parser.feed(message) == []  # nothing more until the next pass
+    assert parser.resume() == [(BINARY, b"x" * 20)] * 3
+    assert parser.held  # this pass's budget is spent too, though nothing waits
+    assert parser.resume() == []
+    assert not parser.held
+    big = client_frame(2, b"y" * 100)  # a frame over the budget still goes through, alone
+    assert parser.feed(big + message) == [(BINARY, b"y" * 100)]
+    assert parser.held
+    assert parser.resume() == [(BINARY, b"x" * 20)]
+    assert not parser.held
+
+
+@given(
+    st.lists(st.binary(max_size=300).map(lambda b: (2, b)), max_size=8),
+    st.integers(min_value=1, max_value=64),
+    st.integers(min_value=1, max_value=400),
+)
+@settings(max_examples=200, deadline=None)
+def test_fuzz_messages_survive_any_pass_budget(messages, chunk, budget):
+    wire = b""
+    for opcode, payload in messages:
+        pieces = [payload[i : i + 50] for i in range(0, len(payload), 50)] or [b""]
+        for i, piece in enumerate(pieces):
+            wire += client_frame(opcode if i == 0 else 0, piece, fin=i == len(pieces) - 1)
+    parser = FrameParser(1 << 20, pass_bytes=budget)
+    events = []
+    for i in range(0, len(wire), chunk):
+        events += parser.feed(wire[i : i + chunk])
+        while parser.held:
+            events += parser.resume()
+    assert events == [(BINARY, p) for _, p in messages]
