@@ -8,6 +8,7 @@ import pytest
 from tests.helpers import RawClient, probe_app
 from tests.test_frames import client_frame
 from wsecho.config import Settings
+from wsecho.frames import MAX_FRAGMENTS
 from wsecho.server import Server, make_application
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -173,6 +174,7 @@ async def test_broken_handshakes(port, extra_headers, status, message):
         (client_frame(8, struct.pack("!H", 999)), 1002),
         (client_frame(8, struct.pack("!H", 1000) + b"\xc3\x28"), 1007),
         (client_frame(2, b"x" * 1001), 1009),
+        (client_frame(2, b"", fin=False) + client_frame(0, b"", fin=False) * MAX_FRAGMENTS, 1009),
     ],
     ids=[
         "unmasked",
@@ -187,6 +189,7 @@ async def test_broken_handshakes(port, extra_headers, status, message):
         "close-code",
         "close-reason-utf8",
         "too-big",
+        "fragment-flood",
     ],
 )
 @pytest.mark.gen_test
@@ -235,9 +238,9 @@ async def test_a_dead_peer_is_found_by_pings(recorder):
     try:
         raw = await RawClient.connect(server.port, "/obj/x/ws")
         # a live peer answers the server's ping and stays
-        opcode, _ = await raw.read_frame()
+        opcode, payload = await raw.read_frame()
         assert opcode == 0x9
-        raw.send_frame(0xA, b"")
+        raw.send_frame(0xA, payload)
         assert recorder.of("close") == []
         # a dead one (reads nothing, answers nothing) is cut: its close code is 1006
         raw.writer.transport.pause_reading()

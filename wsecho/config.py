@@ -274,15 +274,24 @@ OPTIONS = (
         "--ping-interval",
         _non_negative_seconds,
         "30",
-        "ping a WebSocket peer silent this long, to find dead connections (0: never)",
+        "ping each WebSocket peer this often, to find dead connections (0: never)",
         "SECONDS",
     ),
     Option(
         "--ping-timeout",
         _positive_seconds,
         "20",
-        "a peer that does not answer a ping within this time is cut (its close code is 1006)",
+        "a peer that does not answer a ping with its payload within this time, or whose send queue "
+        "does not drain for this long, is cut (its close code is 1006)",
         "SECONDS",
+    ),
+    Option(
+        "--max-outgoing-total",
+        _count,
+        str(256 * 1024 * 1024),
+        "bytes queued for all slow WebSocket peers together; past it the peers with the most queued "
+        "are cut with 1008 (0: no limit; each peer's own limit is 16 MiB)",
+        "BYTES",
     ),
     Option(
         "--admin-host",
@@ -356,6 +365,7 @@ class Settings:
     handshake_timeout: float = 5.0
     ping_interval: float = 30.0
     ping_timeout: float = 20.0
+    max_outgoing_total: int = 256 * 1024 * 1024
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
     drain_timeout: float = 5.0

@@ -14,12 +14,24 @@ the server closes TCP first; a Close the server sends waits at most
 ``close_timeout`` for the peer's; a failed connection (1002, 1007, 1008, 1009)
 gets its Close frame, a FIN, and a bounded drain of the peer's input, so that the
 peer reads the Close instead of a reset.
+
+Fairness: a read is parsed in passes of at most ``READ_PASS_BYTES``; past that the connection
+stops reading and lets the event loop serve the others before it parses the rest.
+
+Slow readers: the transport tells the connection when more than ``HIGH_WATER`` bytes wait for
+its peer (``pause_writing``) and when they drained (``resume_writing``). Only such backed-up
+connections are measured, in one :class:`SendQueues` ledger per server: a peer over
+``max_outgoing`` is cut with 1008, and when all of them together pass ``max_outgoing_total``
+the ones with the most queued are cut with 1008 until the rest fit. A connection that keeps
+up costs nothing on its send path but one attribute test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
+import time
 from typing import TYPE_CHECKING, Any, cast
 
 from wsecho import frames
@@ -37,11 +49,90 @@ _PING = frames.OP_PING
 _TEXT_FRAME = frames.OP_TEXT
 _BINARY_FRAME = frames.OP_BINARY
 
+#: Bytes queued for a peer past which the transport pauses our writing (the connection joins
+#: the server's :class:`SendQueues`), and at or below which it resumes it. Set explicitly:
+#: asyncio's low mark is 16 KiB, uvloop's 16 bytes.
+HIGH_WATER = 64 * 1024
+LOW_WATER = 16 * 1024
+#: Input bytes parsed per pass before the connection lets the event loop serve others: about
+#: 10,000 of the smallest frames, under 10 ms of parsing (libuv otherwise hands a busy socket
+#: up to 32 reads of 256 KiB in a row).
+READ_PASS_BYTES = 64 * 1024
+#: At most one warning a second about cut peers; the others are counted in the next one.
+LOG_EVERY = 1.0
+_PING_PAYLOAD = struct.Struct("!d")
+
+
+class CutLog:
+    """Warnings about peers cut for reading too slowly, at most one per ``LOG_EVERY`` seconds."""
+
+    __slots__ = ("_last", "_suppressed")
+
+    def __init__(self) -> None:
+        self._last = -LOG_EVERY
+        self._suppressed = 0
+
+    def warn(self, url: str | None, reason: str) -> None:
+        # The monotonic clock, read only when a peer is cut (never on the send path).
+        now = time.monotonic()
+        if now - self._last < LOG_EVERY:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more peers cut since the last such line)" if self._suppressed else ""
+        log.warning("closing a WebSocket of %s: %s%s", url, reason, more)
+        self._last = now
+        self._suppressed = 0
+
+
+class SendQueues:
+    """The bytes queued for every backed-up peer of a server: one ledger across connections.
+
+    A connection is a member while its transport holds more than ``HIGH_WATER`` bytes for it
+    (from ``pause_writing`` to ``resume_writing`` or its end); every other connection holds at
+    most ``HIGH_WATER`` bytes. ``total`` adds each member's size as last looked at; queues drain
+    between looks, so it can be high, never low, and it is measured again before anyone is cut.
+    """
+
+    __slots__ = ("limit", "members", "total")
+
+    def __init__(self, limit: int) -> None:
+        #: The budget for all members together (0: none).
+        self.limit = limit
+        self.members: set[Connection] = set()
+        self.total = 0
+
+    def over_budget(self) -> None:
+        """``total`` passed ``limit``: measure, then cut the biggest queues until the rest fit."""
+        self.total = sum(conn.look(0) for conn in self.members)
+        if self.total <= self.limit:
+            return
+        for conn in sorted(self.members, key=_queued, reverse=True):
+            if self.total <= self.limit:
+                break
+            conn.cut(
+                1008,
+                f"the server's queues for all slow peers passed --max-outgoing-total ({self.limit} bytes); "
+                f"this peer had the most queued ({conn.queued} bytes)",
+            )
+
+
+def _queued(conn: Connection) -> int:
+    return conn.queued
+
 
 class ConnectionSettings:
     """What every connection of a server shares (one object, not one per socket)."""
 
-    __slots__ = ("close_timeout", "linger", "max_message_size", "max_outgoing", "runtime")
+    __slots__ = (
+        "close_timeout",
+        "cut_log",
+        "linger",
+        "max_message_size",
+        "max_outgoing",
+        "queues",
+        "read_pass_bytes",
+        "runtime",
+    )
 
     def __init__(
         self,
@@ -49,14 +140,19 @@ class ConnectionSettings:
         *,
         max_message_size: int,
         max_outgoing: int = 16 * 1024 * 1024,
+        max_outgoing_total: int = 256 * 1024 * 1024,
         close_timeout: float = 5.0,
         linger: float = 2.0,
+        read_pass_bytes: int = READ_PASS_BYTES,
     ) -> None:
         self.runtime = runtime
         self.max_message_size = max_message_size
         self.max_outgoing = max_outgoing
+        self.queues = SendQueues(max_outgoing_total)
         self.close_timeout = close_timeout
         self.linger = linger
+        self.read_pass_bytes = read_pass_bytes
+        self.cut_log = CutLog()
 
 
 class Connection(asyncio.Protocol):
@@ -67,15 +163,20 @@ class Connection(asyncio.Protocol):
         "_peer_closed",
         "_settings",
         "_timer",
+        "backed_up",
         "backlog",
+        "drained",
         "failure",
         "heard",
         "last_seen",
         "leftover",
         "parser",
+        "ping_payload",
         "ping_sent_at",
         "protocol",
+        "queued",
         "registry",
+        "stalled_since",
         "transport",
         "url",
         "ws",
@@ -95,7 +196,7 @@ class Connection(asyncio.Protocol):
         self.url = url
         self.protocol = protocol
         self._settings = settings
-        self.parser = frames.FrameParser(settings.max_message_size)
+        self.parser = frames.FrameParser(settings.max_message_size, pass_bytes=settings.read_pass_bytes)
         self.transport: asyncio.Transport | None = None
         #: Bytes the HTTP layer had read past the upgrade request (frames sent right after it).
         self.leftover = leftover
@@ -105,19 +206,31 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         #: (code, reason) once the connection was failed because of the peer.
         self.failure: tuple[int, str] | None = None
-        #: Loop time of the last bytes from the peer, and of our outstanding ping (for dead peers).
+        #: Dead-peer detection (the server's ping pass): loop time of the connection or of the
+        #: last Pong that answered our Ping, and of our outstanding Ping and its payload.
         self.last_seen = 0.0
-        #: Whether the peer sent anything since the last ping pass looked.
+        #: Whether the Pong to our Ping came since the last ping pass looked (only that Pong
+        #: counts: an unsolicited one proves nothing, RFC 6455 §5.5.3, and data frames prove
+        #: that the peer sends, not that it reads).
         self.heard = False
         self.ping_sent_at: float | None = None
+        self.ping_payload = b""
         #: Events parsed but held back while the object's queue is long (see _process).
         self.backlog: list[tuple[str, Any]] | None = None
+        #: Slow readers: whether this connection is in the server's SendQueues, its queue size at
+        #: the last look, the bytes that left the queue since the ping pass last looked, and the
+        #: loop time since which none did (a peer whose queue does not drain is dead).
+        self.backed_up = False
+        self.queued = 0
+        self.drained = 0
+        self.stalled_since: float | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport has the Transport API without being a subclass of it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
         self.registry.add(self)
         self.last_seen = asyncio.get_running_loop().time()
         # Frames the object sent before the handshake finished go out now, first.
@@ -129,14 +242,31 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.failure is not None:
             return  # draining after a failure
-        # Just a flag: the ping pass turns it into a time. Reading the clock here would cost a
-        # call per message (asyncio.get_running_loop() even makes a getpid() system call).
-        self.heard = True
-        events = self.parser.feed(data)
+        parser = self.parser
+        events = parser.feed(data)
         if self.backlog is not None:
             self.backlog.extend(events)
         else:
             self._process(events, 0)
+        if parser.held and self.backlog is None:  # (with a backlog, _resume continues)
+            self._yield()
+
+    def _yield(self) -> None:
+        """This pass's budget is spent: read nothing more until the loop has served the others."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.failure is not None:
+            return
+        transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        if self.transport is None or self.failure is not None or self.backlog is not None:
+            return  # gone, failed, or paused for its object (whose _resume continues)
+        self._process(self.parser.resume(), 0)
+        if self.parser.held:
+            self._yield()
+        elif self.backlog is None and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _process(self, events: list[tuple[str, Any]], start: int) -> None:
         runtime = self._settings.runtime
@@ -156,7 +286,8 @@ class Connection(asyncio.Protocol):
             elif kind == "ping":
                 self._write(frames.frame(_PONG, value))
             elif kind == "pong":
-                self.ping_sent_at = None
+                if self.ping_sent_at is not None and value == self.ping_payload:
+                    self.heard = True  # the ping pass turns it into a time
             elif kind == "close":
                 self._on_close_frame(*value)
             else:  # fail
@@ -165,6 +296,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
+        self._leave_queues()
         self._cancel_timer()
         self.transport = None
         failure = self.failure
@@ -202,11 +334,54 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing() or self.failure is not None:
             return  # the peer is gone (connection_lost reports it) or the connection failed
         transport.write(data)
-        if transport.get_write_buffer_size() > self._settings.max_outgoing:
+        if self.backed_up:  # set by pause_writing, which write() itself calls past HIGH_WATER
             # A peer that stops reading must not grow our memory without bound.
-            self.failure = (1008, f"the peer read too slowly (over {self._settings.max_outgoing} bytes queued)")
-            log.warning("closing a WebSocket of %s: %s", self.ws.url, self.failure[1])
-            transport.abort()
+            settings = self._settings
+            queues = settings.queues
+            old = self.queued
+            size = self.look(len(data))
+            queues.total += size - old
+            if size > settings.max_outgoing:
+                self.cut(1008, f"the peer read too slowly (over {settings.max_outgoing} bytes queued)")
+            elif queues.limit and queues.total > queues.limit:
+                queues.over_budget()
+
+    # -- slow readers (asyncio flow control) ---------------------------------------------
+
+    def pause_writing(self) -> None:
+        """More than HIGH_WATER bytes wait for the peer: measure this connection from now on."""
+        self.backed_up = True
+        self.queued = 0  # not in the ledger's total yet: the next look adds it
+        self._settings.queues.members.add(self)
+
+    def resume_writing(self) -> None:
+        """The queue drained to LOW_WATER: the peer keeps up again."""
+        self._leave_queues()
+
+    def _leave_queues(self) -> None:
+        if self.backed_up:
+            self.backed_up = False
+            queues = self._settings.queues
+            queues.members.discard(self)
+            queues.total -= self.queued
+            self.queued = 0
+            self.stalled_since = None
+
+    def look(self, written: int) -> int:
+        """The queue's size now (``written`` bytes were just added); counts what left it since."""
+        transport = self.transport
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        self.drained += self.queued + written - size
+        self.queued = size
+        return size
+
+    def cut(self, code: int, reason: str) -> None:
+        """End the connection at once (its queue is dropped); the object gets ``web_socket_error(code)``."""
+        self.failure = (code, reason)
+        self._leave_queues()
+        self._settings.cut_log.warn(self.ws.url, reason)
+        if self.transport is not None:
+            self.transport.abort()
 
     def _on_close_frame(self, code: int | None, reason: str) -> None:
         self._peer_closed = True
@@ -262,13 +437,22 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return  # the connection ended meanwhile: its close event was the last one
         self._process(backlog, 0)
-        if self.backlog is None and self.transport is not None and not self.transport.is_closing():
+        if self.backlog is not None:
+            return
+        if self.parser.held:
+            self._yield()  # the rest of the pass that the object's queue interrupted
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def ping(self, now: float) -> None:
-        """Send a server ping (dead-peer detection); the pong clears ``ping_sent_at``."""
+        """Send a server ping (dead-peer detection); only a Pong with its payload answers it.
+
+        The payload is the loop time of the ping pass: new for every Ping, and a peer cannot
+        answer it without reading it (after everything queued before it).
+        """
         self.ping_sent_at = now
-        self._write(frames.frame(_PING, b""))
+        self.ping_payload = _PING_PAYLOAD.pack(now)
+        self._write(frames.frame(_PING, self.ping_payload))
 
     def abort(self) -> None:
         if self.transport is not None:

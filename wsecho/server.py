@@ -68,6 +68,8 @@ LAG_PROBE = 0.01
 STATUS_INTERVAL = 10.0
 #: Bytes queued for a peer that does not read before its connection is cut (close code 1008).
 MAX_OUTGOING_BYTES = 16 * 1024 * 1024
+#: Bytes queued for all slow peers together before the worst are cut (--max-outgoing-total).
+MAX_OUTGOING_TOTAL_BYTES = Settings().max_outgoing_total
 #: How long the server waits for the peer's answer to its Close before cutting the connection.
 CLOSE_TIMEOUT = 5.0
 #: The request header that carries the client's address (the TCP peer), as on Cloudflare.
@@ -734,6 +736,7 @@ def make_application(
     allowed_hosts: AllowedHosts | None = None,
     max_body_memory: int = 0,
     max_outgoing: int = MAX_OUTGOING_BYTES,
+    max_outgoing_total: int = MAX_OUTGOING_TOTAL_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
 ) -> Gateway:
     """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections.
@@ -742,7 +745,11 @@ def make_application(
     (:class:`Server` passes ``AllowedHosts.for_listener`` of its own).
     """
     connections = ConnectionSettings(
-        runtime, max_message_size=max_message_size, max_outgoing=max_outgoing, close_timeout=close_timeout
+        runtime,
+        max_message_size=max_message_size,
+        max_outgoing=max_outgoing,
+        max_outgoing_total=max_outgoing_total,
+        close_timeout=close_timeout,
     )
     return Gateway(
         runtime,
@@ -912,6 +919,7 @@ class Server:
             allowed_origins=settings.allowed_origins,
             allowed_hosts=AllowedHosts.for_listener(settings.allowed_hosts, settings.host),
             max_body_memory=settings.max_body_memory,
+            max_outgoing_total=settings.max_outgoing_total,
         )
         self._http: Listener | None = None
         self._admin: Listener | None = None
@@ -1021,16 +1029,32 @@ class Server:
         callback.start()
         self._periodic.append(callback)
 
-    def _ping_peers(self) -> None:
-        """Ping peers that have been silent for --ping-interval; cut those that never answered.
+    def _ping_peers(self, now: float | None = None) -> None:
+        """Find dead peers: ping each every --ping-interval; cut those that do not answer within
+        --ping-timeout, and those whose send queue has not drained a byte for --ping-timeout.
 
+        Only a Pong carrying our Ping's payload counts (``Connection.heard``): a peer that sends
+        but never reads cannot pass by sending unsolicited Pongs or messages. A peer cut here is
+        gone as if its network died: ``web_socket_close(1006)``, counted in ``dead_peers``.
         One pass over the open connections instead of one timer per socket.
         """
-        now = asyncio.get_running_loop().time()
+        if now is None:
+            now = asyncio.get_running_loop().time()
         interval, timeout = self.settings.ping_interval, self.settings.ping_timeout
-        dead = 0
+        dead = stalled = 0
         for conn in list(self.connections):
-            if conn.heard:  # the peer sent something since the last pass
+            if conn.backlog is not None:
+                continue  # we stopped reading it ourselves (its object is busy): its Pong waits unread
+            if conn.backed_up:
+                conn.look(0)
+                if conn.drained > 0 or conn.stalled_since is None:  # progress, or the first look
+                    conn.drained = 0
+                    conn.stalled_since = now
+                elif now - conn.stalled_since > timeout:
+                    conn.abort()
+                    stalled += 1
+                    continue
+            if conn.heard:  # the Pong to our Ping came since the last pass
                 conn.heard = False
                 conn.last_seen = now
                 conn.ping_sent_at = None
@@ -1040,9 +1064,16 @@ class Server:
                     dead += 1
             elif now - conn.last_seen > interval:
                 conn.ping(now)
-        if dead:
-            self.runtime.counters["dead_peers"] += dead
-            log.info("cut %d WebSocket peers that did not answer a ping within %gs", dead, timeout)
+        if dead or stalled:
+            self.runtime.counters["dead_peers"] += dead + stalled
+            log.info(
+                "cut %d WebSocket peers that did not answer a ping within %gs and %d whose send queue "
+                "did not drain for %gs",
+                dead,
+                timeout,
+                stalled,
+                timeout,
+            )
 
     def _measure_lag(self) -> None:
         loop = IOLoop.current()
