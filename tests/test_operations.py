@@ -125,6 +125,7 @@ async def test_metrics_after_a_known_sequence(admin_server, io_loop):
     assert "wsecho_event_loop_lag_seconds" in text
     assert metric(text, "wsecho_storage_bytes") == server.runtime.committer.stored_bytes
     assert metric(text, "wsecho_storage_quota_refusals_total", 'quota="object"') == 0
+    assert metric(text, "wsecho_dead_peers_total") == 0
 
 
 @pytest.mark.gen_test

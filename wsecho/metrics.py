@@ -88,6 +88,11 @@ class RuntimeCollector(Collector):
         yield _counter("wsecho_constructor_errors", "constructors that raised", counters["constructor_errors"])
         yield _counter("wsecho_alarms", "alarms delivered", counters["alarms"])
         yield _counter("wsecho_storage_errors", "storage commits that failed", counters["storage_errors"])
+        yield _counter(
+            "wsecho_dead_peers",
+            "connections cut because the peer did not answer our ping or did not read for --ping-timeout",
+            counters["dead_peers"],
+        )
         yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
         stored = GaugeMetricFamily("wsecho_storage_bytes", "bytes stored by all objects (keys plus values)")
         stored.add_metric([], rt.committer.stored_bytes)
