@@ -19,8 +19,8 @@ from wsecho import (
     WebSocketRequestResponsePair,
     WsechoError,
 )
-from wsecho.lifecycle import ObjectState
-from wsecho.runtime import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL, Runtime
+from wsecho.core.lifecycle import ObjectState
+from wsecho.runtime.runtime import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL, Runtime
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ async def test_ten_tags_of_256_bytes_are_fine(url):
 
 
 def test_tag_validation_unit(runtime):
-    from wsecho.objects import _validate_tags
+    from wsecho.api.objects import _validate_tags
 
     limits = Limits()
     assert _validate_tags(["a", "b", "a", "c", "b"], limits) == ("a", "b", "c")
@@ -99,7 +99,7 @@ def test_tag_validation_unit(runtime):
 async def test_get_tags_of_a_socket_that_is_not_ours_raises(url, runtime):
     async with connect(url("/lab/x/ws", "ws")):
         host = runtime.find("LAB", "x")
-        from wsecho.objects import DurableObjectState
+        from wsecho.api.objects import DurableObjectState
 
         ctx = DurableObjectState(host, runtime)
         stranger = WebSocketPair()[1]
@@ -474,7 +474,7 @@ async def test_close_arguments_are_validated(url, args, message):
 
 
 def accepted_socket(runtime):
-    from wsecho.objects import DurableObjectState
+    from wsecho.api.objects import DurableObjectState
 
     ns = runtime.namespaces["LAB"]
     host = runtime.host(ns.id_from_name("unit"), ns.object_class)
@@ -541,11 +541,11 @@ def test_error_hierarchy():
     assert issubclass(InvalidArgumentError, WsechoError)
     assert issubclass(InvalidStateError, RuntimeError)
     assert issubclass(InvalidStateError, WsechoError)
-    import wsecho.errors
+    import wsecho.core.errors
 
-    for name in dir(wsecho.errors):
-        obj = getattr(wsecho.errors, name)
-        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "wsecho.errors":
+    for name in dir(wsecho.core.errors):
+        obj = getattr(wsecho.core.errors, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == "wsecho.core.errors":
             assert issubclass(obj, WsechoError), name
 
 
@@ -553,7 +553,7 @@ def test_error_hierarchy():
 async def test_block_concurrency_while_outside_a_turn_takes_a_turn(runtime, recorder):
     # Called from a background task (not a handler): fn runs as a turn of its own,
     # so an RPC call that arrives meanwhile waits for it.
-    from wsecho.objects import DurableObjectState
+    from wsecho.api.objects import DurableObjectState
 
     stub = runtime.env.LAB.get_by_name("bg")
     assert await stub.add(0, 0) == 0

@@ -7,9 +7,9 @@ import pytest
 
 from tests.helpers import RawClient, probe_app
 from tests.test_frames import client_frame
-from wsecho.config import Settings
-from wsecho.frames import MAX_FRAGMENTS
-from wsecho.server import Server, make_application
+from wsecho.core.frames import MAX_FRAGMENTS
+from wsecho.serve.config import Settings
+from wsecho.serve.server import Server, make_application
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -7,7 +7,7 @@ from websockets.asyncio.client import connect
 
 from tests.conftest import MAX_MESSAGE
 from tests.helpers import RawClient, probe_app
-from wsecho.lifecycle import ObjectState
+from wsecho.core.lifecycle import ObjectState
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsecho import attachment, codec
-from wsecho.errors import InvalidArgumentError
+from wsecho.api import attachment, codec
+from wsecho.core.errors import InvalidArgumentError
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
 json_values = st.recursive(

@@ -4,8 +4,8 @@ import pytest
 
 from tests.helpers import until
 from tests.test_frames import client_frame
-from wsecho.connection import Connection, ConnectionSettings
-from wsecho.websocket import WebSocketPair
+from wsecho.api.websocket import WebSocketPair
+from wsecho.serve.connection import Connection, ConnectionSettings
 
 
 class RecordingRuntime:

@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import ServerProcess
-from wsecho.backends import DB_FILE
+from wsecho.backends.base import DB_FILE
 
 SHARDS = 4
 

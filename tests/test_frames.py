@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsecho.frames import BINARY, CLOSE, FAIL, MAX_FRAGMENTS, PING, PONG, TEXT, FrameParser, frame, unmask
+from wsecho.core.frames import BINARY, CLOSE, FAIL, MAX_FRAGMENTS, PING, PONG, TEXT, FrameParser, frame, unmask
 
 
 def client_frame(opcode, payload=b"", fin=True, masked=True, rsv=0, length=None):

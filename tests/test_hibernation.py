@@ -6,7 +6,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.helpers import constructions, probe_app, until
-from wsecho.lifecycle import ObjectState
+from wsecho.core.lifecycle import ObjectState
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ async def test_a_flooding_socket_is_paused_not_buffered(url, runtime):
     # The object is stuck in a slow turn; the client sends far more than the
     # queue allows. The server stops reading that socket at the high-water
     # mark, and once the object catches up every message is handled in order.
-    from wsecho.runtime import QUEUE_HIGH_WATER
+    from wsecho.runtime.runtime import QUEUE_HIGH_WATER
 
     gate = asyncio.get_running_loop().create_future()
     runtime.app.vars["FLAGS"]["gate"] = gate
@@ -190,7 +190,7 @@ async def test_hibernate_after_zero_hibernates_after_every_event(recorder):
     # as soon as it is idle: no sweep is needed.
     from tests.helpers import Probe
     from wsecho import App
-    from wsecho.runtime import Runtime
+    from wsecho.runtime.runtime import Runtime
 
     class Eager(Probe):
         hibernate_after = 0
@@ -217,9 +217,9 @@ async def test_eager_handlers_false_gives_every_handler_its_own_task():
     # eager_handlers = False the handler has its own task from its first line.
     from tests.helpers import FakeTransport
     from wsecho import App, DurableObject, Response
-    from wsecho.objects import DurableObjectState
-    from wsecho.runtime import Runtime
-    from wsecho.websocket import WebSocketPair
+    from wsecho.api.objects import DurableObjectState
+    from wsecho.api.websocket import WebSocketPair
+    from wsecho.runtime.runtime import Runtime
 
     class Timed(DurableObject):
         async def web_socket_message(self, ws, message):

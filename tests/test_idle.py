@@ -1,6 +1,6 @@
 """The idle index: due objects come out oldest first, at a cost set by the due ones."""
 
-from wsecho.idle import IdleIndex
+from wsecho.core.idle import IdleIndex
 
 
 def test_pop_due_returns_only_objects_idle_long_enough():

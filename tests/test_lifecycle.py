@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
-from wsecho.errors import InvalidStateError, NoTransitionError
-from wsecho.lifecycle import (
+from wsecho.core.errors import InvalidStateError, NoTransitionError
+from wsecho.core.lifecycle import (
     OBJECT_TRANSITIONS,
     SOCKET_TRANSITIONS,
     BecameIdle,

@@ -15,9 +15,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from tests.helpers import FakeClock, FakeTransport
 from wsecho import App, DurableObject, Response, WebSocketPair
-from wsecho.lifecycle import SocketState
-from wsecho.objects import DurableObjectState
-from wsecho.runtime import Runtime
+from wsecho.api.objects import DurableObjectState
+from wsecho.core.lifecycle import SocketState
+from wsecho.runtime.runtime import Runtime
 
 
 class Model(DurableObject):

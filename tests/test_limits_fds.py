@@ -21,9 +21,9 @@ import pytest
 from tests.helpers import RawClient, ServerProcess, probe_app, until
 from tests.test_bad_input import http_exchange
 from tests.test_operations import metric, resolve
-from wsecho.config import Settings
-from wsecho.errors import ConfigError
-from wsecho.server import Acceptor, Server
+from wsecho.core.errors import ConfigError
+from wsecho.serve.config import Settings
+from wsecho.serve.server import Acceptor, Server
 
 
 @contextlib.asynccontextmanager
@@ -390,6 +390,6 @@ async def test_backlog_reaches_the_listening_socket(recorder):
 def test_no_warning_when_the_limits_fit(caplog):
     settings = Settings(port=0, data_dir=":memory:", max_connections=10, max_http_connections=10)
     server = Server(probe_app(None), settings)
-    with caplog.at_level(logging.WARNING, logger="wsecho.server"):
+    with caplog.at_level(logging.WARNING, logger="wsecho.serve.server"):
         assert server._fd_cap() > 20
     assert caplog.records == []

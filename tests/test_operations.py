@@ -13,9 +13,9 @@ from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 from tests.helpers import RawClient, Recorder, ServerProcess, probe_app, until
-from wsecho.config import build_parser, settings_from
-from wsecho.errors import ConfigError
-from wsecho.server import Server
+from wsecho.core.errors import ConfigError
+from wsecho.serve.config import build_parser, settings_from
+from wsecho.serve.server import Server
 
 # -- configuration ------------------------------------------------------------------------------
 
@@ -80,7 +80,7 @@ def metric(text, name, labels=""):
 
 @pytest.fixture
 def admin_server(io_loop, tmp_path):
-    from wsecho.config import Settings
+    from wsecho.serve.config import Settings
 
     recorder = Recorder()
     server = Server(probe_app(recorder), Settings(port=0, admin_port=0, data_dir=str(tmp_path / "d")))

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from wsecho.cli import load_app
-from wsecho.config import Settings
-from wsecho.lifecycle import ObjectState, transition_tables_markdown
-from wsecho.server import Server
+from wsecho.core.lifecycle import ObjectState, transition_tables_markdown
+from wsecho.serve.cli import load_app
+from wsecho.serve.config import Settings
+from wsecho.serve.server import Server
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -72,7 +72,7 @@ def test_the_chat_walkthrough_test_passes(tmp_path):
 
 
 def test_the_running_table_documents_every_option():
-    from wsecho.config import OPTIONS
+    from wsecho.serve.config import OPTIONS
 
     section = README.split("## Running it", 1)[1].split("**Precedence**", 1)[0]
     for opt in OPTIONS:

@@ -11,11 +11,11 @@ import pytest
 from tests.helpers import Probe, RawClient, Recorder, probe_worker
 from tests.test_bad_input import KEY, http_exchange
 from wsecho import App, Response
-from wsecho.config import Settings, build_parser, settings_from
-from wsecho.errors import ConfigError
-from wsecho.metrics import make_registry, render
-from wsecho.server import Server, make_application
-from wsecho.target import AllowedHosts
+from wsecho.core.errors import ConfigError
+from wsecho.core.target import AllowedHosts
+from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.metrics import make_registry, render
+from wsecho.serve.server import Server, make_application
 
 
 async def url_worker(request, env):

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 import pytest
 
-from wsecho.sdnotify import Notifier
+from wsecho.serve.sdnotify import Notifier
 
 # Every wait on a datagram is bounded by this.
 RECV_TIMEOUT = 5.0

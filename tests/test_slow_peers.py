@@ -11,10 +11,10 @@ import contextlib
 import pytest
 
 from tests.helpers import RawClient, probe_app
-from wsecho.config import Settings
-from wsecho.connection import Connection, ConnectionSettings
-from wsecho.server import Server, make_application
-from wsecho.websocket import WebSocketPair
+from wsecho.api.websocket import WebSocketPair
+from wsecho.serve.config import Settings
+from wsecho.serve.connection import Connection, ConnectionSettings
+from wsecho.serve.server import Server, make_application
 
 MiB = 1024 * 1024
 

@@ -10,9 +10,9 @@ import pytest
 from tests.helpers import FakeClock, until
 from tests.store import store_app
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
-from wsecho.alarms import MAX_RETRIES, retry_delay_ms
-from wsecho.backends import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
-from wsecho.runtime import PIN_STORAGE, Runtime
+from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
+from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
+from wsecho.runtime.runtime import PIN_STORAGE, Runtime
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -323,7 +323,7 @@ def test_retry_bounds():
 async def stored_bytes(rt, name="s"):
     """What the object really stores, counted from its rows."""
     rows = await stub(rt, name).do("list")
-    from wsecho import codec
+    from wsecho.api import codec
 
     return sum(entry_bytes(k, codec.encode(v)) for k, v in rows.items())
 
@@ -463,8 +463,8 @@ class GatedBackend(MemoryBackend):
 async def test_outputs_wait_until_the_writes_are_durable(recorder, flags):
     from websockets.asyncio.client import connect
 
-    from wsecho.config import Settings
-    from wsecho.server import Server
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
     backend = GatedBackend()
     server = Server(store_app(recorder, flags), Settings(port=0), backend=backend)
@@ -490,8 +490,8 @@ async def test_outputs_wait_until_the_writes_are_durable(recorder, flags):
 async def test_a_failed_commit_discards_outputs_and_resets_the_object(recorder, flags):
     from websockets.asyncio.client import connect
 
-    from wsecho.config import Settings
-    from wsecho.server import Server
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
     backend = GatedBackend()
     backend.fail = True
@@ -522,8 +522,8 @@ async def test_concurrent_commits_share_a_transaction(rt):
 async def test_a_real_client_sees_its_data_after_a_hibernation(recorder, flags, tmp_path, io_loop):
     from websockets.asyncio.client import connect
 
-    from wsecho.config import Settings
-    from wsecho.server import Server
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
     server = Server(store_app(recorder, flags), Settings(port=0, data_dir=str(tmp_path / "d")))
     await server.start()
@@ -558,8 +558,8 @@ async def test_a_failed_commit_never_releases_what_it_held_back(recorder, flags)
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
-    from wsecho.config import Settings
-    from wsecho.server import Server
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
     backend = FailingBackend(fail_from=1)
     server = Server(store_app(recorder, flags), Settings(port=0), backend=backend)
@@ -603,8 +603,8 @@ async def test_a_full_disk_loses_no_acknowledged_write_and_makes_the_server_unre
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
-    from wsecho.config import Settings
-    from wsecho.server import Server
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
     filler = tiny_disk / "filler"
     filler.write_bytes(b"\0" * 256 * 1024)  # freed later, to see the server recover

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wsecho.config import build_parser, settings_from
+from wsecho.serve.config import build_parser, settings_from
 
 UNIT = Path(__file__).resolve().parent.parent / "scripts" / "systemd" / "wsecho.service"
 # The console script pip installed with the interpreter running the tests.

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from tests.helpers import until
-from wsecho.watchdog import LoopWatchdog
+from wsecho.runtime.watchdog import LoopWatchdog
 
 
 class Signal(logging.Handler):
@@ -25,7 +25,7 @@ class Signal(logging.Handler):
 @pytest.fixture
 def signal():
     handler = Signal()
-    logger = logging.getLogger("wsecho.watchdog")
+    logger = logging.getLogger("wsecho.runtime.watchdog")
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)

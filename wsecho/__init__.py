@@ -4,8 +4,18 @@ Everything an application needs is importable from here; the names are
 Cloudflare's in snake_case.
 """
 
-from wsecho.app import App
-from wsecho.errors import (
+from wsecho.api.app import App
+from wsecho.api.http import Headers, Request, Response
+from wsecho.api.objects import (
+    DurableObject,
+    DurableObjectId,
+    DurableObjectNamespace,
+    DurableObjectState,
+    DurableObjectStub,
+    Env,
+)
+from wsecho.api.websocket import ReadyState, WebSocket, WebSocketPair, WebSocketRequestResponsePair
+from wsecho.core.errors import (
     ConfigError,
     InvalidArgumentError,
     InvalidStateError,
@@ -16,17 +26,7 @@ from wsecho.errors import (
     WebSocketProtocolError,
     WsechoError,
 )
-from wsecho.http import Headers, Request, Response
-from wsecho.limits import Limits
-from wsecho.objects import (
-    DurableObject,
-    DurableObjectId,
-    DurableObjectNamespace,
-    DurableObjectState,
-    DurableObjectStub,
-    Env,
-)
-from wsecho.websocket import ReadyState, WebSocket, WebSocketPair, WebSocketRequestResponsePair
+from wsecho.core.limits import Limits
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from wsecho.cli import main
+from wsecho.serve.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,10 +22,10 @@ hibernation, and shows each object's state, constructor runs and storage::
             assert await receive(bob) == "hello"
             assert t.constructions("ROOMS", "kitchen") == 2  # it woke up for the message
 
-Why the harness builds its own server instead of using :class:`~wsecho.server.Server`: a
+Why the harness builds its own server instead of using :class:`~wsecho.serve.server.Server`: a
 ``Server`` runs on the real clocks, and tests must move time themselves. So the harness puts
-together what ``Server`` does for serving (a :class:`~wsecho.runtime.Runtime`, the
-application from :func:`~wsecho.server.make_application`, a Tornado ``HTTPServer``), with a
+together what ``Server`` does for serving (a :class:`~wsecho.runtime.runtime.Runtime`, the
+application from :func:`~wsecho.serve.server.make_application`, a Tornado ``HTTPServer``), with a
 fake clock and without the periodic sweep: idle objects hibernate when the test calls
 :meth:`Harness.advance`, :meth:`Harness.hibernate` or :meth:`Harness.hibernate_all`.
 
@@ -48,20 +48,20 @@ import tornado.httpclient
 import tornado.httpserver
 import tornado.netutil
 
-from wsecho.errors import InvalidArgumentError, InvalidStateError
-from wsecho.http import Response
-from wsecho.lifecycle import ObjectState
-from wsecho.runtime import ObjectHost, Runtime
-from wsecho.server import backend_for, make_application
-from wsecho.storage import DurableObjectStorage
+from wsecho.api.http import Response
+from wsecho.api.storage import DurableObjectStorage
+from wsecho.core.errors import InvalidArgumentError, InvalidStateError
+from wsecho.core.lifecycle import ObjectState
+from wsecho.runtime.runtime import ObjectHost, Runtime
+from wsecho.serve.server import backend_for, make_application
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
-    from wsecho.app import App
-    from wsecho.connection import Connection
-    from wsecho.limits import Limits
-    from wsecho.objects import DurableObjectNamespace
+    from wsecho.api.app import App
+    from wsecho.api.objects import DurableObjectNamespace
+    from wsecho.core.limits import Limits
+    from wsecho.serve.connection import Connection
 
 __all__ = ["FakeClock", "Harness", "StorageView", "receive", "receive_json", "serve_app"]
 
@@ -181,7 +181,7 @@ class StorageView:
 class Harness:
     """A served application, as :func:`serve_app` yields it.
 
-    ``runtime`` is the :class:`~wsecho.runtime.Runtime`, ``clock`` its :class:`FakeClock`,
+    ``runtime`` is the :class:`~wsecho.runtime.runtime.Runtime`, ``clock`` its :class:`FakeClock`,
     ``port`` the port on 127.0.0.1. Objects are named by their binding and their name, as in
     ``env.ROOMS.get_by_name("kitchen")``: ``t.state("ROOMS", "kitchen")``.
     """

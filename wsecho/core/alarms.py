@@ -11,7 +11,7 @@ import itertools
 
 import attrs
 
-from wsecho.backends import AlarmRow
+from wsecho.backends.base import AlarmRow
 
 #: A failed ``alarm()`` is retried after 2, 4, 8, 16, 32 and 64 seconds, then given up.
 RETRY_BASE_MS = 2_000

@@ -13,8 +13,8 @@ import json
 import math
 from typing import Any
 
-from wsecho.codec import utf8
-from wsecho.errors import InvalidArgumentError
+from wsecho.api.codec import utf8
+from wsecho.core.errors import InvalidArgumentError
 
 _SCALARS = (str, int, bool, type(None))
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from wsecho.errors import InvalidArgumentError
+from wsecho.core.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from wsecho.websocket import WebSocket
+    from wsecho.api.websocket import WebSocket
 
 #: The Content-Type the Fetch API gives a Response built from a string.
 TEXT_PLAIN = "text/plain;charset=UTF-8"

@@ -1,6 +1,6 @@
 """Storage backends: the small interface objects' storage runs on, in SQLite and in memory.
 
-A backend stores encoded values (see :mod:`wsecho.codec`) by ``(object, key)`` and
+A backend stores encoded values (see :mod:`wsecho.api.codec`) by ``(object, key)`` and
 one alarm per object. Writes arrive as :class:`Batch` lists, and a backend applies
 every batch of one ``commit`` call in one transaction: that is what makes a
 handler's writes atomic and lets many objects share one fsync.
@@ -28,9 +28,9 @@ from typing import Protocol, TypeVar
 
 import attrs
 
-from wsecho.errors import StorageError
+from wsecho.core.errors import StorageError
 
-log = logging.getLogger("wsecho.storage")
+log = logging.getLogger("wsecho.api.storage")
 
 T = TypeVar("T")
 
@@ -180,9 +180,9 @@ class MemoryBackend:
 
 
 def migrations() -> list[tuple[int, str, str]]:
-    """The schema files shipped in ``wsecho/schema``: ``(version, name, sql)`` in order."""
+    """The schema files shipped in ``wsecho/backends/schema``: ``(version, name, sql)`` in order."""
     found = []
-    for entry in importlib.resources.files("wsecho").joinpath("schema").iterdir():
+    for entry in importlib.resources.files("wsecho.backends").joinpath("schema").iterdir():
         match = re.fullmatch(r"(\d+)_.*\.sql", entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))

@@ -2,12 +2,12 @@
 
 Once Tornado has answered the upgrade, the socket is handed to an
 :class:`asyncio.Protocol` (uvloop's C transport when uvloop runs the loop): every
-read takes all the bytes available, :class:`~wsecho.frames.FrameParser` turns them
+read takes all the bytes available, :class:`~wsecho.core.frames.FrameParser` turns them
 into whole messages in one pass, and each send is one ``transport.write``. No
 Tornado ``IOStream``, no future per frame, no timer per socket.
 
-The connection is the socket's :class:`~wsecho.websocket.Transport`; what it
-receives goes to the :class:`~wsecho.runtime.Runtime` as the socket events of the
+The connection is the socket's :class:`~wsecho.api.websocket.Transport`; what it
+receives goes to the :class:`~wsecho.runtime.runtime.Runtime` as the socket events of the
 socket's lifecycle. Closing rules (SPEC §5, RFC 6455 §7): a peer's Close is handed
 to the object, whose answer (or the runtime's) completes the handshake and then
 the server closes TCP first; a Close the server sends waits at most
@@ -34,13 +34,13 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from wsecho import frames
+from wsecho.core import frames
 
 if TYPE_CHECKING:
-    from wsecho.runtime import Runtime
-    from wsecho.websocket import WebSocket
+    from wsecho.api.websocket import WebSocket
+    from wsecho.runtime.runtime import Runtime
 
-log = logging.getLogger("wsecho.connection")
+log = logging.getLogger("wsecho.serve.connection")
 
 _TEXT = frames.TEXT
 _BINARY = frames.BINARY
@@ -305,7 +305,7 @@ class Connection(asyncio.Protocol):
         else:
             self._settings.runtime.transport_lost(self.ws)
 
-    # -- wsecho.websocket.Transport ------------------------------------------------------
+    # -- wsecho.api.websocket.Transport ------------------------------------------------------
 
     def send_message(self, message: str | bytes) -> None:
         if isinstance(message, str):  # exact str in practice; isinstance narrows the type

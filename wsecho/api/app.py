@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from wsecho.errors import InvalidArgumentError
-from wsecho.objects import DurableObject
+from wsecho.api.objects import DurableObject
+from wsecho.core.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from wsecho.http import Request, Response
+    from wsecho.api.http import Request, Response
 
 WorkerFetch = Callable[["Request", Any], "Response | Awaitable[Response]"]
 

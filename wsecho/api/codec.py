@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any
 
-from wsecho.errors import InvalidArgumentError
+from wsecho.core.errors import InvalidArgumentError
 
 MAX_DEPTH = 100
 

@@ -4,7 +4,7 @@ Each option is declared once (:data:`OPTIONS`); the parser, ``--help``, the
 environment names and the config-file keys are generated from it. Precedence:
 a flag wins over its variable, which wins over the file, which wins over the
 default. A bad value or an unknown file key raises
-:class:`~wsecho.errors.ConfigError` naming where it came from.
+:class:`~wsecho.core.errors.ConfigError` naming where it came from.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import attrs
 
-from wsecho.errors import ConfigError
-from wsecho.target import normalize_host
+from wsecho.core.errors import ConfigError
+from wsecho.core.target import normalize_host
 
 DEFAULT_APP = "wsecho.examples.echo:app"
 DEFAULT_DATA_DIR = "wsecho-data"

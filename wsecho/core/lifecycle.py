@@ -4,7 +4,7 @@ Nothing here imports Tornado, sqlite3 or a clock. Callers pass ``now`` (seconds
 on any monotonic scale) and get back the effects they must carry out. Both
 machines are driven by data: :data:`OBJECT_TRANSITIONS` for objects and
 :data:`SOCKET_TRANSITIONS` for sockets. A move that is not in a table raises
-:class:`~wsecho.errors.NoTransitionError` and changes nothing.
+:class:`~wsecho.core.errors.NoTransitionError` and changes nothing.
 
 Object states (SPEC §3):
 
@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 import attrs
 
-from wsecho.errors import InvalidStateError, NoTransitionError
+from wsecho.core.errors import InvalidStateError, NoTransitionError
 
 E = TypeVar("E")
 

@@ -1,7 +1,7 @@
 """The runtime: finds, wakes, feeds, resets and hibernates objects. Knows nothing of Tornado.
 
 Each object has an :class:`ObjectHost` that outlives its instance: it holds the
-object's :class:`~wsecho.lifecycle.ObjectLifecycle`, its sockets (with their
+object's :class:`~wsecho.core.lifecycle.ObjectLifecycle`, its sockets (with their
 tags), its auto-response and event timeout, and the instance while there is
 one. Every event (an HTTP request or RPC call through a stub, a message, a
 close, an error) enters through :meth:`Runtime.submit`; the lifecycle answers
@@ -24,18 +24,20 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 
-from wsecho.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
-from wsecho.backends import Backend, Batch, MemoryBackend
-from wsecho.errors import (
+from wsecho.api.http import Request, Response
+from wsecho.api.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
+from wsecho.api.storage import DurableObjectStorage, GroupCommitter
+from wsecho.backends.base import Backend, Batch, MemoryBackend
+from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
+from wsecho.core.errors import (
     InvalidArgumentError,
     InvalidStateError,
     ObjectResetError,
     StorageError,
     WebSocketProtocolError,
 )
-from wsecho.http import Request, Response
-from wsecho.idle import IdleIndex
-from wsecho.lifecycle import (
+from wsecho.core.idle import IdleIndex
+from wsecho.core.lifecycle import (
     BecameIdle,
     CloseSockets,
     Deliver,
@@ -49,15 +51,13 @@ from wsecho.lifecycle import (
     SocketInput,
     SocketState,
 )
-from wsecho.limits import Limits
-from wsecho.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
-from wsecho.stats import Stats
-from wsecho.storage import DurableObjectStorage, GroupCommitter
+from wsecho.core.limits import Limits
+from wsecho.core.stats import Stats
 
 if TYPE_CHECKING:
-    from wsecho.app import App
-    from wsecho.objects import DurableObject
-    from wsecho.websocket import CloseFrame, Transport, WebSocket, WebSocketRequestResponsePair
+    from wsecho.api.app import App
+    from wsecho.api.objects import DurableObject
+    from wsecho.api.websocket import CloseFrame, Transport, WebSocket, WebSocketRequestResponsePair
 
 log = logging.getLogger("wsecho")
 

@@ -15,7 +15,7 @@ What a handler can rely on:
 - Values are copies: what ``get`` returns can be changed freely.
 
 Limits: keys are ``str`` of at most 2,048 UTF-8 bytes; values at most 131,072 bytes
-encoded (see :mod:`wsecho.codec`); ``get``/``put``/``delete`` of many take at most 128 keys.
+encoded (see :mod:`wsecho.api.codec`); ``get``/``put``/``delete`` of many take at most 128 keys.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from wsecho import codec
-from wsecho.backends import AlarmRow, Backend, Batch, entry_bytes
-from wsecho.errors import InvalidArgumentError, InvalidStateError, QuotaExceededError
+from wsecho.api import codec
+from wsecho.backends.base import AlarmRow, Backend, Batch, entry_bytes
+from wsecho.core.errors import InvalidArgumentError, InvalidStateError, QuotaExceededError
 
 if TYPE_CHECKING:
-    from wsecho.runtime import ObjectHost, Runtime
+    from wsecho.runtime.runtime import ObjectHost, Runtime
 
 T = TypeVar("T")
 

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from wsecho import attachment
-from wsecho.codec import utf8
-from wsecho.errors import InvalidArgumentError, InvalidStateError
-from wsecho.lifecycle import Final, SocketInput, SocketState, socket_transition
-from wsecho.limits import Limits
+from wsecho.api import attachment
+from wsecho.api.codec import utf8
+from wsecho.core.errors import InvalidArgumentError, InvalidStateError
+from wsecho.core.lifecycle import Final, SocketInput, SocketState, socket_transition
+from wsecho.core.limits import Limits
 
 if TYPE_CHECKING:
-    from wsecho.runtime import ObjectHost
+    from wsecho.runtime.runtime import ObjectHost
 
 #: RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code.
 MAX_CLOSE_REASON_BYTES = 123
@@ -101,7 +101,7 @@ class WebSocket:
     _early: list[str | bytes] | None = None
     _early_close: tuple[int | None, str] | None = None
     _tags: tuple[str, ...] = ()
-    #: The attachment as compact JSON text (see wsecho.attachment), or None.
+    #: The attachment as compact JSON text (see wsecho.api.attachment), or None.
     _attachment: str | None = None
     #: When the runtime last answered this socket with the auto-response.
     _auto_response_at: datetime | None = None
@@ -175,7 +175,7 @@ class WebSocket:
         """Accept this socket as **non-hibernatable**: its events go to the same handlers,
         but it pins its object in memory until it closes. Call it in an object's handler."""
         self._require_acceptable("accept")
-        from wsecho.runtime import accept_non_hibernatable  # runtime imports this module
+        from wsecho.runtime.runtime import accept_non_hibernatable  # runtime imports this module
 
         accept_non_hibernatable(self)
 

@@ -2,7 +2,7 @@
 
 Sans-IO: both listeners (the application's gateway and the admin listener) hand the
 request line and the Host field lines to :func:`resolve`, which returns the
-:class:`Target` or raises :class:`~wsecho.errors.BadRequestError` with the status and
+:class:`Target` or raises :class:`~wsecho.core.errors.BadRequestError` with the status and
 a message that names the rule. The rules are RFC 9112 §3.2 (exactly one valid Host),
 §3.2.1-3.2.4 (the four forms of request-target) and RFC 3986 §3.2.2 (host and port).
 """
@@ -15,7 +15,7 @@ import re
 
 import attrs
 
-from wsecho.errors import BadRequestError
+from wsecho.core.errors import BadRequestError
 
 #: RFC 3986 §3.2.2: reg-name = *( unreserved / pct-encoded / sub-delims ); an IPv4 address is one too.
 _REG_NAME = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+")

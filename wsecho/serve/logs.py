@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-from wsecho.config import Settings
+from wsecho.serve.config import Settings
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -11,11 +11,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from wsecho.app import App
-from wsecho.config import Settings, build_parser, parse, settings_from
-from wsecho.errors import AppLoadError, ConfigError, StorageError
-from wsecho.logs import LogSetup
-from wsecho.sdnotify import Notifier
+from wsecho.api.app import App
+from wsecho.core.errors import AppLoadError, ConfigError, StorageError
+from wsecho.serve.config import Settings, build_parser, parse, settings_from
+from wsecho.serve.logs import LogSetup
+from wsecho.serve.sdnotify import Notifier
 
 log = logging.getLogger("wsecho")
 
@@ -79,7 +79,7 @@ async def serve(
     A second SIGTERM/SIGINT exits at once. SIGHUP re-opens the log file and, with
     ``reload``, re-reads the settings and applies those that can change live.
     """
-    from wsecho.server import Server  # Tornado loads only when serving
+    from wsecho.serve.server import Server  # Tornado loads only when serving
 
     server = Server(app, settings, notifier=notifier)
     try:

@@ -1,7 +1,7 @@
 """What application code touches about objects: ids, namespaces, stubs, ``ctx`` and the base class.
 
 Every call that needs to find or wake an object goes through the
-:class:`~wsecho.runtime.Runtime` these hold; nothing here keeps a module-level
+:class:`~wsecho.runtime.runtime.Runtime` these hold; nothing here keeps a module-level
 registry, so one process can run several runtimes (and placement can later move
 behind the namespace without changing this API).
 """
@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import attrs
 
-from wsecho.codec import utf8
-from wsecho.errors import InvalidArgumentError, InvalidStateError
-from wsecho.http import Request
-from wsecho.websocket import WebSocketRequestResponsePair
+from wsecho.api.codec import utf8
+from wsecho.api.http import Request
+from wsecho.api.websocket import WebSocketRequestResponsePair
+from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 
 if TYPE_CHECKING:
-    from wsecho.http import Response
-    from wsecho.limits import Limits
-    from wsecho.runtime import ObjectHost, Runtime
-    from wsecho.storage import DurableObjectStorage
-    from wsecho.websocket import WebSocket
+    from wsecho.api.http import Response
+    from wsecho.api.storage import DurableObjectStorage
+    from wsecho.api.websocket import WebSocket
+    from wsecho.core.limits import Limits
+    from wsecho.runtime.runtime import ObjectHost, Runtime
 
 T = TypeVar("T")
 
@@ -187,7 +187,7 @@ class DurableObjectState:
 
     @property
     def storage(self) -> DurableObjectStorage:
-        """This object's durable key-value storage and alarm (see wsecho.storage)."""
+        """This object's durable key-value storage and alarm (see wsecho.api.storage)."""
         return self._runtime.storage_for(self._host)
 
     # -- sockets --------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Prometheus metrics of a running server, read from the runtime at scrape time.
 
 Nothing here is updated on the hot path: the runtime keeps plain counters
-(:mod:`wsecho.stats`), and :class:`RuntimeCollector` turns them into metric
+(:mod:`wsecho.core.stats`), and :class:`RuntimeCollector` turns them into metric
 families when ``/metrics`` is scraped. Each server has its own registry (no
 process-wide one), so several servers can run in one process.
 """
@@ -22,10 +22,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from wsecho.lifecycle import ObjectState
+from wsecho.core.lifecycle import ObjectState
 
 if TYPE_CHECKING:
-    from wsecho.runtime import Runtime
+    from wsecho.runtime.runtime import Runtime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

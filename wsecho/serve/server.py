@@ -1,10 +1,10 @@
 """The Tornado glue: the only module that imports Tornado.
 
 One catch-all handler, :class:`Gateway`, turns every HTTP request into a
-:class:`~wsecho.http.Request` for the worker, so the application (not Tornado)
+:class:`~wsecho.api.http.Request` for the worker, so the application (not Tornado)
 decides what each request gets. Only when the application answers 101 is the
 handshake checked and answered; then the socket leaves Tornado for a
-:class:`~wsecho.connection.Connection` on the event loop's own transport.
+:class:`~wsecho.serve.connection.Connection` on the event loop's own transport.
 The admin listener (health, readiness, metrics, objects) lives here too.
 """
 
@@ -41,25 +41,25 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError
 from tornado.log import access_log
 
-from wsecho.backends import Backend, MemoryBackend, SQLiteBackend
-from wsecho.config import RELOADABLE, Settings
-from wsecho.connection import Connection, ConnectionSettings
-from wsecho.errors import BadRequestError
-from wsecho.http import TEXT_PLAIN, Headers, Request, Response
-from wsecho.lifecycle import ObjectState
-from wsecho.limits import Limits
-from wsecho.metrics import CONTENT_TYPE, ListenerStats, make_registry, render
-from wsecho.runtime import Runtime
-from wsecho.sdnotify import Notifier
-from wsecho.target import AllowedHosts, Target, resolve
-from wsecho.watchdog import LoopWatchdog
-from wsecho.websocket import peer_of
+from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
+from wsecho.api.websocket import peer_of
+from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
+from wsecho.core.errors import BadRequestError
+from wsecho.core.lifecycle import ObjectState
+from wsecho.core.limits import Limits
+from wsecho.core.target import AllowedHosts, Target, resolve
+from wsecho.runtime.runtime import Runtime
+from wsecho.runtime.watchdog import LoopWatchdog
+from wsecho.serve.config import RELOADABLE, Settings
+from wsecho.serve.connection import Connection, ConnectionSettings
+from wsecho.serve.metrics import CONTENT_TYPE, ListenerStats, make_registry, render
+from wsecho.serve.sdnotify import Notifier
 
 if TYPE_CHECKING:
-    from wsecho.app import App
-    from wsecho.websocket import WebSocket
+    from wsecho.api.app import App
+    from wsecho.api.websocket import WebSocket
 
-log = logging.getLogger("wsecho.server")
+log = logging.getLogger("wsecho.serve.server")
 
 #: How often the event-loop lag is probed, and the timer the probe sets.
 LAG_INTERVAL = 1.0
