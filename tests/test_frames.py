@@ -202,6 +202,13 @@ def test_a_message_may_come_in_as_many_fragments_as_the_limit_and_not_one_more()
     assert events == [(FAIL, (1009, "message in more than 3 fragments"))]
 
 
+def test_autobahn_9_3_1_as_the_real_wstest_sends_it_is_within_the_fragment_limit():
+    # The real wstest sends 4 MiB in 64-byte fragments as 2**16 full frames and an empty
+    # final one, 65,537 frames (kosoku sends one fewer, so only the real wstest saw a 1009).
+    full = client_frame(1, b"x" * 64, fin=False) + client_frame(0, b"x" * 64, fin=False) * (2**16 - 1)
+    assert FrameParser(1 << 23).feed(full + client_frame(0, b"", fin=True)) == [(TEXT, "x" * 64 * 2**16)]
+
+
 def test_the_fragment_limit_holds_for_empty_fragments_too():
     # Empty continuation frames never grow the message: only the count stops them.
     data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * MAX_FRAGMENTS
