@@ -9,8 +9,8 @@ from tornado.httpclient import HTTPRequest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.apps.lab import lab_app
 from tests.helpers import FakeTransport, constructions, until
-from tests.lab import lab_app
 from wsecho import (
     InvalidArgumentError,
     InvalidStateError,
@@ -428,7 +428,7 @@ def test_ids(runtime):
 
 
 def test_ids_differ_between_namespaces(recorder):
-    from tests.lab import Lab, lab_worker
+    from tests.apps.lab import Lab, lab_worker
     from wsecho import App
 
     app = App(fetch=lab_worker, bindings={"LAB": Lab, "OTHER": Lab}, vars={"REC": recorder, "FLAGS": {}})

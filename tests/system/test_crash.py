@@ -67,7 +67,7 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
     acked: set[int] = set()
     n = 0
     for _ in range(3):
-        server = ServerProcess(["tests.crash_app", "--port", "0", "--data-dir", str(data_dir)]).ready()
+        server = ServerProcess(["tests.apps.crash_app", "--port", "0", "--data-dir", str(data_dir)]).ready()
         try:
 
             async def run(port=server.port, proc=server.proc, first=n):
@@ -90,7 +90,7 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
 def test_sigterm_flushes_everything_and_exits_0(tmp_path):
     data_dir = tmp_path / "data"
     acked: set[int] = set()
-    server = ServerProcess(["tests.crash_app", "--port", "0", "--data-dir", str(data_dir)]).ready()
+    server = ServerProcess(["tests.apps.crash_app", "--port", "0", "--data-dir", str(data_dir)]).ready()
     try:
 
         async def run():

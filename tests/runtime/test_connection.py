@@ -2,8 +2,8 @@
 
 import pytest
 
+from tests.core.test_frames import client_frame
 from tests.helpers import until
-from tests.test_frames import client_frame
 from wsecho.api.websocket import WebSocketPair
 from wsecho.serve.connection import Connection, ConnectionSettings
 

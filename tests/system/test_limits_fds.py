@@ -19,8 +19,8 @@ import urllib.request
 import pytest
 
 from tests.helpers import RawClient, ServerProcess, probe_app, until
-from tests.test_bad_input import http_exchange
-from tests.test_operations import metric, resolve
+from tests.integration.test_bad_input import http_exchange
+from tests.integration.test_operations import metric, resolve
 from wsecho.core.errors import ConfigError
 from wsecho.serve.config import Settings
 from wsecho.serve.server import Acceptor, Server

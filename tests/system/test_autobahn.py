@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "autobahn"
 #: The script's bound on the kosoku run, and ours on the whole script (server start and stop too).
 KOSOKU_TIMEOUT = 300

@@ -5,8 +5,8 @@ import struct
 
 import pytest
 
+from tests.core.test_frames import client_frame
 from tests.helpers import RawClient, probe_app
-from tests.test_frames import client_frame
 from wsecho.core.frames import MAX_FRAGMENTS
 from wsecho.serve.config import Settings
 from wsecho.serve.server import Server, make_application

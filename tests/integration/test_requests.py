@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.helpers import Probe, RawClient, Recorder, probe_worker
-from tests.test_bad_input import KEY, http_exchange
+from tests.integration.test_bad_input import KEY, http_exchange
 from wsecho import App, Response
 from wsecho.core.errors import ConfigError
 from wsecho.core.target import AllowedHosts

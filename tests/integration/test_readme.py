@@ -11,7 +11,7 @@ from wsecho.serve.cli import load_app
 from wsecho.serve.config import Settings
 from wsecho.serve.server import Server
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_transition_tables_match_the_code():

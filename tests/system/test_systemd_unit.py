@@ -11,7 +11,7 @@ import pytest
 
 from wsecho.serve.config import build_parser, settings_from
 
-UNIT = Path(__file__).resolve().parent.parent / "scripts" / "systemd" / "wsecho.service"
+UNIT = Path(__file__).resolve().parents[2] / "scripts" / "systemd" / "wsecho.service"
 # The console script pip installed with the interpreter running the tests.
 CONSOLE_SCRIPT = Path(sys.executable).parent / "wsecho"
 # systemd 252 calls exposure below 5.0 "OK"; lower bands are "SAFE" (and "PERFECT" at 0.0).

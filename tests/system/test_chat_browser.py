@@ -25,7 +25,7 @@ import pytest
 
 from tests.helpers import ServerProcess
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 WIDTH, HEIGHT = 960, 640
 ADMIN = re.compile(r"admin listener on http://127\.0\.0\.1:(\d+) ")
 DEVTOOLS = re.compile(rb"DevTools listening on (ws://\S+)")

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.apps.store import store_app
 from tests.helpers import FakeClock, until
-from tests.store import store_app
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms

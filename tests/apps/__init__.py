@@ -1,0 +1,1 @@
+"""Applications shared by the tests."""
