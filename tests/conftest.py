@@ -5,7 +5,7 @@ import pytest
 from tests.helpers import FakeClock, Recorder
 from wsecho.examples import echo
 from wsecho.runtime.runtime import Runtime
-from wsecho.serve.server import make_application
+from wsecho.serve.gateway import make_application
 
 MAX_MESSAGE = 64 * 1024
 

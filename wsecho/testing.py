@@ -25,7 +25,7 @@ hibernation, and shows each object's state, constructor runs and storage::
 Why the harness builds its own server instead of using :class:`~wsecho.serve.server.Server`: a
 ``Server`` runs on the real clocks, and tests must move time themselves. So the harness puts
 together what ``Server`` does for serving (a :class:`~wsecho.runtime.runtime.Runtime`, the
-application from :func:`~wsecho.serve.server.make_application`, a Tornado ``HTTPServer``), with a
+application from :func:`~wsecho.serve.gateway.make_application`, a Tornado ``HTTPServer``), with a
 fake clock and without the periodic sweep: idle objects hibernate when the test calls
 :meth:`Harness.advance`, :meth:`Harness.hibernate` or :meth:`Harness.hibernate_all`.
 
@@ -53,7 +53,8 @@ from wsecho.api.storage import DurableObjectStorage
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.runtime.runtime import ObjectHost, Runtime
-from wsecho.serve.server import backend_for, make_application
+from wsecho.serve.gateway import make_application
+from wsecho.serve.server import backend_for
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection

@@ -9,7 +9,8 @@ from tests.core.test_frames import client_frame
 from tests.helpers import RawClient, probe_app
 from wsecho.core.frames import MAX_FRAGMENTS
 from wsecho.serve.config import Settings
-from wsecho.serve.server import Server, make_application
+from wsecho.serve.gateway import make_application
+from wsecho.serve.server import Server
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -14,8 +14,9 @@ from wsecho import App, Response
 from wsecho.core.errors import ConfigError
 from wsecho.core.target import AllowedHosts
 from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.gateway import make_application
 from wsecho.serve.metrics import make_registry, render
-from wsecho.serve.server import Server, make_application
+from wsecho.serve.server import Server
 
 
 async def url_worker(request, env):

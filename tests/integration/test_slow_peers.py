@@ -14,7 +14,8 @@ from tests.helpers import RawClient, probe_app
 from wsecho.api.websocket import WebSocketPair
 from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings
-from wsecho.serve.server import Server, make_application
+from wsecho.serve.gateway import make_application
+from wsecho.serve.server import Server
 
 MiB = 1024 * 1024
 

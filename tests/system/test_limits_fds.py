@@ -22,8 +22,9 @@ from tests.helpers import RawClient, ServerProcess, probe_app, until
 from tests.integration.test_bad_input import http_exchange
 from tests.integration.test_operations import metric, resolve
 from wsecho.core.errors import ConfigError
+from wsecho.serve.acceptor import Acceptor
 from wsecho.serve.config import Settings
-from wsecho.serve.server import Acceptor, Server
+from wsecho.serve.server import Server
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,130 @@
+"""The admin listener's endpoints: /healthz, /readyz, /metrics, /objects."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.netutil
+import tornado.tcpserver
+import tornado.web
+
+from wsecho.core.errors import BadRequestError
+from wsecho.core.lifecycle import ObjectState
+from wsecho.core.target import resolve
+from wsecho.serve.metrics import CONTENT_TYPE, render
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from wsecho.core.target import AllowedHosts
+    from wsecho.runtime.runtime import Runtime
+
+
+class AdminSource(Protocol):
+    """What the admin endpoints read (the Server; passed in, not imported)."""
+
+    phase: str
+    runtime: Runtime
+    registry: CollectorRegistry
+    admin_hosts: AllowedHosts
+
+    def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]: ...
+
+
+log = logging.getLogger("wsecho.serve.server")
+
+
+#: The most objects one /objects answer lists (?limit=), so that one request's work is bounded.
+MAX_OBJECTS_LISTED = 10_000
+
+
+class AdminHandler(tornado.web.RequestHandler):
+    """Base of the admin endpoints: no caching, no Server header."""
+
+    server: AdminSource
+
+    def initialize(self, server: AdminSource) -> None:
+        self.server = server
+
+    def set_default_headers(self) -> None:
+        self.clear_header("Server")
+        self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        # The same Host rules as the application's port: a DNS-rebound page must not read
+        # /metrics or /objects from a browser on this machine.
+        request = self.request
+        fields = request.headers.get_list("Host")
+        try:
+            resolve(
+                request.method or "GET",
+                request.uri or "/",
+                request.version,
+                fields,
+                self.server.admin_hosts,
+                request.host,
+            )
+        except BadRequestError as exc:
+            self.text(exc.status, str(exc))
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    def text(self, status: int, body: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/plain;charset=UTF-8")
+        self.finish(body + "\n")
+
+
+class NotFound(AdminHandler):
+    """Every other path (after the Host check, so that it is the same for every path)."""
+
+    def get(self) -> None:
+        self.text(404, "Not Found: the admin listener serves /healthz, /readyz, /metrics and /objects")
+
+
+class Healthz(AdminHandler):
+    def get(self) -> None:
+        # The event loop answered: the process is alive.
+        self.text(200, "ok")
+
+
+class Readyz(AdminHandler):
+    def get(self) -> None:
+        phase = self.server.phase
+        failure = self.server.runtime.storage_failure()
+        if phase == "ready" and failure is not None:
+            # Writes fail (a full disk, an I/O error): new work would only be reset with 1011.
+            self.text(503, f"storage failing: {failure}")
+            return
+        self.text(200 if phase == "ready" else 503, phase)
+
+
+class Metrics(AdminHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE)
+        self.finish(render(self.server.registry))
+
+
+class Objects(AdminHandler):
+    def get(self) -> None:
+        limit_arg = self.get_argument("limit", "1000")
+        state_arg = self.get_argument("state", None)
+        # ASCII digits only: str.isdigit() accepts "²", which int() refuses; and a length
+        # bound before int(), which refuses over 4,300 digits.
+        if not (limit_arg.isascii() and limit_arg.isdigit() and len(limit_arg) <= 6) or (
+            int(limit_arg) > MAX_OBJECTS_LISTED
+        ):
+            self.text(400, f"limit must be a whole number from 0 to {MAX_OBJECTS_LISTED}, got {limit_arg[:20]!r}")
+            return
+        states = [s.value for s in ObjectState]
+        if state_arg is not None and state_arg not in states:
+            self.text(400, f"state must be one of {', '.join(states)}, got {state_arg[:20]!r}")
+            return
+        state = None if state_arg is None else ObjectState(state_arg)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.server.describe_objects(int(limit_arg), state), indent=1))

@@ -1,0 +1,440 @@
+"""The application's HTTP side: every request goes to the worker; on its 101, the handshake
+is checked and answered and the socket handed to a Connection on the loop's transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
+from typing import TYPE_CHECKING, cast
+from urllib.parse import urlsplit
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.netutil
+import tornado.tcpserver
+import tornado.web
+from tornado.http1connection import HTTP1Connection
+from tornado.httputil import HTTPConnection
+from tornado.iostream import StreamClosedError
+from tornado.log import access_log
+
+from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
+from wsecho.api.websocket import peer_of
+from wsecho.core.errors import BadRequestError
+from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
+from wsecho.core.target import AllowedHosts, Target, resolve
+from wsecho.runtime.runtime import Runtime
+from wsecho.serve.config import Settings
+from wsecho.serve.connection import Connection, ConnectionSettings
+from wsecho.serve.takeover import take_socket
+
+if TYPE_CHECKING:
+    from wsecho.api.websocket import WebSocket
+
+log = logging.getLogger("wsecho.serve.server")
+
+
+#: Bytes queued for a peer that does not read before its connection is cut (close code 1008).
+MAX_OUTGOING_BYTES = 16 * 1024 * 1024
+#: Bytes queued for all slow peers together before the worst are cut (--max-outgoing-total).
+MAX_OUTGOING_TOTAL_BYTES = Settings().max_outgoing_total
+#: How long the server waits for the peer's answer to its Close before cutting the connection.
+CLOSE_TIMEOUT = 5.0
+#: The request header that carries the client's address (the TCP peer), as on Cloudflare.
+CLIENT_ADDRESS_HEADER = "CF-Connecting-IP"
+#: Request headers larger than this are refused (Tornado closes the connection).
+MAX_HEADER_BYTES = 16 * 1024
+#: A request body must arrive within this time.
+BODY_TIMEOUT = 30.0
+#: accept() errors that a pause cures: the process or the system ran out of descriptors,
+#: or the kernel out of buffers. Retrying at once would fail again (the listener stays
+#: readable), so the loop would spin.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
+    """Every request: the worker first; on its 101, the upgrade and the hand-over of the socket.
+
+    A bare Tornado connection delegate rather than a ``tornado.web.Application``: the
+    application routes every request itself, so Tornado's router and ``RequestHandler``
+    (a handler object, default headers, output transforms per request) are not needed.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        connections: ConnectionSettings,
+        registry: set[Connection],
+        max_connections: int,
+        allowed_origins: tuple[str, ...],
+        allowed_hosts: AllowedHosts,
+        max_body_memory: int = 0,
+    ) -> None:
+        self.runtime = runtime
+        self.connections = connections
+        self.registry = registry
+        self.max_connections = max_connections
+        self.allowed_origins = allowed_origins
+        self.allowed_hosts = allowed_hosts
+        self.max_body_memory = max_body_memory
+        #: Upgrades between their admission and their connection's registration: they hold
+        #: a WebSocket slot, so concurrent upgrades cannot overshoot --max-connections.
+        self.upgrading = 0
+        #: Bytes of request bodies held (or reserved from Content-Length) right now.
+        self.body_bytes = 0
+        #: Connections and requests turned away, by reason (exported on /metrics).
+        self.refused: Counter[str] = Counter()
+
+    def start_request(self, server_conn: object, request_conn: HTTPConnection) -> Exchange:
+        return Exchange(self, cast(HTTP1Connection, request_conn))
+
+    def websockets(self) -> int:
+        """Open WebSocket connections plus upgrades holding a slot."""
+        return len(self.registry) + self.upgrading
+
+    def refuse_over_http_limit(self, delegate: tornado.httputil.HTTPMessageDelegate, limit: int) -> None:
+        if isinstance(delegate, Exchange):
+            delegate.refusal = (
+                503,
+                f"The server is at its limit of {limit} HTTP connections (--max-http-connections); try again later",
+            )
+
+    def take_slot(self) -> bool:
+        """Reserve a WebSocket connection slot for an upgrade, before anything awaits."""
+        if self.max_connections and self.websockets() >= self.max_connections:
+            self.refused["websocket_limit"] += 1
+            return False
+        self.upgrading += 1
+        return True
+
+    def take_body(self, size: int) -> bool:
+        """Reserve ``size`` bytes of the request-body budget (--max-body-memory)."""
+        if self.max_body_memory and self.body_bytes + size > self.max_body_memory:
+            self.refused["body_memory"] += 1
+            return False
+        self.body_bytes += size
+        return True
+
+
+class Exchange(tornado.httputil.HTTPMessageDelegate):
+    """One request and its response."""
+
+    __slots__ = (
+        "body",
+        "body_reserved",
+        "conn",
+        "gateway",
+        "headers",
+        "received",
+        "refusal",
+        "slot",
+        "start_line",
+        "started",
+        "target",
+    )
+
+    def __init__(self, gateway: Gateway, conn: HTTP1Connection) -> None:
+        self.gateway = gateway
+        self.conn = conn
+        self.start_line: tornado.httputil.RequestStartLine | None = None
+        self.headers: tornado.httputil.HTTPHeaders | None = None
+        self.body: list[bytes] = []
+        self.started = 0.0
+        self.target: Target | None = None
+        #: Set before the headers arrive to answer this request with it and close (a listener
+        #: over --max-http-connections), or once it was answered early (body over budget).
+        self.refusal: tuple[int, str] | None = None
+        #: Whether this request holds a WebSocket slot; bytes of body budget it holds and got.
+        self.slot = False
+        self.body_reserved = 0
+        self.received = 0
+
+    def headers_received(
+        self,
+        start_line: tornado.httputil.RequestStartLine | tornado.httputil.ResponseStartLine,
+        headers: tornado.httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, tornado.httputil.RequestStartLine)
+        self.start_line = start_line
+        self.headers = headers
+        self.started = time.monotonic()
+        if self.refusal is not None:
+            self._refuse(*self.refusal)
+            return
+        length = headers.get("Content-Length", "")
+        largest = self.conn.params.max_body_size or self.conn.stream.max_buffer_size
+        # The whole declared body is reserved now, before any of it arrives: a thousand clients
+        # that each send half a body cannot hold more than the budget between them. (Tornado
+        # itself refuses a Content-Length over --max-message-size.)
+        if length.isdigit() and int(length) <= largest:
+            self._reserve_body(int(length))
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.refusal is not None:
+            return  # answered already; Tornado reads the rest of the body and closes
+        extra = self.received + len(chunk) - self.body_reserved
+        if extra > 0 and not self._reserve_body(extra):  # a chunked body grows as it comes
+            return
+        self.received += len(chunk)
+        self.body.append(chunk)
+
+    def finish(self) -> None:
+        if self.refusal is not None:
+            return
+        # Tornado waits for the response (or the hand-over) before it reads the next request.
+        task = asyncio.ensure_future(self._handle())
+        task.add_done_callback(self._give_back)
+        task.add_done_callback(_log_crash)
+
+    def on_connection_close(self) -> None:
+        # The client left before the request was complete; nothing was started.
+        self._give_back()
+
+    def _reserve_body(self, size: int) -> bool:
+        if self.gateway.take_body(size):
+            self.body_reserved += size
+            return True
+        limit = self.gateway.max_body_memory
+        self._refuse(
+            503,
+            f"The server is at its limit of {limit} bytes of request bodies in memory "
+            f"(--max-body-memory); this request needs {size} more; try again later",
+        )
+        return False
+
+    def _refuse(self, status: int, text: str) -> None:
+        """Answer before the body is read, then close (Tornado reads and drops the rest)."""
+        self.refusal = (status, text)
+        self._give_back()
+        self._plain(status, text, [("Connection", "close")])
+
+    def _give_back(self, _: object = None) -> None:
+        """Release this request's WebSocket slot and body budget (once)."""
+        gateway = self.gateway
+        if self.slot:
+            self.slot = False
+            gateway.upgrading -= 1
+        gateway.body_bytes -= self.body_reserved
+        self.body_reserved = 0
+        self.body = []
+
+    @property
+    def url(self) -> str:
+        """``request.url``: the connection's scheme (not one a client claims), the authority, the path."""
+        assert self.target is not None
+        return f"{self.conn.context.protocol}://{self.target.authority}{self.target.path}"  # type: ignore[attr-defined]
+
+    def _resolve(self) -> Target:
+        """The request's host and path, validated (RFC 9112 §3.2) and checked against --allowed-hosts."""
+        assert self.start_line is not None
+        assert self.headers is not None
+        fields = self.headers.get_list("Host")
+        local = "" if fields else self._local_authority()
+        line = self.start_line
+        return resolve(line.method, line.path, line.version, fields, self.gateway.allowed_hosts, local)
+
+    def _local_authority(self) -> str:
+        # An HTTP/1.0 request without Host: the address it reached (RFC 9112 §3.3).
+        try:
+            host, port = self.conn.stream.socket.getsockname()[:2]
+        except (AttributeError, OSError):
+            return "localhost"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def _handle(self) -> None:
+        gateway = self.gateway
+        headers = self.headers
+        start_line = self.start_line
+        assert headers is not None
+        assert start_line is not None
+        try:
+            self.target = self._resolve()
+        except BadRequestError as exc:
+            self._plain(exc.status, str(exc))
+            return
+        if "websocket" in headers.get("Upgrade", "").lower():
+            refusal = self._refuse_upgrade()
+            if refusal is not None:
+                self._plain(*refusal)
+                return
+        request = Request(
+            url=self.url,
+            method=start_line.method,
+            headers=Headers(headers.get_all()),
+            body=b"".join(self.body),
+        )
+        # Cloudflare's header for the client's address, so that an application can limit
+        # per client; it replaces whatever the client sent, which anyone could forge.
+        request.headers.set(CLIENT_ADDRESS_HEADER, getattr(self.conn.context, "remote_ip", "") or "")
+        try:
+            response = await gateway.runtime.fetch(request)
+        except Exception:
+            log.exception("the worker's fetch() raised for %s %s", start_line.method, start_line.path)
+            self._plain(500, "Internal Server Error")
+            return
+        if response.status != 101:
+            self._respond(response.status, response.headers.items(), response.body or b"")
+            return
+        assert response.web_socket is not None
+        server = peer_of(response.web_socket)
+        if server is None or server._host is None:
+            log.error(
+                "fetch() answered 101 for %s but no object accepted the server end of its "
+                "WebSocketPair (call ctx.accept_web_socket(server))",
+                start_line.path,
+            )
+            self._plain(500, "Internal Server Error")
+            return
+        problem = handshake_problem(start_line.method, start_line.version, headers)
+        if problem is not None:
+            status, text = problem
+            extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
+            self._plain(status, text, extra)
+            gateway.runtime.handshake_failed(server)
+            return
+        await self._upgrade(server, response, request.url)
+
+    def _refuse_upgrade(self) -> tuple[int, str] | None:
+        """Server-wide rules an upgrade request must pass before the application sees it."""
+        gateway = self.gateway
+        assert self.headers is not None
+        assert self.target is not None
+        self.slot = gateway.take_slot()
+        if not self.slot:
+            limit = gateway.max_connections
+            return 503, f"The server is at its limit of {limit} WebSocket connections; try again later"
+        origin = self.headers.get("Origin")
+        if origin is None or "*" in gateway.allowed_origins:
+            return None  # not a browser, or any origin allowed
+        normalized = origin.strip().rstrip("/").lower()
+        if normalized in gateway.allowed_origins:
+            return None
+        # Browsers do not apply the same-origin policy to WebSockets, so the server does
+        # (cross-site WebSocket hijacking): same origin is always fine.
+        if urlsplit(normalized).netloc == self.target.authority.lower():
+            return None
+        return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
+
+    async def _upgrade(self, server: WebSocket, response: Response, url: str) -> None:
+        headers = self.headers
+        assert headers is not None
+        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        # Like Cloudflare: the application picks by setting the header on its 101 Response.
+        chosen = response.headers.get("Sec-WebSocket-Protocol")
+        protocol = chosen if chosen in offered else None
+        lines = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Accept: {accept_value(headers['Sec-WebSocket-Key'].strip())}",
+        ]
+        if protocol:
+            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        for name, value in response.headers.items():
+            if name.lower() in HANDSHAKE_HEADERS:
+                continue
+            if any(c in name + value for c in "\r\n\0"):
+                log.error("dropped response header %r: it contains a line break", name)
+                continue
+            lines.append(f"{name}: {value}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
+        self._log(101)
+        stream = self.conn.detach()
+        try:
+            await stream.write(head)
+        except StreamClosedError:
+            self.gateway.runtime.handshake_failed(server)
+            return
+        try:
+            taken = take_socket(stream)
+        except (AttributeError, OSError):  # the client left between the 101 and now
+            stream.close()
+            self.gateway.runtime.handshake_failed(server)
+            return
+        connection = Connection(
+            server, self.gateway.connections, taken.leftover, self.gateway.registry, url=url, protocol=protocol
+        )
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
+        except OSError:
+            taken.sock.close()
+            self.gateway.runtime.handshake_failed(server)
+
+    def _plain(self, status: int, text: str, extra: list[tuple[str, str]] | None = None) -> None:
+        self._respond(status, [("Content-Type", TEXT_PLAIN), *(extra or [])], text.encode("utf-8"))
+
+    def _respond(self, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> None:
+        assert self.start_line is not None
+        out = tornado.httputil.HTTPHeaders()
+        for name, value in headers:
+            out.add(name, value)
+        if "Date" not in out:
+            out["Date"] = tornado.httputil.format_timestamp(time.time())
+        head = self.start_line.method == "HEAD"
+        if status >= 200 and status not in (204, 304) and not (head and "Content-Length" in out):
+            # The body's own length; for HEAD the application may state the length a GET has.
+            out["Content-Length"] = str(len(body))
+        line = tornado.httputil.ResponseStartLine("HTTP/1.1", status, HTTP_REASONS.get(status, "Unknown"))
+        try:
+            self.conn.write_headers(line, out, None if head else body or None)
+            self.conn.finish()
+        except StreamClosedError:
+            pass  # the client left; there is nobody to answer
+        self._log(status)
+
+    def _log(self, status: int) -> None:
+        # Tornado's access-log line, on Tornado's access logger (--access-log off silences it).
+        if not access_log.isEnabledFor(logging.INFO) or access_log.disabled:
+            return
+        assert self.start_line is not None
+        method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+        remote = getattr(self.conn.context, "remote_ip", "?")
+        elapsed = (time.monotonic() - self.started) * 1000
+        method("%d %s %s (%s) %.2fms", status, self.start_line.method, self.start_line.path, remote, elapsed)
+
+
+def _log_crash(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a request failed inside the gateway", exc_info=task.exception())
+
+
+def make_application(
+    runtime: Runtime,
+    *,
+    max_message_size: int,
+    registry: set[Connection] | None = None,
+    max_connections: int = 0,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: AllowedHosts | None = None,
+    max_body_memory: int = 0,
+    max_outgoing: int = MAX_OUTGOING_BYTES,
+    max_outgoing_total: int = MAX_OUTGOING_TOTAL_BYTES,
+    close_timeout: float = CLOSE_TIMEOUT,
+) -> Gateway:
+    """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections.
+
+    ``allowed_hosts`` defaults to any host: only the caller knows the address it binds
+    (:class:`Server` passes ``AllowedHosts.for_listener`` of its own).
+    """
+    connections = ConnectionSettings(
+        runtime,
+        max_message_size=max_message_size,
+        max_outgoing=max_outgoing,
+        max_outgoing_total=max_outgoing_total,
+        close_timeout=close_timeout,
+    )
+    return Gateway(
+        runtime,
+        connections,
+        registry if registry is not None else set(),
+        max_connections,
+        allowed_origins,
+        allowed_hosts if allowed_hosts is not None else AllowedHosts(frozenset(), (), any=True),
+        max_body_memory,
+    )

@@ -1,0 +1,184 @@
+"""The one module that reads Tornado's private fields: taking a connected socket away from
+IOStream after the handshake, and serving a listener with wsecho's own accept loop.
+
+:func:`check_tornado` runs at import and fails loudly, naming the field, if a Tornado
+release renames one of them; every integration test goes through both paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import Counter
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import tornado.httpserver
+import tornado.httputil
+import tornado.netutil
+import tornado.tcpserver
+import tornado.web
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
+from tornado.httputil import HTTPConnection
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream
+
+from wsecho.serve.acceptor import Acceptor, RateLimitedWarning, open_file_limit
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("wsecho.serve.server")
+
+
+#: The admin listener's listen queue (Tornado's default).
+ADMIN_BACKLOG = 128
+
+
+class _TakenSocket:
+    __slots__ = ("leftover", "sock")
+
+    def __init__(self, sock: socket.socket, leftover: bytes) -> None:
+        self.sock = sock
+        self.leftover = leftover
+
+
+def take_socket(stream: IOStream) -> _TakenSocket:
+    """Take the connected socket away from Tornado, with the bytes it read past the request.
+
+    Tornado's IOStream stops watching the descriptor and forgets it; from here the
+    event loop's own transport owns it. (This reaches into IOStream: the read buffer
+    and the registration state are not public. Tests cover it; tornado is pinned <7.)
+    """
+    leftover = bytes(stream._read_buffer[: stream._read_buffer_size])
+    if stream._state is not None:
+        IOLoop.current().remove_handler(stream.fileno())
+        stream._state = None
+    fd = stream.socket.detach()
+    return _TakenSocket(socket.socket(fileno=fd), leftover)
+
+
+class ListenerOwner(Protocol):
+    """What a :class:`Listener` needs from the application's gateway (passed down, not imported)."""
+
+    refused: Counter[str]
+
+    def websockets(self) -> int: ...
+
+    def refuse_over_http_limit(self, delegate: tornado.httputil.HTTPMessageDelegate, limit: int) -> None:
+        """Make ``delegate``'s request be answered 503: its connection is over ``limit``."""
+        ...
+
+
+class Listener(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server with its accept loop replaced and every connection counted.
+
+    Plain HTTP connections (keep-alive ones too) count against ``max_http``: a request on
+    a connection beyond it is answered 503 and the connection closed. Every connection,
+    HTTP or WebSocket, counts against ``fd_cap`` (from RLIMIT_NOFILE): beyond it a new
+    connection is closed at accept, which keeps descriptors for the admin listener,
+    storage and the connections already open.
+
+    This reaches into TCPServer (``_sockets``, ``_handlers``, ``_handle_connection``):
+    :func:`check_tornado` verifies them when the module loads.
+    """
+
+    gateway: ListenerOwner | None = None
+    max_http = 0
+    fd_cap: int | None = None
+    http_open = 0
+    pause_warning: RateLimitedWarning | None = None
+    cap_warning: RateLimitedWarning | None = None
+    accept_pauses = 0
+    backlog = ADMIN_BACKLOG
+
+    def configure_limits(
+        self, gateway: ListenerOwner | None, *, max_http: int, fd_cap: int | None, backlog: int
+    ) -> None:
+        self.gateway = gateway
+        self.max_http = max_http
+        self.fd_cap = fd_cap
+        self.backlog = backlog
+        self.pause_warning = RateLimitedWarning(log)
+        self.cap_warning = RateLimitedWarning(log)
+        self._over: set[IOStream] = set()
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            acceptor = Acceptor(sock, self._accepted, self._paused, self.backlog)
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = acceptor.remove
+
+    def open_connections(self) -> int:
+        websockets = self.gateway.websockets() if self.gateway is not None else 0
+        return self.http_open + websockets
+
+    def _paused(self, exc: OSError, delay: float) -> None:
+        self.accept_pauses += 1
+        assert self.pause_warning is not None
+        limit = open_file_limit()
+        self.pause_warning.warn(
+            "cannot accept connections: %s (the open-file limit, ulimit -n, is %s; %d connections "
+            "are open); not accepting for %gs, the waiting clients stay queued",
+            exc.strerror,
+            "unlimited" if limit is None else limit,
+            self.open_connections(),
+            delay,
+        )
+
+    def _accepted(self, conn: socket.socket, address: Any) -> None:
+        if self.fd_cap is not None and self.open_connections() >= self.fd_cap:
+            conn.close()
+            if self.gateway is not None:
+                self.gateway.refused["descriptors"] += 1
+            assert self.cap_warning is not None
+            self.cap_warning.warn(
+                "closed a new connection at accept: %d connections are open, the most that fit "
+                "under the open-file limit (ulimit -n %s) with descriptors kept in reserve",
+                self.fd_cap,
+                open_file_limit(),
+            )
+            return
+        self._handle_connection(conn, address)
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        self.http_open += 1
+        if self.max_http and self.http_open > self.max_http:
+            self._over.add(stream)
+            assert self.gateway is not None
+            self.gateway.refused["http_limit"] += 1
+        super().handle_stream(stream, address)
+
+    def start_request(self, server_conn: object, request_conn: HTTPConnection) -> tornado.httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        stream = cast(HTTP1Connection, request_conn).stream
+        # (Tornado asks for a delegate before each request on the connection.)
+        if self.max_http and stream in self._over and self.gateway is not None:
+            self.gateway.refuse_over_http_limit(delegate, self.max_http)
+        return delegate
+
+    def on_close(self, server_conn: object) -> None:
+        self.http_open -= 1
+        if self.max_http:
+            self._over.discard(cast(HTTP1ServerConnection, server_conn).stream)
+        super().on_close(server_conn)
+
+
+def check_tornado() -> None:
+    """Fail loudly if the Tornado internals :class:`Listener` and :func:`take_socket` use changed."""
+    probe = tornado.tcpserver.TCPServer()
+    missing = [
+        name
+        for name, ok in (
+            ("TCPServer._sockets", isinstance(getattr(probe, "_sockets", None), dict)),
+            ("TCPServer._handlers", isinstance(getattr(probe, "_handlers", None), dict)),
+            ("TCPServer._handle_connection", callable(getattr(probe, "_handle_connection", None))),
+        )
+        if not ok
+    ]
+    if missing or tornado.version_info[0] != 6:
+        msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {tornado.version}"
+        raise ImportError(msg)
+
+
+check_tornado()
