@@ -240,3 +240,28 @@ def test_every_path_queues_at_most_one_final_event():
                 walk(row[0], finals + (row[1] is not Final.NONE), depth - 1)
 
     walk(C, 0, 6)
+
+
+def snapshot(lc):
+    return (lc.state, list(lc.queue), lc.current, dict(lc.pins), lc.idle_since)
+
+
+@pytest.mark.parametrize("queued", [0, 1, 3])
+@pytest.mark.parametrize("busy", [False, True])
+def test_the_fast_paths_do_what_the_table_says(queued, busy):
+    # event_arrived() and turn_ended() skip the table for the two moves every message makes;
+    # they must leave the same state and return the same effects as the table's rows.
+    def make():
+        lc = ObjectLifecycle(state=ObjectState.ACTIVE)
+        if busy:
+            lc.try_start("current")
+            for i in range(queued):
+                lc.event_arrived(f"q{i}", 0.5)
+        return lc
+
+    fast, slow = make(), make()
+    assert fast.event_arrived("e", 1.0) == slow._fire(ObjectInput.EVENT_ARRIVED, 1.0, "e")
+    assert snapshot(fast) == snapshot(slow)
+    if busy:
+        assert fast.turn_ended(2.0) == slow._fire(ObjectInput.TURN_ENDED, 2.0)
+        assert snapshot(fast) == snapshot(slow)

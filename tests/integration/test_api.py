@@ -182,7 +182,7 @@ async def test_auto_response_answers_without_waking(url, runtime, clock, recorde
         assert await ws.recv() == b"binary:ping"
         # the per-socket timestamp survived the hibernation
         assert await ask(ws, "auto") == {"ok": [["ping", "pong"], "2026-01-02T03:04:05+00:00"]}
-        assert runtime.counters["auto_responses"] == 1
+        assert runtime.stats.auto_responses == 1
 
 
 @pytest.mark.gen_test
@@ -222,7 +222,7 @@ async def test_no_auto_response_on_a_socket_the_server_closed(port, flags, runti
     # the next frame after the Close would be the pong; the connection ends instead
     assert await raw.read_frame() == (-1, b"")
     raw.abort()
-    assert runtime.counters["auto_responses"] == 0
+    assert runtime.stats.auto_responses == 0
 
 
 # -- event timeout ----------------------------------------------------------------------
@@ -251,8 +251,8 @@ async def test_a_handler_over_the_event_timeout_resets_the_object(url, runtime, 
         assert a.close_code == 1011
         await b.wait_closed()
         assert b.close_code == 1011
-    assert runtime.counters["event_timeouts"] == 1
-    assert runtime.counters["resets"] == 1
+    assert runtime.stats.snapshot().event_timeouts == 1
+    assert runtime.stats.snapshot().resets == 1
     # the peers' answers to the 1011 Close were delivered to a fresh instance
     await recorder.wait_for(lambda r: len(r.of("close")) == 2)
     assert len(constructions(recorder, "e")) == 2
@@ -274,7 +274,7 @@ async def test_nothing_a_turn_over_the_event_timeout_sent_is_delivered(url, runt
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)  # the Close is the first thing to arrive
         assert ws.close_code == 1011
-    assert runtime.counters["event_timeouts"] == 1
+    assert runtime.stats.snapshot().event_timeouts == 1
 
 
 # -- block_concurrency_while, wait_until, abort ----------------------------------------
@@ -310,7 +310,7 @@ async def test_block_concurrency_while_failing_in_the_constructor_closes_1011(ur
         await ws.send("wake")
         await ws.wait_closed()
         assert ws.close_code == 1011
-    assert runtime.counters["constructor_errors"] >= 1
+    assert runtime.stats.constructor_errors >= 1
 
 
 @pytest.mark.gen_test
@@ -340,7 +340,7 @@ async def test_abort_closes_every_socket_1011_and_drops_the_instance(url, runtim
         await a.wait_closed()
         await b.wait_closed()
         assert (a.close_code, b.close_code) == (1011, 1011)
-    assert runtime.counters["resets"] == 1
+    assert runtime.stats.snapshot().resets == 1
     async with connect(url("/lab/ab/ws", "ws")) as c:
         assert await ask(c, "count") == {"ok": 1}
     assert len(constructions(recorder, "ab")) == 2
@@ -350,7 +350,7 @@ async def test_abort_closes_every_socket_1011_and_drops_the_instance(url, runtim
 async def test_abort_in_the_constructor_fails_the_wake(url, http_client, runtime, flags):
     flags["abort_in_constructor"] = True
     assert await status_of(http_client, url("/lab/ac/count")) == 500
-    assert runtime.counters["constructor_errors"] == 1
+    assert runtime.stats.constructor_errors == 1
 
 
 # -- non-hibernatable sockets ------------------------------------------------------------

@@ -247,7 +247,7 @@ async def test_a_dead_peer_is_found_by_pings(recorder):
         raw.writer.transport.pause_reading()
         events = await final_event(recorder)
         assert events == [("close", 1006, "", False, 1)]
-        assert server.runtime.counters["dead_peers"] == 1
+        assert server.runtime.stats.dead_peers == 1
         raw.abort()
     finally:
         await server.stop()

@@ -268,7 +268,7 @@ async def test_the_keep_alive_is_answered_without_waking_the_room():
             assert await receive(ann) == "pong"
         assert t.state("ROOMS", "kitchen") == "hibernating"
         assert t.constructions("ROOMS", "kitchen") == 1
-        assert t.runtime.counters["auto_responses"] == 3
+        assert t.runtime.stats.auto_responses == 3
 
 
 # -- limits ------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ async def test_a_raising_handler_is_logged_and_the_socket_stays_open(url, record
     errors = [r for r in caplog.records if "web_socket_message raised" in r.getMessage()]
     assert len(errors) == 1
     assert "handler failed on purpose" in str(errors[0].exc_info[1])
-    assert runtime.counters["handler_errors"] == 1
+    assert runtime.stats.snapshot().handler_errors.get("web_socket_message", 0) == 1
 
 
 @pytest.mark.gen_test
@@ -147,5 +147,5 @@ async def test_constructor_that_raises_closes_sockets_1011(port, recorder, runti
     host = runtime.find("PROBE", "k")
     assert host.lifecycle.state is ObjectState.HIBERNATING
     assert recorder.of("message") == []
-    assert runtime.counters["dropped_events"] >= 1
+    assert runtime.stats.dropped_events >= 1
     raw.abort()

@@ -230,4 +230,4 @@ async def test_the_echo_app_answers_a_dropped_connection_without_an_error(port, 
     raw.abort()
     await until(lambda: runtime.find("WEBSOCKET_HIBERNATION_SERVER", "foo").sockets == {})
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
-    assert runtime.counters["handler_errors"] == 0
+    assert runtime.stats.snapshot().handler_errors.get("web_socket_message", 0) == 0

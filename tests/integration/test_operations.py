@@ -347,3 +347,22 @@ def test_storage_quotas_take_bytes_with_binary_units_or_off():
             resolve(["--max-object-storage", bad], {})
     server = Server(probe_app(Recorder()), settings_from(build_parser().parse_args(["--max-storage", "2KiB"]), {}))
     assert server.runtime.limits.storage_bytes == 2048
+
+
+def test_every_count_is_exported_with_a_help_line(admin_server, io_loop):
+    # Issue 12: 8 of the 16 counts never reached /metrics. Every plain count of Stats has a
+    # metric, and every metric family says what it counts.
+    import attrs
+
+    from wsecho.core.stats import StatsSnapshot
+    from wsecho.serve.metrics import COUNTERS
+
+    server, _ = admin_server
+    plain = {f.name for f in attrs.fields(StatsSnapshot) if f.type in ("int", int)}
+    assert plain == set(COUNTERS)
+    text = io_loop.run_sync(lambda: get(server, "/metrics")).body.decode()
+    families = set(re.findall(r"^# TYPE (\S+) ", text, re.M))
+    helps = dict(re.findall(r"^# HELP (\S+) (.+)$", text, re.M))
+    assert {f"{name}_total" for name, _ in COUNTERS.values()} <= families
+    assert families == set(helps)
+    assert all(len(h) > 10 for h in helps.values())

@@ -114,7 +114,7 @@ async def test_a_peer_that_never_reads_is_cut_though_it_sends_unsolicited_pongs(
         finally:
             sender.cancel()
         assert events == [("close", 1006, "", False, 1)]
-        assert server.runtime.counters["dead_peers"] == 1
+        assert server.runtime.stats.dead_peers == 1
         raw.abort()
 
 
@@ -184,4 +184,4 @@ def test_a_peer_whose_queue_does_not_drain_for_the_ping_timeout_is_dead(recorder
         server._ping_peers(now)
     assert stuck.transport.aborted  # nothing left its queue for more than 5 s
     assert not slow.transport.aborted
-    assert server.runtime.counters["dead_peers"] == 1
+    assert server.runtime.stats.dead_peers == 1

@@ -307,7 +307,7 @@ async def test_a_failing_alarm_is_retried_with_backoff_then_given_up(rt, recorde
             assert rt.alarms.get(obj) == NOW_MS + retry_delay_ms(attempt + 1)
             now = rt.alarms.get(obj)
     assert [e[2:] for e in recorder.of("alarm")] == [(0, False)] + [(n, True) for n in range(1, MAX_RETRIES + 1)]
-    assert rt.counters["alarms_given_up"] == 1
+    assert rt.stats.alarms_given_up == 1
     assert rt.alarms.get(obj) is None
     await rt.committer.idle()
     assert await s.do("get_alarm") is None
@@ -362,7 +362,7 @@ async def test_an_object_over_its_quota_is_refused_and_nothing_of_the_call_is_st
         await s.do("put", "b", "y" * 900)
         assert rt.stats.quota_refusals["object"] == 1
         # a refused write in a handler does not reset the object
-        assert rt.counters["resets"] == 0
+        assert rt.stats.snapshot().resets == 0
     finally:
         await rt.close()
 
@@ -503,8 +503,8 @@ async def test_a_failed_commit_discards_outputs_and_resets_the_object(recorder, 
             await ws.send("put k v")
             await ws.wait_closed()
             assert ws.close_code == 1011
-        assert server.runtime.counters["storage_errors"] >= 1
-        assert server.runtime.counters["resets"] == 1
+        assert server.runtime.stats.storage_errors >= 1
+        assert server.runtime.stats.snapshot().resets == 1
     finally:
         await server.stop()
 
@@ -574,7 +574,7 @@ async def test_a_failed_commit_never_releases_what_it_held_back(recorder, flags)
                 await asyncio.wait_for(ws.recv(), 5)
             assert ws.close_code == 1011
         assert backend.data == {"STORE:" + server.runtime.find("STORE", "h1").id.hex: {"a": b'j"1"'}}
-        assert server.runtime.counters["storage_errors"] == 1
+        assert server.runtime.stats.storage_errors == 1
     finally:
         await server.stop()
 

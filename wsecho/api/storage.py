@@ -28,7 +28,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsecho.api import codec
-from wsecho.backends.base import AlarmRow, Backend, Batch, entry_bytes
+from wsecho.backends.base import Backend, Batch, entry_bytes
+from wsecho.core.alarms import AlarmRow
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError, QuotaExceededError
 
 if TYPE_CHECKING:

@@ -127,7 +127,7 @@ class WebSocket:
         state = self._state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
             assert self._host is not None
-            self._host.runtime.counters["messages_out"] += 1
+            self._host.runtime.stats.messages_out += 1
             gate = self._host.gate
             if gate is not None:
                 gate.append((self, message))  # sent once the object's writes are durable

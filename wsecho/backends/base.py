@@ -28,25 +28,15 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from wsecho.core.alarms import AlarmRow
 from wsecho.core.errors import StorageError
 
-log = logging.getLogger("wsecho.api.storage")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DB_FILE = "wsecho.sqlite3"
 LOCK_FILE = "wsecho.lock"
-
-
-@attrs.frozen
-class AlarmRow:
-    """A stored alarm: which object (enough to find it again) and when, in epoch ms."""
-
-    object: str
-    namespace: str
-    id: str
-    name: str | None
-    at_ms: int
 
 
 @attrs.define(eq=False)

@@ -11,8 +11,6 @@ import itertools
 
 import attrs
 
-from wsecho.backends.base import AlarmRow
-
 #: A failed ``alarm()`` is retried after 2, 4, 8, 16, 32 and 64 seconds, then given up.
 RETRY_BASE_MS = 2_000
 MAX_RETRIES = 6
@@ -21,6 +19,17 @@ MAX_RETRIES = 6
 def retry_delay_ms(retry: int) -> int:
     """How long to wait before retry number ``retry`` (1-based)."""
     return int(RETRY_BASE_MS * 2 ** (retry - 1))
+
+
+@attrs.frozen
+class AlarmRow:
+    """A stored alarm: which object (enough to find it again) and when, in epoch ms."""
+
+    object: str
+    namespace: str
+    id: str
+    name: str | None
+    at_ms: int
 
 
 @attrs.define(eq=False)

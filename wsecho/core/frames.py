@@ -52,15 +52,14 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 MAX_FRAGMENTS = 131_072
 
 
-def _py_unmask(mask: bytes, data: bytes) -> bytes:
-    """XOR ``data`` with the repeated 4-byte ``mask``, with big-int arithmetic."""
+def unmask(mask: bytes, data: bytes) -> bytes:
+    """XOR ``data`` with the repeated 4-byte ``mask``, with big-int arithmetic.
+
+    The server passes a faster routine to :class:`FrameParser` (Tornado's C one); this one
+    needs nothing outside the standard library."""
     n = len(data)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "little")
     return (int.from_bytes(data, "little") ^ key).to_bytes(n, "little")
-
-
-#: Tornado's C routine when it was built (it returns bytes), else the big-int version.
-unmask: Callable[[bytes, bytes], bytes] = _c_mask if _c_mask is not None else _py_unmask
 
 
 def valid_close_code(code: int) -> bool:
@@ -82,6 +81,7 @@ class FrameParser:
         "_frag_op",
         "_frag_size",
         "_frags",
+        "_unmask",
         "held",
         "max_fragments",
         "max_message_size",
@@ -89,9 +89,16 @@ class FrameParser:
     )
 
     def __init__(
-        self, max_message_size: int, *, max_fragments: int = MAX_FRAGMENTS, pass_bytes: int | None = None
+        self,
+        max_message_size: int,
+        *,
+        max_fragments: int = MAX_FRAGMENTS,
+        pass_bytes: int | None = None,
+        unmask: Callable[[bytes, bytes], bytes] = unmask,
     ) -> None:
         self.max_message_size = max_message_size
+        #: ``unmask(mask, data)``: the server passes a C routine (Tornado's) when there is one.
+        self._unmask = unmask
         self.max_fragments = max_fragments
         self.pass_bytes = pass_bytes if pass_bytes is not None else sys.maxsize
         #: Bytes this pass may still consume (see :meth:`resume`).
@@ -119,6 +126,7 @@ class FrameParser:
         # Where this pass's budget ends: no frame starts at or past it (the one that crosses it
         # is finished, so a frame larger than the budget still goes through, alone).
         limit = self._budget
+        unmask = self._unmask
         while end - pos >= 2:
             if pos >= limit:
                 break
@@ -194,7 +202,7 @@ class FrameParser:
             self._decoder = _utf8_decoder()  # the first frame of a text message
         shift = self._checked % 4
         try:
-            self._decoder.decode(unmask(mask[shift:] + mask[:shift], chunk), False)
+            self._decoder.decode(self._unmask(mask[shift:] + mask[:shift], chunk), False)
         except UnicodeDecodeError:
             return 1007, "invalid UTF-8 in a text message"
         self._checked += len(chunk)

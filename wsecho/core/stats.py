@@ -79,16 +79,46 @@ class Histogram:
         return out
 
 
+#: Why an instance was dropped: hibernation, or one of the resets.
+EVICTION_REASONS = ("idle", "abort", "event_timeout", "storage_error")
+RESET_REASONS = EVICTION_REASONS[1:]
+
+
 @attrs.define(eq=False)
 class Stats:
-    """Labelled counts of one runtime."""
+    """Everything one runtime counts: the one place each count lives.
 
+    The hot paths add to plain ``int`` fields (``stats.messages_in += 1``); readers (the
+    admin listener, ``wsecho.testing``, tests) take a :meth:`snapshot`, a frozen copy.
+    """
+
+    #: WebSocket handshakes completed.
+    sockets_accepted: int = 0
+    #: Messages received from peers, and messages objects sent.
+    messages_in: int = 0
+    messages_out: int = 0
+    #: Messages answered by the auto-response, without waking the object.
+    auto_responses: int = 0
+    #: Hibernated objects woken (the constructor ran again).
+    wakes: int = 0
+    #: Constructors that raised (the wake failed; the object's sockets closed with 1011).
+    constructor_errors: int = 0
+    #: Events dropped because their object was reset before they ran.
+    dropped_events: int = 0
+    #: Alarms delivered, retried after their handler failed, and given up after the last retry.
+    alarms: int = 0
+    alarm_retries: int = 0
+    alarms_given_up: int = 0
+    #: Storage commits that failed.
+    storage_errors: int = 0
+    #: Connections cut because the peer did not answer our ping or did not read.
+    dead_peers: int = 0
     #: Final events by :func:`close_code_bucket` (1006 for dropped connections, 1009/1007/1002
     #: for failures): at most 19 keys, whatever codes the peers send.
     closed_by_code: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     #: Handler exceptions by handler name (fetch, web_socket_message, alarm, ...).
     handler_errors: Counter[str] = attrs.field(factory=Counter)
-    #: Instances dropped, by why: idle (hibernation), abort, event_timeout, storage_error.
+    #: Instances dropped, by why (:data:`EVICTION_REASONS`): idle is hibernation, the rest resets.
     evictions: Counter[str] = attrs.field(factory=Counter)
     #: put() calls refused by a storage quota: "object" or "total".
     quota_refusals: Counter[str] = attrs.field(factory=Counter)
@@ -97,3 +127,49 @@ class Stats:
 
     def count_close(self, code: int) -> None:
         self.closed_by_code[close_code_bucket(code)] += 1
+
+    def snapshot(self) -> StatsSnapshot:
+        """A frozen copy of every count, for readers."""
+        return StatsSnapshot(
+            **{f.name: getattr(self, f.name) for f in attrs.fields(Stats) if f.type in ("int", int)},
+            closed_by_code=dict(self.closed_by_code),
+            handler_errors=dict(self.handler_errors),
+            evictions={reason: self.evictions[reason] for reason in EVICTION_REASONS},
+            quota_refusals={which: self.quota_refusals[which] for which in ("object", "total")},
+            wake_latency=tuple(self.wake_latency.cumulative()),
+            wake_latency_sum=self.wake_latency.total,
+        )
+
+
+@attrs.frozen
+class StatsSnapshot:
+    """What :meth:`Stats.snapshot` returns: the counts at one moment, never changing after."""
+
+    sockets_accepted: int
+    messages_in: int
+    messages_out: int
+    auto_responses: int
+    wakes: int
+    constructor_errors: int
+    dropped_events: int
+    alarms: int
+    alarm_retries: int
+    alarms_given_up: int
+    storage_errors: int
+    dead_peers: int
+    closed_by_code: dict[tuple[str, str], int]
+    handler_errors: dict[str, int]
+    evictions: dict[str, int]
+    quota_refusals: dict[str, int]
+    #: ``[(upper bound, observations <= it), ..., ("+Inf", all)]``
+    wake_latency: tuple[tuple[str, int], ...]
+    wake_latency_sum: float
+
+    @property
+    def resets(self) -> int:
+        """Instances dropped for a reason other than hibernation."""
+        return sum(self.evictions[reason] for reason in RESET_REASONS)
+
+    @property
+    def event_timeouts(self) -> int:
+        return self.evictions["event_timeout"]

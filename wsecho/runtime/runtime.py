@@ -17,7 +17,7 @@ import contextvars
 import inspect
 import logging
 import types
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -393,8 +393,6 @@ class Runtime:
         self.env = Env({**app.vars, **self.namespaces})
         self._hosts: dict[DurableObjectId, ObjectHost] = {}
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
-        #: Counts of what happened: wakes, evictions, handler errors, dropped events, ...
-        self.counters: Counter[str] = Counter()
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
         self.committer.on_health = self._storage_health
@@ -529,7 +527,6 @@ class Runtime:
         if host.lifecycle.state is ObjectState.HIBERNATING:
             return
         self._run(host, host.lifecycle.evict(self.clock()))
-        self.counters["evictions"] += 1
         self.stats.evictions["idle"] += 1
 
     async def barrier(self, host: ObjectHost) -> None:
@@ -553,7 +550,6 @@ class Runtime:
             self._run(host, host.lifecycle.evict(now))
             evicted += 1
         if evicted:
-            self.counters["evictions"] += evicted
             self.stats.evictions["idle"] += evicted
             log.info("hibernated %d idle objects (%d remain in memory)", evicted, len(self._idle))
         return evicted
@@ -600,7 +596,7 @@ class Runtime:
                     change = await self.committer.commit(batch)
                 except Exception as exc:
                     storage.failed(batch)
-                    self.counters["storage_errors"] += 1
+                    self.stats.storage_errors += 1
                     # The output gate breaks: what waited for these writes must never be
                     # sent (the finally below would otherwise release it before the reset).
                     if host.storage is storage or host.storage is None:
@@ -699,7 +695,7 @@ class Runtime:
                 log.warning("alarm of %s skipped: the application has no binding %r", row.object, row.namespace)
                 continue
             host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns.object_class)
-            self.counters["alarms"] += 1
+            self.stats.alarms += 1
             self.submit(host, AlarmEvent(self, due))
             fired += 1
         self._arm_alarms()
@@ -711,13 +707,13 @@ class Runtime:
             return  # a new alarm was set meanwhile; it replaces this one
         retry = due.retries + 1
         if retry > MAX_RETRIES:
-            self.counters["alarms_given_up"] += 1
+            self.stats.alarms_given_up += 1
             log.error("alarm of %s failed %d times; giving up and deleting it", row.object, retry)
             task = asyncio.ensure_future(self.committer.commit(Batch(row.object, alarm=None)))
             task.add_done_callback(_log_failure)
             return
         delay = retry_delay_ms(retry)
-        self.counters["alarm_retries"] += 1
+        self.stats.alarm_retries += 1
         log.warning("alarm of %s failed; retry %d of %d in %d ms", row.object, retry, MAX_RETRIES, delay)
         self.alarms.set(row, at_ms=self.wall_ms() + delay, retries=retry)
         self._arm_alarms()
@@ -778,7 +774,7 @@ class Runtime:
         def done(t: asyncio.Future[Any]) -> None:
             host.background.discard(t)
             if not t.cancelled() and t.exception() is not None:
-                self.counters["handler_errors"] += 1
+                self.stats.handler_errors["wait_until"] += 1
                 log.error("wait_until() work of %s %s raised", host.cls.__name__, host.id, exc_info=t.exception())
             self._run(host, host.lifecycle.unpin(PIN_WAIT_UNTIL, self.clock()))
 
@@ -794,7 +790,6 @@ class Runtime:
             self._reset(host, why, "abort")
 
     def _reset(self, host: ObjectHost, why: str, kind: str) -> None:
-        self.counters["resets"] += 1
         self.stats.evictions[kind] += 1
         log.error(
             "resetting %s %s: %s; closing its %d WebSockets with 1011",
@@ -820,7 +815,7 @@ class Runtime:
         self, ws: WebSocket, transport: Transport, url: str, protocol: str | None, extensions: str
     ) -> None:
         ws.url = url
-        self.counters["sockets_accepted"] += 1
+        self.stats.sockets_accepted += 1
         ws._attach(transport, protocol, extensions)
 
     def handshake_failed(self, ws: WebSocket) -> None:
@@ -838,14 +833,14 @@ class Runtime:
         """
         host = ws._host
         assert host is not None
-        self.counters["messages_in"] += 1
+        self.stats.messages_in += 1
         pair = host.auto_response
         if pair is not None and message == pair.request:
             # Answered by the runtime: the object is neither woken nor called.
             if ws._state is SocketState.OPEN:
                 ws.send(pair.response)
                 ws._auto_response_at = self.wall_clock()
-                self.counters["auto_responses"] += 1
+                self.stats.auto_responses += 1
             return None
         event = MessageEvent(ws, message)
         self.submit(host, event)
@@ -909,7 +904,7 @@ class Runtime:
                 for ws in list(host.sockets):
                     ws._close_unchecked(effect.code, effect.reason)
             elif isinstance(effect, DropEvents):
-                self.counters["dropped_events"] += len(effect.events)
+                self.stats.dropped_events += len(effect.events)
                 log.warning(
                     "%s %s: dropped %d queued events (%s) because %s",
                     host.cls.__name__,
@@ -925,7 +920,6 @@ class Runtime:
     def _became_idle(self, host: ObjectHost, since: float) -> list[Effect[Event]]:
         if host.hibernate_after <= 0:
             # hibernate_after = 0: hibernate the moment the object is idle.
-            self.counters["evictions"] += 1
             self.stats.evictions["idle"] += 1
             return host.lifecycle.evict(since)
         self._idle.touch(host, host.hibernate_after, since)
@@ -941,7 +935,7 @@ class Runtime:
         finally:
             _current_host.reset(token)
         if host.constructions:
-            self.counters["wakes"] += 1
+            self.stats.wakes += 1
             log.info(
                 "woke %s %s (%d sockets, %d events waiting)",
                 host.cls.__name__,
@@ -957,7 +951,7 @@ class Runtime:
     def _construction_failed(
         self, host: ObjectHost, exc: BaseException | None, why: str, run: bool = True
     ) -> list[Effect[Event]]:
-        self.counters["constructor_errors"] += 1
+        self.stats.constructor_errors += 1
         log.error(
             "%s %s could not wake: %s; closing its %d WebSockets with 1011",
             host.cls.__name__,
@@ -1037,7 +1031,6 @@ class Runtime:
             # loop): it is measured when it returns, and what it sent is discarded.
             elapsed_ms = (self.clock() - started) * 1000
             if elapsed_ms > host.event_timeout_ms:
-                self.counters["event_timeouts"] += 1
                 event.after(self, host)
                 self._reset(host, f"{event.name} ran {elapsed_ms:.0f} ms, over the event timeout", "event_timeout")
                 return []
@@ -1089,7 +1082,6 @@ class Runtime:
 
     def _event_timed_out(self, host: ObjectHost, event: Event) -> None:
         if host.lifecycle.current is event:
-            self.counters["event_timeouts"] += 1
             self._reset(
                 host,
                 f"{event.name} ran over the event timeout of {host.event_timeout_ms} ms",
@@ -1097,7 +1089,6 @@ class Runtime:
             )
 
     def _handler_failed(self, host: ObjectHost, event: Event, exc: BaseException) -> None:
-        self.counters["handler_errors"] += 1
         self.stats.handler_errors[event.name] += 1
         if not event.failed(exc):
             log.error(

@@ -21,7 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-log = logging.getLogger("wsecho.runtime.watchdog")
+log = logging.getLogger(__name__)
 
 #: Frames of the loop thread's stack shown in the warning (the innermost ones).
 STACK_FRAMES = 12

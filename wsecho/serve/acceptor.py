@@ -16,7 +16,7 @@ from tornado.ioloop import IOLoop
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("wsecho.serve.server")
+log = logging.getLogger(__name__)
 
 
 #: Descriptors kept free under RLIMIT_NOFILE, beyond those open at start, for the admin

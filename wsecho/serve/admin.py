@@ -35,7 +35,7 @@ class AdminSource(Protocol):
     def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]: ...
 
 
-log = logging.getLogger("wsecho.serve.server")
+log = logging.getLogger(__name__)
 
 
 #: The most objects one /objects answer lists (?limit=), so that one request's work is bounded.

@@ -40,7 +40,12 @@ if TYPE_CHECKING:
     from wsecho.api.websocket import WebSocket
     from wsecho.runtime.runtime import Runtime
 
-log = logging.getLogger("wsecho.serve.connection")
+try:  # Tornado's C routine for unmasking frames, when Tornado was built with it (it usually is)
+    from tornado.speedups import websocket_mask as unmask
+except ImportError:  # pragma: no cover - depends on how Tornado was built
+    unmask = frames.unmask
+
+log = logging.getLogger(__name__)
 
 _TEXT = frames.TEXT
 _BINARY = frames.BINARY
@@ -196,7 +201,7 @@ class Connection(asyncio.Protocol):
         self.url = url
         self.protocol = protocol
         self._settings = settings
-        self.parser = frames.FrameParser(settings.max_message_size, pass_bytes=settings.read_pass_bytes)
+        self.parser = frames.FrameParser(settings.max_message_size, pass_bytes=settings.read_pass_bytes, unmask=unmask)
         self.transport: asyncio.Transport | None = None
         #: Bytes the HTTP layer had read past the upgrade request (frames sent right after it).
         self.leftover = leftover

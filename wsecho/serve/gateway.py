@@ -37,7 +37,7 @@ from wsecho.serve.takeover import take_socket
 if TYPE_CHECKING:
     from wsecho.api.websocket import WebSocket
 
-log = logging.getLogger("wsecho.serve.server")
+log = logging.getLogger(__name__)
 
 
 #: Bytes queued for a peer that does not read before its connection is cut (close code 1008).

@@ -1,7 +1,7 @@
 """Prometheus metrics of a running server, read from the runtime at scrape time.
 
-Nothing here is updated on the hot path: the runtime keeps plain counters
-(:mod:`wsecho.core.stats`), and :class:`RuntimeCollector` turns them into metric
+Nothing here is updated on the hot path: the runtime keeps plain counts
+(:class:`wsecho.core.stats.Stats`), and :class:`RuntimeCollector` turns them into metric
 families when ``/metrics`` is scraped. Each server has its own registry (no
 process-wide one), so several servers can run in one process.
 """
@@ -30,22 +30,44 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+#: Every plain count of :class:`~wsecho.core.stats.Stats`, as ``field: (metric, HELP)``. A test
+#: checks that no field is missing, so a new count cannot be left out of /metrics.
+COUNTERS = {
+    "sockets_accepted": ("wsecho_sockets_accepted", "WebSocket handshakes completed"),
+    "messages_in": ("wsecho_messages_received", "WebSocket messages received"),
+    "messages_out": ("wsecho_messages_sent", "WebSocket messages sent by objects"),
+    "auto_responses": ("wsecho_auto_responses", "messages answered by the auto-response"),
+    "wakes": ("wsecho_wakes", "hibernated objects woken (constructor run again)"),
+    "constructor_errors": ("wsecho_constructor_errors", "constructors that raised (the wake failed)"),
+    "dropped_events": ("wsecho_dropped_events", "queued events dropped because their object was reset"),
+    "alarms": ("wsecho_alarms", "alarms delivered"),
+    "alarm_retries": ("wsecho_alarm_retries", "alarms retried after their handler failed"),
+    "alarms_given_up": ("wsecho_alarms_given_up", "alarms deleted after their last retry failed"),
+    "storage_errors": ("wsecho_storage_errors", "storage commits that failed"),
+    "dead_peers": (
+        "wsecho_dead_peers",
+        "connections cut because the peer did not answer our ping or did not read for --ping-timeout",
+    ),
+}
+
+
 class RuntimeCollector(Collector):
-    def __init__(self, runtime: Runtime, loop_lag: Callable[[], float]) -> None:
+    def __init__(self, runtime: Runtime, loop_lag: Callable[[], float], loop_blocked: Callable[[], int]) -> None:
         self._runtime = runtime
         self._loop_lag = loop_lag
+        self._loop_blocked = loop_blocked
 
     def collect(self) -> Iterator[Metric]:
         rt = self._runtime
-        counters = rt.counters
-        stats = rt.stats
+        stats = rt.stats.snapshot()
         hosts = rt.hosts()
 
         open_sockets = GaugeMetricFamily("wsecho_sockets_open", "WebSockets whose final event is not delivered yet")
         open_sockets.add_metric([], sum(len(h.sockets) for h in hosts))
         yield open_sockets
+        for field, (name, documentation) in COUNTERS.items():
+            yield _counter(name, documentation, getattr(stats, field))
 
-        yield _counter("wsecho_sockets_accepted", "WebSocket handshakes completed", counters["sockets_accepted"])
         closed = CounterMetricFamily(
             "wsecho_sockets_closed",
             "WebSockets ended, by close code (1006: dropped; 3000-3999, 4000-4999 and other: one series each)",
@@ -54,9 +76,6 @@ class RuntimeCollector(Collector):
         for (code, name), n in sorted(stats.closed_by_code.items()):
             closed.add_metric([code, name], n)
         yield closed
-        yield _counter("wsecho_messages_received", "WebSocket messages received", counters["messages_in"])
-        yield _counter("wsecho_messages_sent", "WebSocket messages sent by objects", counters["messages_out"])
-        yield _counter("wsecho_auto_responses", "messages answered by the auto-response", counters["auto_responses"])
 
         states: Counter[str] = Counter(h.lifecycle.state.value for h in hosts)
         objects = GaugeMetricFamily("wsecho_objects", "objects known to the runtime, by state", labels=["state"])
@@ -64,19 +83,20 @@ class RuntimeCollector(Collector):
             objects.add_metric([state.value], states[state.value])
         yield objects
 
-        yield _counter("wsecho_wakes", "hibernated objects woken (constructor run again)", counters["wakes"])
         evictions = CounterMetricFamily(
-            "wsecho_evictions", "instances dropped, by reason (idle: hibernation)", labels=["reason"]
+            "wsecho_evictions",
+            "instances dropped, by reason (idle: hibernation; abort, event_timeout, storage_error: resets)",
+            labels=["reason"],
         )
-        for reason in ("idle", "abort", "event_timeout", "storage_error"):
-            evictions.add_metric([reason], stats.evictions[reason])
+        for reason, n in stats.evictions.items():
+            evictions.add_metric([reason], n)
         yield evictions
 
-        wake = stats.wake_latency
         latency = HistogramMetricFamily(
-            "wsecho_wake_latency_seconds", "from an event's arrival at a hibernated object to its handler"
+            "wsecho_wake_latency_seconds",
+            "from an event's arrival at an object without an instance (hibernated, or never loaded) to its handler",
         )
-        latency.add_metric([], wake.cumulative(), wake.total)
+        latency.add_metric([], list(stats.wake_latency), stats.wake_latency_sum)
         yield latency
 
         errors = CounterMetricFamily(
@@ -85,30 +105,31 @@ class RuntimeCollector(Collector):
         for name, n in sorted(stats.handler_errors.items()):
             errors.add_metric([name], n)
         yield errors
-        yield _counter("wsecho_constructor_errors", "constructors that raised", counters["constructor_errors"])
-        yield _counter("wsecho_alarms", "alarms delivered", counters["alarms"])
-        yield _counter("wsecho_storage_errors", "storage commits that failed", counters["storage_errors"])
-        yield _counter(
-            "wsecho_dead_peers",
-            "connections cut because the peer did not answer our ping or did not read for --ping-timeout",
-            counters["dead_peers"],
-        )
-        yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
-        stored = GaugeMetricFamily("wsecho_storage_bytes", "bytes stored by all objects (keys plus values)")
-        stored.add_metric([], rt.committer.stored_bytes)
-        yield stored
         refusals = CounterMetricFamily(
             "wsecho_storage_quota_refusals", "put() calls refused by a storage quota", labels=["quota"]
         )
-        for which in ("object", "total"):
-            refusals.add_metric([which], stats.quota_refusals[which])
+        for which, n in stats.quota_refusals.items():
+            refusals.add_metric([which], n)
         yield refusals
+
+        yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
+        yield _counter(
+            "wsecho_storage_batches", "object write batches committed (many share a commit)", rt.committer.batches
+        )
+        stored = GaugeMetricFamily("wsecho_storage_bytes", "bytes stored by all objects (keys plus values)")
+        stored.add_metric([], rt.committer.stored_bytes)
+        yield stored
 
         lag = GaugeMetricFamily(
             "wsecho_event_loop_lag_seconds", "how late the event loop ran a timer, last second's worst"
         )
         lag.add_metric([], self._loop_lag())
         yield lag
+        yield _counter(
+            "wsecho_event_loop_blocked",
+            "times the event loop was blocked longer than --warn-blocked (each logged with the stack)",
+            self._loop_blocked(),
+        )
 
 
 @attrs.frozen
@@ -159,10 +180,13 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
 
 
 def make_registry(
-    runtime: Runtime, loop_lag: Callable[[], float], listener: Callable[[], ListenerStats] | None = None
+    runtime: Runtime,
+    loop_lag: Callable[[], float],
+    listener: Callable[[], ListenerStats] | None = None,
+    loop_blocked: Callable[[], int] = lambda: 0,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RuntimeCollector(runtime, loop_lag))
+    registry.register(RuntimeCollector(runtime, loop_lag, loop_blocked))
     if listener is not None:
         registry.register(ListenerCollector(listener))
     return registry

@@ -39,7 +39,7 @@ from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
 if TYPE_CHECKING:
     from wsecho.api.app import App
 
-log = logging.getLogger("wsecho.serve.server")
+log = logging.getLogger(__name__)
 
 
 #: How often the event-loop lag is probed, and the timer the probe sets.
@@ -103,7 +103,7 @@ class Server:
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).
         self.phase = "starting"
-        self.registry = make_registry(self.runtime, lambda: self.loop_lag, self.listener_stats)
+        self.registry = make_registry(self.runtime, lambda: self.loop_lag, self.listener_stats, self._loop_blocked)
         #: How late the event loop last ran a timer, in seconds.
         self.loop_lag = 0.0
         #: Every open WebSocket connection (for dead-peer pings and shutdown).
@@ -220,6 +220,9 @@ class Server:
             refused=dict(gateway.refused),
         )
 
+    def _loop_blocked(self) -> int:
+        return 0 if self.blocked_watch is None else self.blocked_watch.episodes
+
     def _watchdog(self) -> None:
         self.notifier.watchdog()
 
@@ -264,7 +267,7 @@ class Server:
             elif now - conn.last_seen > interval:
                 conn.ping(now)
         if dead or stalled:
-            self.runtime.counters["dead_peers"] += dead + stalled
+            self.runtime.stats.dead_peers += dead + stalled
             log.info(
                 "cut %d WebSocket peers that did not answer a ping within %gs and %d whose send queue "
                 "did not drain for %gs",

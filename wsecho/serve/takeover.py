@@ -28,7 +28,7 @@ from wsecho.serve.acceptor import Acceptor, RateLimitedWarning, open_file_limit
 if TYPE_CHECKING:
     pass
 
-log = logging.getLogger("wsecho.serve.server")
+log = logging.getLogger(__name__)
 
 
 #: The admin listener's listen queue (Tornado's default).
