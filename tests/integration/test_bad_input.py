@@ -1,4 +1,4 @@
-"""Every row of the README's bad-input table: what a broken, slow or hostile client gets."""
+"""Every row of the bad-input table in docs/operations.md: what a broken, slow or hostile client gets."""
 
 import asyncio
 import struct
