@@ -6,9 +6,9 @@ Cloudflare's in snake_case.
 
 from wsecho.api.app import App
 from wsecho.api.http import Headers, Request, Response
+from wsecho.api.ids import DurableObjectId
 from wsecho.api.objects import (
     DurableObject,
-    DurableObjectId,
     DurableObjectNamespace,
     DurableObjectState,
     DurableObjectStub,

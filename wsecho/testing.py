@@ -148,7 +148,7 @@ class StorageView:
         # no host keeps reads exactly what is stored, and changes nothing in the runtime.
         ns = self._harness.namespace(self._binding)
         detached = ObjectHost(ns.id_from_name(self._name), ns.object_class, runtime, runtime.hibernate_after)
-        return DurableObjectStorage(detached, runtime)
+        return DurableObjectStorage(detached)
 
     async def get(self, key: str | Iterable[str]) -> Any:
         """The value of ``key`` (None if absent), or a dict of the found keys of a list.

@@ -19,6 +19,7 @@ from wsecho import (
     WebSocketRequestResponsePair,
     WsechoError,
 )
+from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import ObjectState
 from wsecho.runtime.runtime import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL, Runtime
 
@@ -101,7 +102,7 @@ async def test_get_tags_of_a_socket_that_is_not_ours_raises(url, runtime):
         host = runtime.find("LAB", "x")
         from wsecho.api.objects import DurableObjectState
 
-        ctx = DurableObjectState(host, runtime)
+        ctx = DurableObjectState(host)
         stranger = WebSocketPair()[1]
         with pytest.raises(InvalidStateError, match="not a hibernatable socket of this object"):
             ctx.get_tags(stranger)
@@ -479,7 +480,7 @@ def accepted_socket(runtime):
     ns = runtime.namespaces["LAB"]
     host = runtime.host(ns.id_from_name("unit"), ns.object_class)
     _client, server = WebSocketPair()
-    DurableObjectState(host, runtime).accept_web_socket(server)
+    DurableObjectState(host).accept_web_socket(server)
     return server
 
 
@@ -490,7 +491,7 @@ def test_ready_state_second_close_and_send_after_close(runtime):
     transport = FakeTransport()
     assert ws.ready_state is ReadyState.CONNECTING
     ws.send("early")
-    runtime.socket_opened(ws, transport, "ws://x/", None, "")
+    runtime.socket_opened(link_of(ws), transport, "ws://x/", None, "")
     assert ws.ready_state is ReadyState.OPEN
     assert transport.frames == [("message", "early")]
     ws.close(1000, "é" * 61)
@@ -499,7 +500,7 @@ def test_ready_state_second_close_and_send_after_close(runtime):
     assert transport.frames[1:] == [("close", 1000, "é" * 61)]
     with pytest.raises(InvalidStateError, match=r"send\(\) after close\(\)"):
         ws.send("late")
-    runtime.peer_closed(ws, 1000, "")
+    runtime.peer_closed(link_of(ws), 1000, "")
     assert ws.ready_state is ReadyState.CLOSED
     with pytest.raises(InvalidStateError):
         ws.send("later")
@@ -510,7 +511,7 @@ def test_close_before_the_handshake_goes_out_after_it(runtime):
     ws.send("first")
     ws.close(4001, "not now")
     transport = FakeTransport()
-    runtime.socket_opened(ws, transport, "ws://x/", None, "")
+    runtime.socket_opened(link_of(ws), transport, "ws://x/", None, "")
     assert transport.frames == [("message", "first"), ("close", 4001, "not now")]
 
 
@@ -558,7 +559,7 @@ async def test_block_concurrency_while_outside_a_turn_takes_a_turn(runtime, reco
     stub = runtime.env.LAB.get_by_name("bg")
     assert await stub.add(0, 0) == 0
     host = runtime.find("LAB", "bg")
-    ctx = DurableObjectState(host, runtime)
+    ctx = DurableObjectState(host)
     gate = asyncio.get_running_loop().create_future()
     order = []
 

@@ -207,7 +207,7 @@ async def test_protocol_violations_close_with_their_code_and_report_an_error(por
 async def test_a_peer_that_stops_reading_is_cut_with_1008(port, recorder, runtime):
     raw = await RawClient.connect(port, "/obj/x/ws")
     host = runtime.find("PROBE", "x")
-    (ws,) = host.sockets
+    (ws,) = [link.ws for link in host.sockets]
     # The client reads nothing; the kernel buffers fill, then ours, up to the cap.
     raw.writer.transport.pause_reading()
     chunk = "y" * 60_000

@@ -6,6 +6,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.helpers import constructions, probe_app, until
+from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import ObjectState
 
 
@@ -239,11 +240,11 @@ async def test_eager_handlers_false_gives_every_handler_its_own_task():
     for binding, cls in (("EAGER", Timed), ("TASKS", TaskPerEvent)):
         host = rt.host(rt.namespaces[binding].id_from_name("x"), cls)
         _client, ws = WebSocketPair()
-        DurableObjectState(host, rt).accept_web_socket(ws)
+        DurableObjectState(host).accept_web_socket(ws)
         transport = FakeTransport()
-        rt.socket_opened(ws, transport, "ws://x/", None, "")
+        rt.socket_opened(link_of(ws), transport, "ws://x/", None, "")
         done = loop.create_future()
-        loop.call_soon(lambda ws=ws, done=done: (rt.message_received(ws, "hi"), done.set_result(None)))
+        loop.call_soon(lambda ws=ws, done=done: (rt.message_received(link_of(ws), "hi"), done.set_result(None)))
         await done
         await rt.barrier(host)
         sent[binding] = transport.frames

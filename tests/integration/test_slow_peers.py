@@ -43,7 +43,7 @@ async def errors(recorder, count):
 
 
 def connection_of(registry, ws):
-    (conn,) = [c for c in registry if c.ws is ws]
+    (conn,) = [c for c in registry if c.link.ws is ws]
     return conn
 
 
@@ -66,7 +66,7 @@ async def test_past_the_total_budget_the_biggest_queue_is_cut_and_readers_keep_t
     slow = [await RawClient.connect(port, "/obj/x/ws") for _ in range(3)]
     for raw in slow:
         raw.writer.transport.pause_reading()  # they read nothing
-    sockets = list(runtime.find("PROBE", "x").sockets)
+    sockets = [link.ws for link in runtime.find("PROBE", "x").sockets]
     worst, second, third = [(ws, connection_of(registry, ws)) for ws in sockets]
     await fill(*second, MiB // 2)
     await fill(*third, MiB // 4)

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from tests.helpers import FakeClock, FakeTransport
 from wsecho import App, DurableObject, Response, WebSocketPair
 from wsecho.api.objects import DurableObjectState
+from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import SocketState
 from wsecho.runtime.runtime import Runtime
 
@@ -127,19 +128,20 @@ class LifecycleMachine(RuleBasedStateMachine):
         ns = self.rt.namespaces["OBJ"]
         host = self.rt.host(ns.id_from_name(name), Model)
         _client, ws = WebSocketPair()
-        DurableObjectState(host, self.rt).accept_web_socket(ws)
-        self.rt.socket_opened(ws, FakeTransport(), "ws://x/", None, "")
-        self.sockets.append([ws, name, [], True])
+        DurableObjectState(host).accept_web_socket(ws)
+        link = link_of(ws)
+        self.rt.socket_opened(link, FakeTransport(), "ws://x/", None, "")
+        self.sockets.append([link, name, [], True])
 
     def _live(self):
         return [s for s in self.sockets if s[3]]
 
     @precondition(
-        lambda self: any(s[3] and s[0]._state in (SocketState.OPEN, SocketState.CLOSE_SENT) for s in self.sockets)
+        lambda self: any(s[3] and s[0].state in (SocketState.OPEN, SocketState.CLOSE_SENT) for s in self.sockets)
     )
     @rule(data=st.data(), kind=st.sampled_from(["m", "close", "wait"]))
     def message(self, data, kind):
-        candidates = [s for s in self._live() if s[0]._state in (SocketState.OPEN, SocketState.CLOSE_SENT)]
+        candidates = [s for s in self._live() if s[0].state in (SocketState.OPEN, SocketState.CLOSE_SENT)]
         sock = data.draw(st.sampled_from(candidates))
         self.seq += 1
         text = f"{kind}{self.seq}"
@@ -148,14 +150,14 @@ class LifecycleMachine(RuleBasedStateMachine):
         self._in_loop(self.rt.message_received, sock[0], text)
 
     @precondition(
-        lambda self: any(s[3] and s[0]._state in (SocketState.OPEN, SocketState.CLOSE_SENT) for s in self.sockets)
+        lambda self: any(s[3] and s[0].state in (SocketState.OPEN, SocketState.CLOSE_SENT) for s in self.sockets)
     )
     @rule(data=st.data(), code=st.sampled_from([None, 1000, 4001]))
     def peer_close(self, data, code):
-        candidates = [s for s in self._live() if s[0]._state in (SocketState.OPEN, SocketState.CLOSE_SENT)]
+        candidates = [s for s in self._live() if s[0].state in (SocketState.OPEN, SocketState.CLOSE_SENT)]
         sock = data.draw(st.sampled_from(candidates))
         self._in_loop(self.rt.peer_closed, sock[0], code, "")
-        if sock[0]._state in (SocketState.CLOSED, SocketState.LOST):
+        if sock[0].state in (SocketState.CLOSED, SocketState.LOST):
             self._lose(sock)  # the handshake finished: the connection ends
 
     @precondition(lambda self: any(s[3] for s in self.sockets))
@@ -178,7 +180,8 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @invariant()
     def at_most_one_final_event_per_socket(self):
-        for ws, name, sent, _alive in getattr(self, "sockets", []):
+        for link, name, sent, _alive in getattr(self, "sockets", []):
+            ws = link.ws
             finals = self.world.finals.get(id(ws), [])
             assert len(finals) <= 1, f"{len(finals)} final events for one socket"
             delivered = self.world.delivered.get(id(ws), [])
@@ -188,7 +191,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             if name not in self.world.failed_wakes:
                 # no wake of this object failed: nothing may be lost
                 assert delivered == sent[: len(delivered)]
-                if ws._state in (SocketState.CLOSED, SocketState.LOST) and ws not in self._sockets_of(name):
+                if link.state in (SocketState.CLOSED, SocketState.LOST) and link not in self._sockets_of(name):
                     assert len(finals) == 1, "a finished socket without its final event"
 
     def _sockets_of(self, name):

@@ -1,9 +1,10 @@
 """What application code touches about objects: ids, namespaces, stubs, ``ctx`` and the base class.
 
-Every call that needs to find or wake an object goes through the
-:class:`~wsecho.runtime.runtime.Runtime` these hold; nothing here keeps a module-level
-registry, so one process can run several runtimes (and placement can later move
-behind the namespace without changing this API).
+Every call that needs to find or wake an object goes through a :class:`Router` (the
+runtime, handed in), and ``ctx`` reaches its object through an :class:`ObjectPort` (the
+runtime's host of the object): the api never imports the runtime. Nothing here keeps a
+module-level registry, so one process can run several runtimes (and placement can later
+move behind the namespace without changing this API).
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
-
-import attrs
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from wsecho.api.codec import utf8
 from wsecho.api.http import Request
-from wsecho.api.websocket import WebSocketRequestResponsePair
+from wsecho.api.ids import DurableObjectId
+from wsecho.api.websocket import SocketLink, SocketOwner, WebSocketRequestResponsePair, link_of
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 
 if TYPE_CHECKING:
@@ -28,42 +28,58 @@ if TYPE_CHECKING:
     from wsecho.api.storage import DurableObjectStorage
     from wsecho.api.websocket import WebSocket
     from wsecho.core.limits import Limits
-    from wsecho.runtime.runtime import ObjectHost, Runtime
 
 T = TypeVar("T")
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
-@attrs.frozen(repr=False)
-class DurableObjectId:
-    """An object's identity within its namespace: 64 lowercase hex digits."""
+class Router(Protocol):
+    """How a namespace's stubs reach objects (the runtime implements it)."""
 
-    namespace: str
-    hex: str
-    #: The name given to ``id_from_name``; None for unique and parsed ids.
-    name: str | None = attrs.field(default=None, eq=False)
+    async def fetch_object(self, cls: type[DurableObject], id: DurableObjectId, request: Request) -> Response: ...  # noqa: A002
 
-    def __str__(self) -> str:
-        return self.hex
+    async def call_object(
+        self,
+        cls: type[DurableObject],
+        id: DurableObjectId,  # noqa: A002 - Cloudflare's name
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any: ...
 
-    def __repr__(self) -> str:
-        label = f" name={self.name!r}" if self.name is not None else ""
-        return f"<DurableObjectId {self.namespace}:{self.hex[:12]}…{label}>"
 
-    def to_string(self) -> str:
-        return self.hex
+class ObjectPort(SocketOwner, Protocol):
+    """What ``ctx`` needs from its object's host (the runtime implements it)."""
+
+    id: DurableObjectId
+    hibernatable_count: int
+    #: Accepted sockets in acceptance order, and the hibernatable ones by tag.
+    sockets: dict[SocketLink, None]
+    tagged: dict[str, dict[SocketLink, None]]
+    auto_response: WebSocketRequestResponsePair | None
+    event_timeout_ms: int | None
+
+    def open_storage(self) -> DurableObjectStorage: ...
+
+    def add_socket(self, link: SocketLink) -> None: ...
+
+    def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]: ...
+
+    def wait_until(self, aw: Awaitable[Any]) -> None: ...
+
+    def abort(self, reason: str | None) -> None: ...
 
 
 class DurableObjectNamespace:
     """A binding (``env.NAME``): turns names and strings into ids, ids into stubs."""
 
-    __slots__ = ("_cls", "_runtime", "name")
+    __slots__ = ("_cls", "_router", "name")
 
-    def __init__(self, name: str, cls: type[DurableObject], runtime: Runtime) -> None:
+    def __init__(self, name: str, cls: type[DurableObject], router: Router) -> None:
         self.name = name
         self._cls = cls
-        self._runtime = runtime
+        self._router = router
 
     def __repr__(self) -> str:
         return f"<DurableObjectNamespace {self.name} of {self._cls.__name__}>"
@@ -124,7 +140,7 @@ class DurableObjectStub:
             msg = f"fetch() takes a Request or a URL string, not {type(request).__name__}"
             raise InvalidArgumentError(msg)
         ns = self._namespace
-        return await ns._runtime.fetch_object(ns._cls, self.id, request)
+        return await ns._router.fetch_object(ns._cls, self.id, request)
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
         """``await stub.method(*args, **kwargs)``: an RPC call delivered in the object's turn.
@@ -137,7 +153,7 @@ class DurableObjectStub:
         stub_id = self.id
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return await ns._runtime.call_object(ns._cls, stub_id, method, args, kwargs)
+            return await ns._router.call_object(ns._cls, stub_id, method, args, kwargs)
 
         call.__name__ = method
         return call
@@ -175,11 +191,10 @@ class DurableObjectState:
     the auto-response, the event timeout) lives in the object's host.
     """
 
-    __slots__ = ("_host", "_runtime")
+    __slots__ = ("_host",)
 
-    def __init__(self, host: ObjectHost, runtime: Runtime) -> None:
+    def __init__(self, host: ObjectPort) -> None:
         self._host = host
-        self._runtime = runtime
 
     @property
     def id(self) -> DurableObjectId:
@@ -188,7 +203,7 @@ class DurableObjectState:
     @property
     def storage(self) -> DurableObjectStorage:
         """This object's durable key-value storage and alarm (see wsecho.api.storage)."""
-        return self._runtime.storage_for(self._host)
+        return self._host.open_storage()
 
     # -- sockets --------------------------------------------------------------------
 
@@ -200,8 +215,9 @@ class DurableObjectState:
         runs before the socket is accepted, so a violation leaves nothing behind.
         """
         host = self._host
-        limits = self._runtime.limits
-        ws._require_acceptable("accept_web_socket")
+        limits = host.limits
+        link = link_of(ws)
+        link.require_acceptable("accept_web_socket")
         clean = _validate_tags(tags, limits)
         if host.hibernatable_count >= limits.sockets_per_object:
             msg = (
@@ -209,19 +225,18 @@ class DurableObjectState:
                 f"hibernatable WebSockets; the limit is {limits.sockets_per_object}"
             )
             raise InvalidStateError(msg)
-        ws._tags = clean
-        ws._hibernatable = True
-        host.add_socket(ws)
+        link.tags = clean
+        link.hibernatable = True
+        host.add_socket(link)
 
     def get_web_sockets(self, tag: str | None = None) -> list[WebSocket]:
         """The hibernatable sockets (with ``tag``, if given) whose final event is not delivered yet."""
         if tag is None:
-            return [ws for ws in self._host.sockets if ws._hibernatable]
-        return list(self._host.tagged.get(tag, ()))
+            return [link.ws for link in self._host.sockets if link.hibernatable]
+        return [link.ws for link in self._host.tagged.get(tag, ())]
 
     def get_tags(self, ws: WebSocket) -> list[str]:
-        self._require_own(ws, "get_tags")
-        return list(ws._tags)
+        return list(self._own(ws, "get_tags").tags)
 
     # -- auto-response ----------------------------------------------------------------
 
@@ -235,7 +250,7 @@ class DurableObjectState:
                     f"not {type(pair).__name__}"
                 )
                 raise InvalidArgumentError(msg)
-            limit = self._runtime.limits.auto_response_bytes
+            limit = self._host.limits.auto_response_bytes
             for name, text in (("request", pair.request), ("response", pair.response)):
                 size = len(utf8(text, f"set_web_socket_auto_response(): the {name}"))
                 if size > limit:
@@ -248,8 +263,7 @@ class DurableObjectState:
 
     def get_web_socket_auto_response_timestamp(self, ws: WebSocket) -> datetime | None:
         """When the runtime last answered ``ws`` with the auto-response (UTC), or None."""
-        self._require_own(ws, "get_web_socket_auto_response_timestamp")
-        return ws._auto_response_at
+        return self._own(ws, "get_web_socket_auto_response_timestamp").auto_response_at
 
     # -- object control ----------------------------------------------------------------
 
@@ -257,7 +271,7 @@ class DurableObjectState:
         """Reset the object (sockets closed with 1011) when a WebSocket handler runs longer
         than ``ms`` milliseconds; ``None`` turns the timeout off."""
         if ms is not None:
-            limit = self._runtime.limits.event_timeout_ms
+            limit = self._host.limits.event_timeout_ms
             if not isinstance(ms, int) or isinstance(ms, bool) or not 1 <= ms <= limit:
                 msg = (
                     "set_hibernatable_web_socket_event_timeout(): ms must be an integer from 1 "
@@ -276,21 +290,23 @@ class DurableObjectState:
         raises, the object is reset as if the constructor had raised). In a handler,
         events are already held back: ``await`` it like ``fn()`` itself.
         """
-        return self._runtime.block_concurrency_while(self._host, fn)
+        return self._host.block_concurrency_while(fn)
 
     def wait_until(self, aw: Awaitable[Any]) -> None:
         """Keep the object in memory until ``aw`` is done; its errors are logged."""
-        self._runtime.wait_until(self._host, aw)
+        self._host.wait_until(aw)
 
     def abort(self, reason: str | None = None) -> None:
         """Reset the object now: every socket closes with 1011, the instance and its
         queued events are dropped. In the constructor it raises ``ObjectResetError``."""
-        self._runtime.abort(self._host, reason)
+        self._host.abort(reason)
 
-    def _require_own(self, ws: WebSocket, what: str) -> None:
-        if ws._host is not self._host or not ws._hibernatable:
+    def _own(self, ws: WebSocket, what: str) -> SocketLink:
+        link = link_of(ws)
+        if link.owner is not self._host or not link.hibernatable:
             msg = f"{what}(): the WebSocket is not a hibernatable socket of this object"
             raise InvalidStateError(msg)
+        return link
 
 
 def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:

@@ -20,20 +20,20 @@ encoded (see :mod:`wsecho.api.codec`); ``get``/``put``/``delete`` of many take a
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from wsecho.api import codec
-from wsecho.backends.base import Backend, Batch, entry_bytes
+from wsecho.api.ids import DurableObjectId
 from wsecho.core.alarms import AlarmRow
+from wsecho.core.batches import Batch, entry_bytes
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError, QuotaExceededError
 
 if TYPE_CHECKING:
-    from wsecho.runtime.runtime import ObjectHost, Runtime
+    from wsecho.core.limits import Limits
 
 T = TypeVar("T")
 
@@ -46,8 +46,50 @@ CACHE_ENTRIES = 10_000
 _MISSING: Any = object()
 
 
-def object_key(host: ObjectHost) -> str:
-    return f"{host.id.namespace}:{host.id.hex}"
+def object_key(id: DurableObjectId) -> str:  # noqa: A002
+    """How storage names an object: ``namespace:hex``."""
+    return f"{id.namespace}:{id.hex}"
+
+
+class StoragePort(Protocol):
+    """What ``ctx.storage`` needs from its object's host (the runtime implements it)."""
+
+    id: DurableObjectId
+    limits: Limits
+
+    def batch_started(self) -> None:
+        """A write opened a new batch: hold the object's outputs and keep it in memory."""
+        ...
+
+    def in_own_turn(self) -> bool:
+        """Whether the object's own handler is running here (its turn's end commits)."""
+        ...
+
+    def flush_soon(self, storage: DurableObjectStorage) -> None:
+        """Commit what is pending soon (writes outside a turn: a wait_until task)."""
+        ...
+
+    async def flush(self, storage: DurableObjectStorage) -> None:
+        """Commit what is pending and wait until every write so far is durable."""
+        ...
+
+    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]: ...
+
+    async def scan(
+        self, obj: str, start: str | None, end: str | None, limit: int | None, reverse: bool
+    ) -> list[tuple[str, bytes]]: ...
+
+    async def usage(self, obj: str) -> int: ...
+
+    def stored_bytes(self) -> int:
+        """Bytes all objects store, as committed."""
+        ...
+
+    def alarm_at(self, obj: str) -> int | None:
+        """When ``obj``'s committed alarm is due (epoch ms), or None."""
+        ...
+
+    def quota_refused(self, which: str, message: str) -> None: ...
 
 
 def _check_key(key: object) -> str:
@@ -102,78 +144,12 @@ def _epoch_ms(when: datetime | float) -> int:
     raise InvalidArgumentError(msg)
 
 
-class GroupCommitter:
-    """Commits batches; those that arrive while a commit runs share the next one (one fsync)."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self._waiting: list[tuple[list[Batch], asyncio.Future[int]]] = []
-        self._task: asyncio.Future[None] | None = None
-        #: How many backend commits ran, and how many batches they carried.
-        self.commits = 0
-        self.batches = 0
-        #: Bytes stored by all objects, as committed (read at start, then kept by each commit).
-        self.stored_bytes = 0
-        #: The error of the last commit if it failed, None once a commit succeeds again.
-        self.failure: BaseException | None = None
-        #: Called with the failure when commits start failing, and with None when they recover.
-        self.on_health: Callable[[BaseException | None], None] | None = None
-
-    async def commit(self, batch: Batch) -> int:
-        """Commit ``batch``; return by how many bytes its object's usage changed."""
-        return await self.commit_many([batch])
-
-    async def commit_many(self, batches: list[Batch]) -> int:
-        """Commit ``batches`` together, in one transaction with whatever else is waiting."""
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.append((batches, done))
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._drain())
-        return await done
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                group, self._waiting = self._waiting, []
-                try:
-                    changes = await self.backend.commit([batch for batches, _ in group for batch in batches])
-                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
-                    self._health(exc)
-                    for _, done in group:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    self._health(None)
-                    self.commits += 1
-                    self.batches += sum(len(batches) for batches, _ in group)
-                    self.stored_bytes += sum(changes.values())
-                    for batches, done in group:
-                        # Each object's change goes to the first waiter with a batch of it.
-                        share = sum(changes.pop(batch.object, 0) for batch in batches)
-                        if not done.done():
-                            done.set_result(share)
-        finally:
-            self._task = None
-
-    def _health(self, failure: BaseException | None) -> None:
-        was_failing = self.failure is not None
-        self.failure = failure
-        if was_failing != (failure is not None) and self.on_health is not None:
-            self.on_health(failure)
-
-    async def idle(self) -> None:
-        """Wait until every submitted batch is committed."""
-        while self._task is not None:
-            await asyncio.shield(self._task)
-
-
 class DurableObjectStorage:
     """``ctx.storage`` of one object; made when first used, forgotten when it hibernates."""
 
-    def __init__(self, host: ObjectHost, runtime: Runtime) -> None:
+    def __init__(self, host: StoragePort) -> None:
         self._host = host
-        self._runtime = runtime
-        self._object = object_key(host)
+        self._object = object_key(host.id)
         #: This turn's writes, not yet submitted.
         self._pending: Batch | None = None
         #: Submitted batches, oldest first, until their commit returns.
@@ -183,7 +159,7 @@ class DurableObjectStorage:
         #: Bumped by every commit, so a read that raced one does not fill the cache.
         self._generation = 0
         self._transactions = 0
-        self._flush_scheduled = False
+        self._flush_after_transaction = False
         #: Committed bytes of this object (for the quotas), once read from the backend.
         self._usage: int | None = None
 
@@ -216,7 +192,7 @@ class DurableObjectStorage:
                 found[key] = value
         if unknown:
             generation = self._generation
-            rows = await self._runtime.backend.read(self._object, unknown)
+            rows = await self._host.read(self._object, unknown)
             for key in unknown:
                 # Writes made while the read ran win over what it found.
                 known, value = self._overlay(key)
@@ -275,7 +251,7 @@ class DurableObjectStorage:
             # Overlay deletions may hide rows, so ask for that many more.
             hidden = sum(1 for b in batches for k, v in b.writes.items() if v is None and wanted(k))
             want = None if limit is None else limit + hidden
-            for key, stored in await self._runtime.backend.scan(self._object, lo, hi, want, reverse):
+            for key, stored in await self._host.scan(self._object, lo, hi, want, reverse):
                 if wanted(key):
                     merged[key] = stored
         for batch in batches[max(cleared_at, 0) :]:
@@ -297,8 +273,19 @@ class DurableObjectStorage:
     def _batch(self) -> Batch:
         if self._pending is None:
             self._pending = Batch(self._object)
-            self._runtime._storage_dirty(self._host, self)
+            self._host.batch_started()
+            self._commit_outside_a_turn()
         return self._pending
+
+    def _commit_outside_a_turn(self) -> None:
+        """Writes outside the object's own turn (a wait_until task) commit on their own, soon;
+        inside a transaction, once it ends (it may still roll them back)."""
+        if self._host.in_own_turn():
+            return  # the turn's end commits them
+        if self._transactions:
+            self._flush_after_transaction = True
+        else:
+            self._host.flush_soon(self)
 
     async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
         """Store ``value`` at ``key``, or every item of a dict (at most 128)."""
@@ -362,8 +349,9 @@ class DurableObjectStorage:
             txn._closed = True
         if txn._rolled_back:
             self._restore(saved)
-        if self._transactions == 0 and self._flush_scheduled:
-            self._runtime._storage_dirty(self._host, self)
+        if self._transactions == 0 and self._flush_after_transaction:
+            self._flush_after_transaction = False
+            self._commit_outside_a_turn()
         return result
 
     def _snapshot(self) -> tuple[bool, dict[str, bytes | None], Any, int] | None:
@@ -384,7 +372,7 @@ class DurableObjectStorage:
     async def _committed_usage(self) -> int:
         while self._usage is None:
             generation = self._generation
-            usage = await self._runtime.backend.usage(self._object)
+            usage = await self._host.usage(self._object)
             if generation == self._generation:  # no commit changed it meanwhile
                 self._usage = usage
         return self._usage
@@ -397,13 +385,13 @@ class DurableObjectStorage:
         return total
 
     async def _check_quotas(self, growth: int) -> None:
-        limits = self._runtime.limits
+        limits = self._host.limits
         if limits.object_storage_bytes is None and limits.storage_bytes is None:
             return
         committed = await self._committed_usage()
         mine = self._estimated_usage(committed)
         wanted = mine + growth
-        everyone = self._runtime.committer.stored_bytes - committed + wanted
+        everyone = self._host.stored_bytes() - committed + wanted
         for which, quota, size, whose, option in (
             ("object", limits.object_storage_bytes, wanted, "this object", "its quota is"),
             ("total", limits.storage_bytes, everyone, "all objects", "the quota is"),
@@ -414,12 +402,12 @@ class DurableObjectStorage:
                     f"put(): {whose} would store {size:,} bytes; {option} {quota:,} ({flag}); "
                     "nothing was stored, delete data to make room"
                 )
-                self._runtime.quota_refused(which, msg)
+                self._host.quota_refused(which, msg)
                 raise QuotaExceededError(msg)
 
     async def sync(self) -> None:
         """Wait until every write made so far is durable."""
-        await self._runtime._flush_storage(self._host, self)
+        await self._host.flush(self)
 
     # -- alarm ----------------------------------------------------------------------------
 
@@ -429,7 +417,7 @@ class DurableObjectStorage:
         for batch in reversed(batches):
             if batch.alarm is not ...:
                 return batch.alarm.at_ms if isinstance(batch.alarm, AlarmRow) else None
-        return self._runtime.alarms.get(self._object)
+        return self._host.alarm_at(self._object)
 
     async def set_alarm(self, when: datetime | float) -> None:
         """Call the object's ``alarm()`` at ``when`` (an aware datetime or epoch ms); one per object."""
@@ -441,6 +429,11 @@ class DurableObjectStorage:
         self._batch().alarm = None
 
     # -- for the runtime ------------------------------------------------------------------
+
+    def clear_spent_alarm(self) -> None:
+        """The alarm ran: delete it in this turn's batch, unless the turn set or deleted it."""
+        if not self.alarm_touched():
+            self._batch().alarm = None
 
     def alarm_touched(self) -> bool:
         """Whether an uncommitted batch sets or deletes the alarm."""

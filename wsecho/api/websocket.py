@@ -9,6 +9,7 @@ the object's instance, so it outlives hibernation with its state (including
 from __future__ import annotations
 
 import enum
+from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from wsecho.core.lifecycle import Final, SocketInput, SocketState, socket_transi
 from wsecho.core.limits import Limits
 
 if TYPE_CHECKING:
-    from wsecho.runtime.runtime import ObjectHost
+    from wsecho.core.stats import Stats
 
 #: RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code.
 MAX_CLOSE_REASON_BYTES = 123
@@ -84,34 +85,132 @@ def validate_close(code: int | None, reason: str) -> None:
         raise InvalidArgumentError(msg)
 
 
+class SocketOwner(Protocol):
+    """What a socket needs from the object that accepted it (the runtime's host of the object).
+
+    Handed down by ``ctx.accept_web_socket``; the api never imports the runtime."""
+
+    #: The output gate: frames held back until the object's writes are durable, or None.
+    gate: list[tuple[SocketLink, str | bytes | CloseFrame]] | None
+    stats: Stats
+    limits: Limits
+
+    def accept_non_hibernatable(self, link: SocketLink) -> None:
+        """``ws.accept()`` in this object's handler: the socket joins it and pins it in memory."""
+        ...
+
+
+#: The object whose handler (or constructor) runs in this context; the runtime sets it.
+CURRENT_OWNER: ContextVar[SocketOwner | None] = ContextVar("wsecho_current_owner", default=None)
+
+
 @attrs.define(eq=False, repr=False)
+class SocketLink:
+    """The runtime's side of one WebSocket: its state in the socket table, its owner, where
+    its frames go, and what survives hibernation (tags, attachment, auto-response time).
+
+    Handlers hold the :class:`WebSocket`; the runtime and the server glue hold this (one
+    per WebSocket, from :func:`link_of`). The closing state lives only here, as
+    :class:`~wsecho.core.lifecycle.SocketState`, moved by the socket table.
+    """
+
+    ws: WebSocket
+    state: SocketState = SocketState.CONNECTING
+    #: The other end of the pair (the client end for the server end, and back).
+    peer: WebSocket | None = None
+    #: The object that accepted this (server) end; set by ``accept_web_socket`` or ``accept``.
+    owner: SocketOwner | None = None
+    hibernatable: bool = False
+    transport: Transport | None = None
+    #: Frames sent before the handshake finished, and a Close if one was asked for.
+    early: list[str | bytes] | None = None
+    early_close: tuple[int | None, str] | None = None
+    tags: tuple[str, ...] = ()
+    #: The attachment as compact JSON text (see wsecho.api.attachment), or None.
+    attachment: str | None = None
+    #: When the runtime last answered this socket with the auto-response.
+    auto_response_at: datetime | None = None
+
+    def move(self, what: SocketInput) -> Final:
+        """Apply one input of the socket table; return the final event it calls for."""
+        self.state, final = socket_transition(self.state, what)
+        return final
+
+    def emit(self, frame: str | bytes | CloseFrame) -> None:
+        """Send a frame an output gate held back."""
+        if self.transport is None:
+            return
+        if isinstance(frame, CloseFrame):
+            self.transport.send_close(frame.code, frame.reason)
+        else:
+            self.transport.send_message(frame)
+
+    def close_now(self, code: int | None, reason: str) -> None:
+        """Send Close (checked already, or the runtime's own), behind the gate if it is shut."""
+        before = self.state
+        self.move(SocketInput.APP_CLOSE)
+        if before is SocketState.OPEN or before is SocketState.CLOSE_RECEIVED:
+            gate = self.owner.gate if self.owner is not None else None
+            if gate is not None:
+                gate.append((self, CloseFrame(code, reason)))
+            else:
+                assert self.transport is not None
+                self.transport.send_close(code, reason)
+        elif before is SocketState.CONNECTING:
+            self.early_close = (code, reason)
+
+    def attach(self, transport: Transport, url: str, protocol: str | None, extensions: str) -> None:
+        """The handshake finished: frames now go out through ``transport``."""
+        self.transport = transport
+        ws = self.ws
+        ws.url = url
+        ws.protocol = protocol
+        ws.extensions = extensions
+        self.move(SocketInput.HANDSHAKE_DONE)
+        early, self.early = self.early, None
+        for message in early or ():
+            transport.send_message(message)
+        if self.early_close is not None:
+            code, reason = self.early_close
+            self.early_close = None
+            transport.send_close(code, reason)
+
+    def require_acceptable(self, what: str) -> None:
+        """Raise unless this is the server end of a new pair that nothing accepted yet."""
+        if self.owner is not None:
+            msg = f"{what}(): this WebSocket was already accepted"
+            raise InvalidStateError(msg)
+        if self.peer is None or self.state is not SocketState.CONNECTING:
+            msg = f"{what}() takes the server end of a new WebSocketPair"
+            raise InvalidStateError(msg)
+
+    def require_server_end(self, what: str) -> None:
+        if self.owner is None:
+            msg = (
+                f"{what}() on a WebSocket that no object accepted: call "
+                "ctx.accept_web_socket(server) first (the client end only goes into "
+                "Response(status=101, web_socket=client))"
+            )
+            raise InvalidStateError(msg)
+
+
 class WebSocket:
     """One end of a WebSocket connection, as handlers see it."""
 
-    url: str | None = None
-    protocol: str | None = None
-    extensions: str = ""
-    _state: SocketState = SocketState.CONNECTING
-    _peer: WebSocket | None = None
-    #: The object that accepted this (server) end; set by ``accept_web_socket``.
-    _host: ObjectHost | None = None
-    _hibernatable: bool = False
-    _transport: Transport | None = None
-    #: Frames sent before the handshake finished, and a Close if one was asked for.
-    _early: list[str | bytes] | None = None
-    _early_close: tuple[int | None, str] | None = None
-    _tags: tuple[str, ...] = ()
-    #: The attachment as compact JSON text (see wsecho.api.attachment), or None.
-    _attachment: str | None = None
-    #: When the runtime last answered this socket with the auto-response.
-    _auto_response_at: datetime | None = None
+    __slots__ = ("_link", "extensions", "protocol", "url")
+
+    def __init__(self) -> None:
+        self.url: str | None = None
+        self.protocol: str | None = None
+        self.extensions = ""
+        self._link = SocketLink(self)
 
     def __repr__(self) -> str:
-        return f"<WebSocket {self._state.value} {self.url or ''}>"
+        return f"<WebSocket {self._link.state.value} {self.url or ''}>"
 
     @property
     def ready_state(self) -> ReadyState:
-        return _READY_STATE[self._state]
+        return _READY_STATE[self._link.state]
 
     def send(self, message: str | bytes) -> None:
         """Queue ``message`` (text for ``str``, binary for bytes); never blocks."""
@@ -124,21 +223,23 @@ class WebSocket:
                 raise InvalidArgumentError(msg)
         if isinstance(message, str) and not message.isascii():  # isascii() reads a flag: free
             utf8(message, "send(): the message")  # a lone surrogate fails here, not when sent
-        state = self._state
+        link = self._link
+        state = link.state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:
-            assert self._host is not None
-            self._host.runtime.stats.messages_out += 1
-            gate = self._host.gate
+            owner = link.owner
+            assert owner is not None
+            owner.stats.messages_out += 1
+            gate = owner.gate
             if gate is not None:
-                gate.append((self, message))  # sent once the object's writes are durable
+                gate.append((link, message))  # sent once the object's writes are durable
             else:
-                assert self._transport is not None
-                self._transport.send_message(message)
+                assert link.transport is not None
+                link.transport.send_message(message)
         elif state is SocketState.CONNECTING:
-            self._require_server_end("send")
-            if self._early is None:
-                self._early = []
-            self._early.append(message)
+            link.require_server_end("send")
+            if link.early is None:
+                link.early = []
+            link.early.append(message)
         elif state is SocketState.LOST:
             return  # the peer is gone; its close event is already on its way
         else:
@@ -151,87 +252,42 @@ class WebSocket:
         On a socket whose connection is already gone (its close event says 1006) nothing
         can be sent, so the call only marks it closed, whatever the code.
         """
-        if self._state is SocketState.LOST:
-            self._move(SocketInput.APP_CLOSE)
+        link = self._link
+        if link.state is SocketState.LOST:
+            link.move(SocketInput.APP_CLOSE)
             return
         validate_close(code, reason)
-        self._require_server_end("close")
-        self._close_unchecked(code, reason)
-
-    def _close_unchecked(self, code: int | None, reason: str) -> None:
-        before = self._state
-        self._move(SocketInput.APP_CLOSE)
-        if before is SocketState.OPEN or before is SocketState.CLOSE_RECEIVED:
-            gate = self._host.gate if self._host is not None else None
-            if gate is not None:
-                gate.append((self, CloseFrame(code, reason)))
-            else:
-                assert self._transport is not None
-                self._transport.send_close(code, reason)
-        elif before is SocketState.CONNECTING:
-            self._early_close = (code, reason)
+        link.require_server_end("close")
+        link.close_now(code, reason)
 
     def accept(self) -> None:
         """Accept this socket as **non-hibernatable**: its events go to the same handlers,
         but it pins its object in memory until it closes. Call it in an object's handler."""
-        self._require_acceptable("accept")
-        from wsecho.runtime.runtime import accept_non_hibernatable  # runtime imports this module
-
-        accept_non_hibernatable(self)
+        self._link.require_acceptable("accept")
+        owner = CURRENT_OWNER.get()
+        if owner is None:
+            msg = (
+                "accept() must be called in a Durable Object's handler; a worker cannot hold "
+                "WebSockets (use ctx.accept_web_socket(ws) for a hibernatable one)"
+            )
+            raise InvalidStateError(msg)
+        owner.accept_non_hibernatable(self._link)
 
     def serialize_attachment(self, value: Any) -> None:
         """Keep a JSON-compatible copy of ``value`` with the socket; it survives hibernation."""
-        limit = self._host.runtime.limits.attachment_bytes if self._host else Limits().attachment_bytes
-        self._attachment = attachment.encode(value, limit)
+        link = self._link
+        limit = link.owner.limits.attachment_bytes if link.owner is not None else Limits().attachment_bytes
+        link.attachment = attachment.encode(value, limit)
 
     def deserialize_attachment(self) -> Any:
         """A fresh copy of the attachment, or None if none was set."""
-        return None if self._attachment is None else attachment.decode(self._attachment)
+        text = self._link.attachment
+        return None if text is None else attachment.decode(text)
 
-    def _emit(self, frame: str | bytes | CloseFrame) -> None:
-        """Send a frame an output gate held back."""
-        if self._transport is None:
-            return
-        if isinstance(frame, CloseFrame):
-            self._transport.send_close(frame.code, frame.reason)
-        else:
-            self._transport.send_message(frame)
 
-    def _move(self, what: SocketInput) -> Final:
-        self._state, final = socket_transition(self._state, what)
-        return final
-
-    def _require_acceptable(self, what: str) -> None:
-        """Raise unless this is the server end of a new pair that nothing accepted yet."""
-        if self._host is not None:
-            msg = f"{what}(): this WebSocket was already accepted"
-            raise InvalidStateError(msg)
-        if self._peer is None or self._state is not SocketState.CONNECTING:
-            msg = f"{what}() takes the server end of a new WebSocketPair"
-            raise InvalidStateError(msg)
-
-    def _require_server_end(self, what: str) -> None:
-        if self._host is None:
-            msg = (
-                f"{what}() on a WebSocket that no object accepted: call "
-                "ctx.accept_web_socket(server) first (the client end only goes into "
-                "Response(status=101, web_socket=client))"
-            )
-            raise InvalidStateError(msg)
-
-    def _attach(self, transport: Transport, protocol: str | None, extensions: str) -> None:
-        """The handshake finished: frames now go out through ``transport``."""
-        self._transport = transport
-        self.protocol = protocol
-        self.extensions = extensions
-        self._move(SocketInput.HANDSHAKE_DONE)
-        early, self._early = self._early, None
-        for message in early or ():
-            transport.send_message(message)
-        if self._early_close is not None:
-            code, reason = self._early_close
-            self._early_close = None
-            transport.send_close(code, reason)
+def link_of(ws: WebSocket) -> SocketLink:
+    """The runtime's side of ``ws`` (for the runtime, ``ctx`` and the server glue)."""
+    return ws._link
 
 
 @attrs.frozen
@@ -253,11 +309,12 @@ def WebSocketPair() -> tuple[WebSocket, WebSocket]:  # noqa: N802 - Cloudflare's
     """Return ``(client, server)``: accept ``server``, put ``client`` in the 101 Response."""
     client = WebSocket()
     server = WebSocket()
-    client._peer = server
-    server._peer = client
+    client._link.peer = server
+    server._link.peer = client
     return client, server
 
 
-def peer_of(client: WebSocket) -> WebSocket | None:
-    """The server end paired with ``client`` (for the server glue)."""
-    return client._peer
+def accepted_peer(client: WebSocket) -> SocketLink | None:
+    """The server end paired with ``client``, if an object accepted it (for the server glue)."""
+    peer = client._link.peer
+    return None if peer is None or peer._link.owner is None else peer._link

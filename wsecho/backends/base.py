@@ -23,12 +23,10 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import EllipsisType
 from typing import Protocol, TypeVar
 
-import attrs
-
 from wsecho.core.alarms import AlarmRow
+from wsecho.core.batches import Batch, entry_bytes
 from wsecho.core.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -37,26 +35,6 @@ T = TypeVar("T")
 
 DB_FILE = "wsecho.sqlite3"
 LOCK_FILE = "wsecho.lock"
-
-
-@attrs.define(eq=False)
-class Batch:
-    """One object's writes from one turn: applied all together or not at all."""
-
-    object: str
-    #: delete_all(): remove every committed key before applying ``writes``.
-    clear: bool = False
-    #: key -> encoded value, or None to delete the key.
-    writes: dict[str, bytes | None] = attrs.field(factory=dict)
-    #: The object's alarm after this batch: a row to store, None to delete, or
-    #: ``...`` (the default) for "unchanged".
-    alarm: AlarmRow | EllipsisType | None = ...
-    #: How many bytes these writes add to the object's usage, as far as the writer knew
-    #: (an overwrite of a value it had not read counts whole): for the quota checks.
-    growth: int = 0
-
-    def empty(self) -> bool:
-        return not self.clear and not self.writes and self.alarm is ...
 
 
 class Backend(Protocol):
@@ -90,11 +68,6 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def entry_bytes(key: str, value: bytes) -> int:
-    """What one stored entry counts against the quotas."""
-    return len(key.encode("utf-8")) + len(value)
 
 
 def _in_range(key: str, start: str | None, end: str | None) -> bool:

@@ -30,12 +30,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-_c_mask: Callable[[bytes, bytes], bytes] | None
-try:  # Tornado ships a C routine for this; fall back to big-int XOR without it
-    from tornado.speedups import websocket_mask as _c_mask
-except ImportError:  # pragma: no cover - depends on how tornado was built
-    _c_mask = None
-
 TEXT, BINARY, PING, PONG, CLOSE, FAIL = "text", "binary", "ping", "pong", "close", "fail"
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA

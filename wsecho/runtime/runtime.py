@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import types
@@ -25,10 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import attrs
 
 from wsecho.api.http import Request, Response
-from wsecho.api.objects import DurableObjectId, DurableObjectNamespace, DurableObjectState, Env
-from wsecho.api.storage import DurableObjectStorage, GroupCommitter
-from wsecho.backends.base import Backend, Batch, MemoryBackend
+from wsecho.api.ids import DurableObjectId
+from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
+from wsecho.api.storage import DurableObjectStorage
+from wsecho.api.websocket import CURRENT_OWNER, SocketLink
+from wsecho.backends.base import Backend, MemoryBackend
 from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
+from wsecho.core.batches import Batch
 from wsecho.core.errors import (
     InvalidArgumentError,
     InvalidStateError,
@@ -53,11 +55,12 @@ from wsecho.core.lifecycle import (
 )
 from wsecho.core.limits import Limits
 from wsecho.core.stats import Stats
+from wsecho.runtime.commits import GroupCommitter
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
     from wsecho.api.objects import DurableObject
-    from wsecho.api.websocket import CloseFrame, Transport, WebSocket, WebSocketRequestResponsePair
+    from wsecho.api.websocket import CloseFrame, Transport, WebSocketRequestResponsePair
 
 log = logging.getLogger("wsecho")
 
@@ -79,9 +82,6 @@ PROBE_OBJECT = "wsecho:probe"
 PIN_WAIT_UNTIL = "wait_until() work is pending"
 PIN_STORAGE = "storage writes are being committed"
 PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
-
-#: The object whose handler (or constructor) is running in this context.
-_current_host: contextvars.ContextVar[ObjectHost | None] = contextvars.ContextVar("wsecho_current_host", default=None)
 
 
 # -- events: what sits in an object's queue ----------------------------------------
@@ -182,7 +182,7 @@ class BlockEvent(_CallEvent):
 class _SocketEvent(_Hooks):
     """A socket event: its handler's errors are logged, nobody waits for its result."""
 
-    ws: WebSocket
+    link: SocketLink
     name = "socket event"
 
 
@@ -196,7 +196,7 @@ class MessageEvent(_SocketEvent):
     def invoke(self, instance: DurableObject) -> Any:
         self._release()
         handler = getattr(instance, "web_socket_message", None)
-        return None if handler is None else handler(self.ws, self.message)
+        return None if handler is None else handler(self.link.ws, self.message)
 
     def dropped(self, reason: str) -> None:
         self._release()
@@ -211,12 +211,12 @@ class _FinalEvent(_SocketEvent):
     """The last event of a socket: once delivered, the socket leaves its object."""
 
     def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        runtime._forget_socket(host, self.ws)
+        runtime._forget_socket(host, self.link)
 
     def dropped(self, reason: str) -> None:
-        host = self.ws._host
+        host = cast("ObjectHost | None", self.link.owner)
         if host is not None:
-            host.runtime._forget_socket(host, self.ws)
+            host.runtime._forget_socket(host, self.link)
 
 
 @attrs.define(eq=False)
@@ -228,13 +228,13 @@ class CloseEvent(_FinalEvent):
 
     def invoke(self, instance: DurableObject) -> Any:
         handler = getattr(instance, "web_socket_close", None)
-        return None if handler is None else handler(self.ws, self.code, self.reason, self.was_clean)
+        return None if handler is None else handler(self.link.ws, self.code, self.reason, self.was_clean)
 
     def after(self, runtime: Runtime, host: ObjectHost) -> None:
         # SPEC §5: if the handler did not answer the peer's Close, the runtime does,
         # with the same code (none for 1005), so no client is left hanging.
-        if self.ws._state is SocketState.CLOSE_RECEIVED:
-            self.ws._close_unchecked(None if self.code == 1005 else self.code, "")
+        if self.link.state is SocketState.CLOSE_RECEIVED:
+            self.link.close_now(None if self.code == 1005 else self.code, "")
         super().after(runtime, host)
 
 
@@ -245,7 +245,7 @@ class ErrorEvent(_FinalEvent):
 
     def invoke(self, instance: DurableObject) -> Any:
         handler = getattr(instance, "web_socket_error", None)
-        return None if handler is None else handler(self.ws, self.error)
+        return None if handler is None else handler(self.link.ws, self.error)
 
 
 @attrs.frozen
@@ -276,9 +276,7 @@ class AlarmEvent(_Hooks):
         # The alarm is spent: delete it in the same commit as the handler's writes,
         # unless the handler (or an event before it) set a new one.
         if exc is None and runtime.alarms.get(self.due.row.object) is None:
-            storage = runtime.storage_for(host)
-            if not storage.alarm_touched():
-                storage._batch().alarm = None
+            host.open_storage().clear_spent_alarm()
 
     def failed(self, exc: BaseException) -> bool:
         self.error = exc
@@ -297,7 +295,13 @@ Event = HttpEvent | RpcEvent | BlockEvent | MessageEvent | CloseEvent | ErrorEve
 
 @attrs.define(eq=False, repr=False)
 class ObjectHost:
-    """Everything about one object that survives hibernation."""
+    """Everything about one object that survives hibernation.
+
+    It is the runtime's side of the object for the api: ``ctx`` (an
+    :class:`~wsecho.api.objects.ObjectPort`), its sockets (a
+    :class:`~wsecho.api.websocket.SocketOwner`) and ``ctx.storage`` (a
+    :class:`~wsecho.api.storage.StoragePort`) reach the runtime only through it.
+    """
 
     id: DurableObjectId
     cls: type[DurableObject]
@@ -305,9 +309,9 @@ class ObjectHost:
     hibernate_after: float
     lifecycle: ObjectLifecycle[Event] = attrs.field(factory=ObjectLifecycle)
     #: Accepted sockets in acceptance order (a dict used as an ordered set).
-    sockets: dict[WebSocket, None] = attrs.field(factory=dict)
+    sockets: dict[SocketLink, None] = attrs.field(factory=dict)
     #: Hibernatable sockets by tag, each in acceptance order.
-    tagged: dict[str, dict[WebSocket, None]] = attrs.field(factory=dict)
+    tagged: dict[str, dict[SocketLink, None]] = attrs.field(factory=dict)
     hibernatable_count: int = 0
     auto_response: WebSocketRequestResponsePair | None = None
     event_timeout_ms: int | None = None
@@ -327,48 +331,96 @@ class ObjectHost:
     #: When the current wake began (the clock's time), until its first event starts.
     wake_started: float | None = None
     #: The output gate: frames held back until the object's writes are durable, or None.
-    gate: list[tuple[WebSocket, str | bytes | CloseFrame]] | None = None
+    gate: list[tuple[SocketLink, str | bytes | CloseFrame]] | None = None
     #: The gate also waits for the current turn to end (it has an event timeout to keep).
     turn_hold: bool = False
+    #: The runtime's counts and limits (plain attributes: sockets read them on every send).
+    stats: Stats = attrs.field(init=False)
+    limits: Limits = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.stats = self.runtime.stats
+        self.limits = self.runtime.limits
 
     def __repr__(self) -> str:
         return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
 
-    def add_socket(self, ws: WebSocket) -> None:
-        ws._host = self
-        self.sockets[ws] = None
-        if ws._hibernatable:
+    def add_socket(self, link: SocketLink) -> None:
+        link.owner = self
+        self.sockets[link] = None
+        if link.hibernatable:
             self.hibernatable_count += 1
-            for tag in ws._tags:
-                self.tagged.setdefault(tag, {})[ws] = None
+            for tag in link.tags:
+                self.tagged.setdefault(tag, {})[link] = None
 
-    def remove_socket(self, ws: WebSocket) -> bool:
-        """Forget ``ws``; True if it was a socket of this object."""
-        if ws not in self.sockets:
+    def remove_socket(self, link: SocketLink) -> bool:
+        """Forget ``link``; True if it was a socket of this object."""
+        if link not in self.sockets:
             return False
-        del self.sockets[ws]
-        if ws._hibernatable:
+        del self.sockets[link]
+        if link.hibernatable:
             self.hibernatable_count -= 1
-            for tag in ws._tags:
+            for tag in link.tags:
                 members = self.tagged[tag]
-                del members[ws]
+                del members[link]
                 if not members:
                     del self.tagged[tag]
         return True
 
+    # -- for ctx and sockets (ObjectPort, SocketOwner) ----------------------------------
 
-def accept_non_hibernatable(ws: WebSocket) -> None:
-    """``ws.accept()``: the socket joins the object whose handler is running."""
-    host = _current_host.get()
-    if host is None:
-        msg = (
-            "accept() must be called in a Durable Object's handler; a worker cannot hold "
-            "WebSockets (use ctx.accept_web_socket(ws) for a hibernatable one)"
-        )
-        raise InvalidStateError(msg)
-    ws._hibernatable = False
-    host.add_socket(ws)
-    host.lifecycle.pin(PIN_NON_HIBERNATABLE)
+    def accept_non_hibernatable(self, link: SocketLink) -> None:
+        link.hibernatable = False
+        self.add_socket(link)
+        self.lifecycle.pin(PIN_NON_HIBERNATABLE)
+
+    def open_storage(self) -> DurableObjectStorage:
+        if self.storage is None:
+            self.storage = DurableObjectStorage(self)
+        return self.storage
+
+    def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        return self.runtime.block_concurrency_while(self, fn)
+
+    def wait_until(self, aw: Awaitable[Any]) -> None:
+        self.runtime.wait_until(self, aw)
+
+    def abort(self, reason: str | None) -> None:
+        self.runtime.abort(self, reason)
+
+    # -- for ctx.storage (StoragePort) ----------------------------------------------------
+
+    def batch_started(self) -> None:
+        self.runtime.batch_started(self)
+
+    def in_own_turn(self) -> bool:
+        return self.lifecycle.current is not None and CURRENT_OWNER.get() is self
+
+    def flush_soon(self, storage: DurableObjectStorage) -> None:
+        asyncio.get_running_loop().call_soon(self.runtime.flush_soon, self, storage)
+
+    async def flush(self, storage: DurableObjectStorage) -> None:
+        await self.runtime.flush_storage(self, storage)
+
+    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
+        return await self.runtime.backend.read(obj, keys)
+
+    async def scan(
+        self, obj: str, start: str | None, end: str | None, limit: int | None, reverse: bool
+    ) -> list[tuple[str, bytes]]:
+        return await self.runtime.backend.scan(obj, start, end, limit, reverse)
+
+    async def usage(self, obj: str) -> int:
+        return await self.runtime.backend.usage(obj)
+
+    def stored_bytes(self) -> int:
+        return self.runtime.committer.stored_bytes
+
+    def alarm_at(self, obj: str) -> int | None:
+        return self.runtime.alarms.get(obj)
+
+    def quota_refused(self, which: str, message: str) -> None:
+        self.runtime.quota_refused(which, message)
 
 
 class Runtime:
@@ -426,7 +478,7 @@ class Runtime:
         for host in list(self._hosts.values()):
             if host.storage is not None and host.storage.busy():
                 with contextlib.suppress(StorageError):
-                    await self._flush_storage(host, host.storage)
+                    await self.flush_storage(host, host.storage)
         await self.committer.idle()
         await self.backend.close()
 
@@ -471,7 +523,7 @@ class Runtime:
 
     def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002
         host = self.host(id, cls)
-        if _current_host.get() is host and host.lifecycle.current is not None:
+        if CURRENT_OWNER.get() is host and host.lifecycle.current is not None:
             msg = (
                 f"{cls.__name__}: calling {what}() on your own stub from inside a handler would wait "
                 "for the handler itself (events are delivered one at a time); call the method directly"
@@ -507,9 +559,9 @@ class Runtime:
     def close_all(self, code: int, reason: str) -> None:
         """Close every open WebSocket of every object (a graceful shutdown)."""
         for host in list(self._hosts.values()):
-            for ws in list(host.sockets):
-                if ws._state in (SocketState.OPEN, SocketState.CLOSE_RECEIVED, SocketState.CONNECTING):
-                    ws._close_unchecked(code, reason)
+            for link in list(host.sockets):
+                if link.state in (SocketState.OPEN, SocketState.CLOSE_RECEIVED, SocketState.CONNECTING):
+                    link.close_now(code, reason)
 
     def submit(self, host: ObjectHost, event: Event) -> None:
         """Hand ``event`` to its object: wake it if needed, deliver in arrival order."""
@@ -556,28 +608,18 @@ class Runtime:
 
     # -- storage ------------------------------------------------------------------------
 
-    def storage_for(self, host: ObjectHost) -> DurableObjectStorage:
-        if host.storage is None:
-            host.storage = DurableObjectStorage(host, self)
-        return host.storage
-
-    def _storage_dirty(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
-        """A write started a new batch: close the output gate; outside a turn, commit soon."""
+    def batch_started(self, host: ObjectHost) -> None:
+        """A write started a new batch: close the output gate and keep the object in memory."""
         if host.gate is None:
             host.gate = []
         if PIN_STORAGE not in host.lifecycle.pins:
             host.lifecycle.pin(PIN_STORAGE)
             self._idle.discard(host)
-        if host.lifecycle.current is None or _current_host.get() is not host:
-            if storage.in_transaction:
-                storage._flush_scheduled = True
-            else:
-                storage._flush_scheduled = False
-                asyncio.get_running_loop().call_soon(self._flush_soon, host, storage)
 
-    def _flush_soon(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+    def flush_soon(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+        """Commit writes made outside a turn (the storage asked for it with call_soon)."""
         if storage.has_unflushed() and not storage.in_transaction:
-            task = asyncio.ensure_future(self._flush_storage(host, storage))
+            task = asyncio.ensure_future(self.flush_storage(host, storage))
             host.background.add(task)
             task.add_done_callback(lambda t: self._flushed_outside_a_turn(host, t))
 
@@ -587,7 +629,7 @@ class Runtime:
         if failed and host.lifecycle.state is ObjectState.ACTIVE:
             self._reset(host, f"a storage write failed ({task.exception()})", "storage_error")
 
-    async def _flush_storage(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
+    async def flush_storage(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
         """Commit the pending batch; once nothing is left in flight, open the gate."""
         batch = storage.take_pending()
         try:
@@ -666,8 +708,8 @@ class Runtime:
 
     def _open_gate(self, host: ObjectHost) -> None:
         held, host.gate = host.gate, None
-        for ws, frame in held or ():
-            ws._emit(frame)
+        for link, frame in held or ():
+            link.emit(frame)
 
     # -- alarms --------------------------------------------------------------------------
 
@@ -744,7 +786,7 @@ class Runtime:
             host.blockers.add(task)
             task.add_done_callback(lambda t: self._blocker_done(host, t))
             return task
-        if lc.current is not None and _current_host.get() is host:
+        if lc.current is not None and CURRENT_OWNER.get() is host:
             # Inside a handler: its turn already holds every other event back.
             return asyncio.ensure_future(_call_async(fn))
         # Outside any turn (a wait_until task, a callback): take a turn of its own.
@@ -812,37 +854,36 @@ class Runtime:
     # -- socket events from the server glue ---------------------------------------------
 
     def socket_opened(
-        self, ws: WebSocket, transport: Transport, url: str, protocol: str | None, extensions: str
+        self, link: SocketLink, transport: Transport, url: str, protocol: str | None, extensions: str
     ) -> None:
-        ws.url = url
         self.stats.sockets_accepted += 1
-        ws._attach(transport, protocol, extensions)
+        link.attach(transport, url, protocol, extensions)
 
-    def handshake_failed(self, ws: WebSocket) -> None:
+    def handshake_failed(self, link: SocketLink) -> None:
         """The 101 never reached the peer: the socket leaves its object without events."""
-        ws._move(SocketInput.HANDSHAKE_FAILED)
-        if ws._host is not None:
-            self._forget_socket(ws._host, ws)
+        link.move(SocketInput.HANDSHAKE_FAILED)
+        host = cast("ObjectHost | None", link.owner)
+        if host is not None:
+            self._forget_socket(host, link)
 
-    def message_received(self, ws: WebSocket, message: str | bytes) -> asyncio.Future[None] | None:
+    def message_received(self, link: SocketLink, message: str | bytes) -> asyncio.Future[None] | None:
         """Queue a message; a future means "read nothing more from this socket until it resolves".
 
         That is the back-pressure that bounds an object's queue: a client that
         sends faster than its object handles stops being read once
         ``QUEUE_HIGH_WATER`` events are waiting, instead of growing memory.
         """
-        host = ws._host
-        assert host is not None
+        host: ObjectHost = link.owner  # type: ignore[assignment]  # the hot path: no cast() call
         self.stats.messages_in += 1
         pair = host.auto_response
         if pair is not None and message == pair.request:
             # Answered by the runtime: the object is neither woken nor called.
-            if ws._state is SocketState.OPEN:
-                ws.send(pair.response)
-                ws._auto_response_at = self.wall_clock()
+            if link.state is SocketState.OPEN:
+                link.ws.send(pair.response)
+                link.auto_response_at = self.wall_clock()
                 self.stats.auto_responses += 1
             return None
-        event = MessageEvent(ws, message)
+        event = MessageEvent(link, message)
         self.submit(host, event)
         lc = host.lifecycle
         if len(lc.queue) < QUEUE_HIGH_WATER or lc.current is event:
@@ -850,27 +891,27 @@ class Runtime:
         event.started = asyncio.get_running_loop().create_future()
         return event.started
 
-    def peer_closed(self, ws: WebSocket, code: int | None, reason: str) -> None:
+    def peer_closed(self, link: SocketLink, code: int | None, reason: str) -> None:
         """The peer sent Close (``code`` None when the frame had no status: 1005)."""
-        self._socket_event(ws, SocketInput.PEER_CLOSE, code or 1005, reason if code else "", True)
+        self._socket_event(link, SocketInput.PEER_CLOSE, code or 1005, reason if code else "", True)
 
-    def transport_lost(self, ws: WebSocket) -> None:
-        self._socket_event(ws, SocketInput.TRANSPORT_LOST, 1006, "", False)
+    def transport_lost(self, link: SocketLink) -> None:
+        self._socket_event(link, SocketInput.TRANSPORT_LOST, 1006, "", False)
 
-    def socket_failed(self, ws: WebSocket, code: int, reason: str) -> None:
+    def socket_failed(self, link: SocketLink, code: int, reason: str) -> None:
         """The runtime closed the socket with ``code`` (1002, 1007, 1009) because of the peer."""
-        self._socket_event(ws, SocketInput.FAIL, code, reason, False)
+        self._socket_event(link, SocketInput.FAIL, code, reason, False)
 
-    def _socket_event(self, ws: WebSocket, what: SocketInput, code: int, reason: str, clean: bool) -> None:
-        host = ws._host
-        final = ws._move(what)
+    def _socket_event(self, link: SocketLink, what: SocketInput, code: int, reason: str, clean: bool) -> None:
+        host = cast("ObjectHost | None", link.owner)
+        final = link.move(what)
         if host is None or final is Final.NONE:
             return
         self.stats.count_close(code)
         if final is Final.CLOSE:
-            self.submit(host, CloseEvent(ws, code, reason, clean))
+            self.submit(host, CloseEvent(link, code, reason, clean))
         else:
-            self.submit(host, ErrorEvent(ws, WebSocketProtocolError(code, reason)))
+            self.submit(host, ErrorEvent(link, WebSocketProtocolError(code, reason)))
 
     # -- carrying out effects -----------------------------------------------------------
 
@@ -901,8 +942,8 @@ class Runtime:
                 host.storage = None
                 self._idle.discard(host)
             elif isinstance(effect, CloseSockets):
-                for ws in list(host.sockets):
-                    ws._close_unchecked(effect.code, effect.reason)
+                for link in list(host.sockets):
+                    link.close_now(effect.code, effect.reason)
             elif isinstance(effect, DropEvents):
                 self.stats.dropped_events += len(effect.events)
                 log.warning(
@@ -926,14 +967,14 @@ class Runtime:
         return []
 
     def _construct(self, host: ObjectHost) -> list[Effect[Event]]:
-        ctx = DurableObjectState(host, self)
-        token = _current_host.set(host)
+        ctx = DurableObjectState(host)
+        token = CURRENT_OWNER.set(host)
         try:
             host.instance = host.cls(ctx, self.env)
         except Exception as exc:  # noqa: BLE001 - a constructor's error resets only its object
             return self._construction_failed(host, exc, "its constructor raised", run=False)
         finally:
-            _current_host.reset(token)
+            CURRENT_OWNER.reset(token)
         if host.constructions:
             self.stats.wakes += 1
             log.info(
@@ -980,7 +1021,7 @@ class Runtime:
             host.turn_hold = True
             if host.gate is None:
                 host.gate = []
-        token = _current_host.set(host)
+        token = CURRENT_OWNER.set(host)
         try:
             result = event.invoke(host.instance)
             if type(result) is _CoroutineType and host.cls.eager_handlers:
@@ -1004,7 +1045,7 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - a handler's error never kills the socket
             return self._complete(host, event, None, exc, started)
         finally:
-            _current_host.reset(token)
+            CURRENT_OWNER.reset(token)
         return self._complete(host, event, result, None, started)
 
     async def _finish_turn(
@@ -1051,7 +1092,7 @@ class Runtime:
         exc: BaseException | None,
     ) -> None:
         try:
-            await self._flush_storage(host, storage)
+            await self.flush_storage(host, storage)
         except StorageError as err:
             if host.lifecycle.current is event:
                 event.failed(err)
@@ -1099,8 +1140,8 @@ class Runtime:
                 exc_info=exc,
             )
 
-    def _forget_socket(self, host: ObjectHost, ws: WebSocket) -> None:
-        if host.remove_socket(ws) and not ws._hibernatable:
+    def _forget_socket(self, host: ObjectHost, link: SocketLink) -> None:
+        if host.remove_socket(link) and not link.hibernatable:
             self._run(host, host.lifecycle.unpin(PIN_NON_HIBERNATABLE, self.clock()))
         self._maybe_forget(host)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 from wsecho.core import frames
 
 if TYPE_CHECKING:
-    from wsecho.api.websocket import WebSocket
+    from wsecho.api.websocket import SocketLink
     from wsecho.runtime.runtime import Runtime
 
 try:  # Tornado's C routine for unmasking frames, when Tornado was built with it (it usually is)
@@ -175,6 +175,7 @@ class Connection(asyncio.Protocol):
         "heard",
         "last_seen",
         "leftover",
+        "link",
         "parser",
         "ping_payload",
         "ping_sent_at",
@@ -184,12 +185,11 @@ class Connection(asyncio.Protocol):
         "stalled_since",
         "transport",
         "url",
-        "ws",
     )
 
     def __init__(
         self,
-        ws: WebSocket,
+        link: SocketLink,
         settings: ConnectionSettings,
         leftover: bytes,
         registry: set[Connection],
@@ -197,7 +197,7 @@ class Connection(asyncio.Protocol):
         url: str,
         protocol: str | None,
     ) -> None:
-        self.ws = ws
+        self.link = link
         self.url = url
         self.protocol = protocol
         self._settings = settings
@@ -239,7 +239,7 @@ class Connection(asyncio.Protocol):
         self.registry.add(self)
         self.last_seen = asyncio.get_running_loop().time()
         # Frames the object sent before the handshake finished go out now, first.
-        self._settings.runtime.socket_opened(self.ws, self, self.url, self.protocol, "")
+        self._settings.runtime.socket_opened(self.link, self, self.url, self.protocol, "")
         leftover, self.leftover = self.leftover, b""
         if leftover:
             self.data_received(leftover)
@@ -275,13 +275,13 @@ class Connection(asyncio.Protocol):
 
     def _process(self, events: list[tuple[str, Any]], start: int) -> None:
         runtime = self._settings.runtime
-        ws = self.ws
+        link = self.link
         for i in range(start, len(events)):
             kind, value = events[i]
             if kind is _TEXT or kind is _BINARY:  # the parser's own constants: identity is enough
                 if self._peer_closed:
                     continue  # nothing may follow a Close (RFC 6455 §5.5.1)
-                pause = runtime.message_received(ws, value)
+                pause = runtime.message_received(link, value)
                 if pause is not None:
                     # The object has a long queue: handle nothing more from this peer
                     # (not even what this read already brought) until this message starts.
@@ -306,9 +306,9 @@ class Connection(asyncio.Protocol):
         self.transport = None
         failure = self.failure
         if failure is not None:
-            self._settings.runtime.socket_failed(self.ws, *failure)
+            self._settings.runtime.socket_failed(self.link, *failure)
         else:
-            self._settings.runtime.transport_lost(self.ws)
+            self._settings.runtime.transport_lost(self.link)
 
     # -- wsecho.api.websocket.Transport ------------------------------------------------------
 
@@ -384,7 +384,7 @@ class Connection(asyncio.Protocol):
         """End the connection at once (its queue is dropped); the object gets ``web_socket_error(code)``."""
         self.failure = (code, reason)
         self._leave_queues()
-        self._settings.cut_log.warn(self.ws.url, reason)
+        self._settings.cut_log.warn(self.link.ws.url, reason)
         if self.transport is not None:
             self.transport.abort()
 
@@ -394,7 +394,7 @@ class Connection(asyncio.Protocol):
             # The peer answered our Close: the handshake is complete.
             self._cancel_timer()
             self._close_transport()
-        self._settings.runtime.peer_closed(self.ws, code, reason)
+        self._settings.runtime.peer_closed(self.link, code, reason)
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection because of the peer: Close(code), FIN, bounded drain, close."""

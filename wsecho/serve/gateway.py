@@ -25,7 +25,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import access_log
 
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
-from wsecho.api.websocket import peer_of
+from wsecho.api.websocket import accepted_peer
 from wsecho.core.errors import BadRequestError
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
@@ -35,7 +35,7 @@ from wsecho.serve.connection import Connection, ConnectionSettings
 from wsecho.serve.takeover import take_socket
 
 if TYPE_CHECKING:
-    from wsecho.api.websocket import WebSocket
+    from wsecho.api.websocket import SocketLink
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,8 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             self._respond(response.status, response.headers.items(), response.body or b"")
             return
         assert response.web_socket is not None
-        server = peer_of(response.web_socket)
-        if server is None or server._host is None:
+        server = accepted_peer(response.web_socket)
+        if server is None:
             log.error(
                 "fetch() answered 101 for %s but no object accepted the server end of its "
                 "WebSocketPair (call ctx.accept_web_socket(server))",
@@ -321,7 +321,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return None
         return 403, f"Origin {origin!r} is not allowed to open WebSockets here (see --allowed-origins)"
 
-    async def _upgrade(self, server: WebSocket, response: Response, url: str) -> None:
+    async def _upgrade(self, server: SocketLink, response: Response, url: str) -> None:
         headers = self.headers
         assert headers is not None
         offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
