@@ -1,0 +1,25 @@
+"""Echo throughput: wsecho's messages per second over the baseline's, at a given connection count and size."""
+
+from __future__ import annotations
+
+from benchkit.config import Config
+from benchkit.load import describe, traffic
+from benchkit.report import Line, detail, fmt_rate, med
+from benchkit.servers import start_server, stop_server
+
+
+async def bench_echo(cfg: Config, name: str, connections: int, size: int) -> list[Line]:
+    base: list[float] = []
+    ws: list[float] = []
+    for r in range(cfg.rounds):
+        for kind, out in (("baseline", base), ("wsecho", ws)):
+            server = await start_server(kind, cfg.tmp)
+            try:
+                t = await traffic(server, connections, size, 1, cfg.warmup, cfg.duration)
+            finally:
+                stop_server(server)
+            out.append(t.msgs_per_s)
+            detail(f"[{name} run {r + 1}] {kind}: {describe(t)}")
+    b, w = med(base), med(ws)
+    ratio = w / b
+    return [Line(name, f"{fmt_rate(w)} msg/s", f"baseline {fmt_rate(b)} msg/s", ratio, ">= 4.0x", ratio >= 4.0)]

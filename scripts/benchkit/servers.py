@@ -1,0 +1,127 @@
+"""The servers under test: the Tornado baseline, ``python -m wsecho`` and its wake-per-message app.
+
+Each is started on free ports, pinned to the server CPU, waited for (bounded), and stopped by
+PID; a server that died or logged an error fails the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from benchkit.errors import BenchError
+from benchkit.interrupt import check_interrupted
+from benchkit.procs import HOST, PROCS, SCRIPTS, free_port
+
+#: Bounds on every wait.
+START_TIMEOUT = 20.0
+
+
+@dataclasses.dataclass
+class Server:
+    kind: str  # "baseline", "wsecho" or "wake"
+    proc: subprocess.Popen[bytes]
+    port: int
+    admin_port: int | None
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"ws://{HOST}:{self.port}/websocket"
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise BenchError(f"the {self.kind} server exited with {self.proc.returncode}:\n{tail(self.log)}")
+
+    def admin(self, path: str) -> str:
+        assert self.admin_port is not None
+        with urllib.request.urlopen(f"http://{HOST}:{self.admin_port}{path}", timeout=5) as r:
+            body: bytes = r.read()
+        return body.decode()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), 1.0)
+        except (TimeoutError, OSError):
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False
+
+
+async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False) -> Server:
+    """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections."""
+    check_interrupted()
+    last_log = ""
+    for attempt in range(3):  # a port picked here can be taken before the server binds it
+        port = free_port()
+        admin_port = free_port() if admin else None
+        log = tmp / f"{kind}-{port}.log"
+        if kind == "baseline":
+            argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port)]
+        else:
+            argv = [sys.executable, "-m", "wsecho"]
+            if kind == "wake":
+                argv.append("benchapps:wake_app")
+            argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
+            argv += ["--access-log", "off", "--drain-timeout", "1"]
+            if hibernate_after is not None:
+                argv += ["--hibernate-after", str(hibernate_after)]
+            if admin_port is not None:
+                argv += ["--admin-port", str(admin_port)]
+        proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        ok = await wait_listening(port, proc, deadline)
+        if ok and admin_port is not None:
+            ok = await wait_listening(admin_port, proc, deadline)
+        if ok:
+            return Server(kind, proc, port, admin_port, log)
+        PROCS.stop(proc)
+        last_log = tail(log)
+        if attempt < 2:
+            await asyncio.sleep(0.2)
+    raise BenchError(f"the {kind} server did not start:\n{last_log}")
+
+
+LOGGED_ERROR = re.compile(r"\bERROR\b|^Traceback", re.MULTILINE)
+
+
+def stop_server(server: Server) -> None:
+    """Stop the server; a server that had died, or logged an error or a traceback, fails the run."""
+    alive = server.proc.poll() is None
+    code = PROCS.stop(server.proc)
+    if not alive:
+        raise BenchError(f"the {server.kind} server had exited with {code}:\n{tail(server.log)}")
+    try:
+        text = server.log.read_text(errors="replace")
+    except OSError:
+        return
+    found = LOGGED_ERROR.search(text)
+    if found:
+        excerpt = text[max(0, found.start() - 200) : found.start() + 1500]
+        raise BenchError(f"the {server.kind} server logged an error:\n{excerpt}")
