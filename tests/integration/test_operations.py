@@ -8,13 +8,16 @@ import socket
 import urllib.error
 import urllib.request
 
+import attrs
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
+from tests.apps.lab import lab_app
 from tests.helpers import RawClient, Recorder, ServerProcess, probe_app, until
 from wsecho.core.errors import ConfigError
-from wsecho.serve.config import build_parser, settings_from
+from wsecho.core.limits import Limits
+from wsecho.serve.config import OPTIONS, Settings, build_parser, settings_from
 from wsecho.serve.server import Server
 
 # -- configuration ------------------------------------------------------------------------------
@@ -66,6 +69,108 @@ def test_admin_port_is_off_by_default_and_systemd_state_directory_is_the_default
     assert s.admin_port is None
     assert s.data_dir == "/var/lib/wsecho"
     assert resolve(["--data-dir", "here"], {"STATE_DIRECTORY": "/var/lib/wsecho"}).data_dir == "here"
+
+
+# Each SPEC §4 limit: its flag, a lowered value, and the Limits field it sets.
+LIMIT_FLAGS = [
+    ("--max-sockets-per-object", "1", "sockets_per_object", 1),
+    ("--max-tags-per-socket", "2", "tags_per_socket", 2),
+    ("--max-tag-bytes", "4", "tag_bytes", 4),
+    ("--max-attachment-bytes", "1KiB", "attachment_bytes", 1024),
+    ("--max-auto-response-bytes", "8", "auto_response_bytes", 8),
+    ("--max-event-timeout", "1000", "event_timeout_ms", 1000),
+    ("--max-object-storage", "1MiB", "object_storage_bytes", 1024**2),
+    ("--max-storage", "off", "storage_bytes", None),
+]
+
+
+def test_settings_take_every_default_from_the_options():
+    option_defaults = {opt.dest: opt.parse(opt.default) for opt in OPTIONS}
+    fields = {f.name: f.default for f in attrs.fields(Settings) if f.name not in ("app", "config")}
+    assert fields == option_defaults
+
+
+def test_every_limit_is_an_option_with_cloudflares_default():
+    assert {opt.limit for opt in OPTIONS if opt.limit} == set(attrs.fields_dict(Limits))
+    assert {field for _, _, field, _ in LIMIT_FLAGS} == set(attrs.fields_dict(Limits))
+    assert resolve([], {}).limits == Limits()
+
+
+@pytest.mark.parametrize(("flag", "text", "field", "value"), LIMIT_FLAGS)
+def test_every_limit_comes_from_its_flag_variable_and_file_key(tmp_path, flag, text, field, value):
+    dest = flag[2:].replace("-", "_")
+    from_flag = resolve([flag, text], {})
+    from_variable = resolve([], {f"WSECHO_{dest.upper()}": text})
+    from_file = resolve([], {}, tmp_path, f"{dest} = {json.dumps(text)}\n")
+    for settings in (from_flag, from_variable, from_file):
+        assert getattr(settings.limits, field) == value
+        assert settings.limits == attrs.evolve(Limits(), **{field: value})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-sockets-per-object", "0"], "--max-sockets-per-object: must be 1 or more, got 0"),
+        (["--max-tags-per-socket", "-1"], "--max-tags-per-socket: must be 1 or more, got -1"),
+        (["--max-tag-bytes", "0"], "--max-tag-bytes: must be a number of bytes of 1 or more"),
+        (["--max-attachment-bytes", "off"], "--max-attachment-bytes: must be a number of bytes of 1 or more"),
+        (["--max-auto-response-bytes", "2k"], "--max-auto-response-bytes: must be a number of bytes of 1 or more"),
+        (["--max-event-timeout", "7d"], "--max-event-timeout: must be a whole number, got '7d'"),
+    ],
+)
+def test_bad_limits_name_the_flag_and_the_bound(argv, message):
+    with pytest.raises(ConfigError) as info:
+        resolve(argv, {})
+    assert message in str(info.value)
+
+
+def test_a_bad_limit_in_a_variable_or_the_file_names_where_it_came_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"WSECHO_MAX_TAGS_PER_SOCKET \(for --max-tags-per-socket\): must be 1"):
+        resolve([], {"WSECHO_MAX_TAGS_PER_SOCKET": "0"})
+    with pytest.raises(ConfigError, match=r"wsecho\.toml: max_tag_bytes: must be a number of bytes of 1 or more"):
+        resolve([], {}, tmp_path, "max_tag_bytes = 0\n")
+
+
+@pytest.fixture
+def limited_server(io_loop, tmp_path):
+    """A Server (lab application) whose limits come from the command line, all lowered."""
+    argv = [arg for flag, text, _, _ in LIMIT_FLAGS for arg in (flag, text)]
+    settings = attrs.evolve(resolve(argv, {}), port=0, data_dir=":memory:")
+    server = Server(lab_app(Recorder(), {}), settings)
+    io_loop.run_sync(server.start)
+    yield server
+    io_loop.run_sync(server.stop)
+
+
+async def lab(ws, op, **args):
+    await ws.send(json.dumps({"op": op, **args}))
+    return json.loads(await ws.recv())
+
+
+@pytest.mark.gen_test
+async def test_limits_from_the_command_line_reach_the_objects(limited_server, caplog):
+    base = f"127.0.0.1:{limited_server.port}/lab"
+    client = AsyncHTTPClient()
+
+    async def refused(path):
+        response = await client.fetch(f"http://{base}{path}", raise_error=False)
+        return response.code == 500
+
+    assert await refused("/many/ws?tags=a,b,c")
+    assert await refused("/long/ws?tags=abcde")
+    messages = [str(r.exc_info[1]) for r in caplog.records if r.exc_info]
+    assert any("3 distinct tags; the limit is 2" in m for m in messages)
+    assert any("is 5 UTF-8 bytes; the limit is 4" in m for m in messages)
+    async with connect(f"ws://{base}/one/ws?tags=a,b") as ws:
+        assert await refused("/one/ws")  # the second socket of that object
+        assert any("the limit is 1" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+        answer = await lab(ws, "set_huge", size=1023)
+        assert answer["error"].endswith("the value is 1025 bytes encoded; the limit is 1024")
+        answer = await lab(ws, "set_auto", request="123456789", response="ok")
+        assert answer["error"].endswith("the request is 9 UTF-8 bytes; the limit is 8")
+        answer = await lab(ws, "timeout", ms=1001)
+        assert "ms must be an integer from 1 to 1000" in answer["error"]
+        assert await lab(ws, "timeout", ms=1000) == {"ok": None}
 
 
 # -- admin endpoints and metrics (in process) ------------------------------------------------------

@@ -1,4 +1,7 @@
-"""The per-object and per-socket limits of SPEC §4, with Cloudflare's defaults."""
+"""The per-object and per-socket limits of SPEC §4, with Cloudflare's defaults.
+
+These defaults are the only copy: the server's ``--max-*`` options take theirs from here.
+"""
 
 from __future__ import annotations
 

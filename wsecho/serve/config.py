@@ -14,11 +14,13 @@ import logging
 import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import attrs
 
 from wsecho.core.errors import ConfigError
+from wsecho.core.limits import Limits
 from wsecho.core.target import normalize_host
 
 DEFAULT_APP = "wsecho.examples.echo:app"
@@ -96,6 +98,8 @@ class Option:
     default: str
     help: str
     metavar: str
+    #: The :class:`~wsecho.core.limits.Limits` field this option sets (SPEC §4), if any.
+    limit: str | None = None
 
     @property
     def dest(self) -> str:
@@ -159,20 +163,47 @@ _backlog = _at_least(1)
 _BINARY_UNITS = {"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
-def _quota(text: str) -> int | None:
-    """Bytes (a whole number, optionally with KiB, MiB, GiB or TiB), or 0 / off for no quota."""
+def _bytes(text: str) -> int:
+    """Bytes: a whole number of at least 1, optionally with KiB, MiB, GiB or TiB."""
     value = text.strip().lower()
-    if value in ("off", "0"):
-        return None
     unit = 1
     for suffix, size in _BINARY_UNITS.items():
         if value.endswith(suffix):
             value, unit = value[: -len(suffix)].strip(), size
             break
     if not value.isascii() or not value.isdigit() or int(value) == 0:
-        msg = f"must be a number of bytes (like 1048576 or 64MiB), or off, got {text!r}"
+        msg = f"must be a number of bytes of 1 or more (like 2048 or 64MiB), got {text!r}"
         raise ValueError(msg)
     return int(value) * unit
+
+
+def _quota(text: str) -> int | None:
+    """Bytes (see :func:`_bytes`), or 0 / off for no quota."""
+    if text.strip().lower() in ("off", "0"):
+        return None
+    try:
+        return _bytes(text)
+    except ValueError:
+        msg = f"must be a number of bytes (like 1048576 or 64MiB), or off, got {text!r}"
+        raise ValueError(msg) from None
+
+
+def _bytes_text(value: int | None) -> str:
+    """How a size reads in ``--help`` and the README: 128MiB rather than 134217728."""
+    if value is None:
+        return "off"
+    for suffix, size in reversed(_BINARY_UNITS.items()):
+        if size >= 1024**2 and value % size == 0:
+            return f"{value // size}{suffix[0].upper()}iB"
+    return str(value)
+
+
+def _limit(
+    flag: str, field: str, parse: Callable[[str], Any], meaning: str, metavar: str, show: Callable[[Any], str] = str
+) -> Option:
+    """An option for the :class:`Limits` field ``field``, whose default (Cloudflare's) it keeps."""
+    default = attrs.fields_dict(Limits)[field].default
+    return Option(flag, parse, show(default), meaning, metavar, limit=field)
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -308,20 +339,67 @@ OPTIONS = (
         "on SIGTERM, how long to wait for peers to answer the 1001 Close before cutting them",
         "SECONDS",
     ),
-    Option(
+    _limit(
         "--max-object-storage",
+        "object_storage_bytes",
         _quota,
-        "128MiB",
         "bytes one object may store (keys plus encoded values); put() beyond it raises "
         "QuotaExceededError (off: no quota)",
         "BYTES",
+        show=_bytes_text,
     ),
-    Option(
+    _limit(
         "--max-storage",
+        "storage_bytes",
         _quota,
-        "4GiB",
         "bytes all objects together may store; put() beyond it raises QuotaExceededError (off: no quota)",
         "BYTES",
+        show=_bytes_text,
+    ),
+    _limit(
+        "--max-sockets-per-object",
+        "sockets_per_object",
+        _at_least(1),
+        "hibernatable WebSockets one object may hold; accept_web_socket() beyond it raises InvalidStateError",
+        "N",
+    ),
+    _limit(
+        "--max-tags-per-socket",
+        "tags_per_socket",
+        _at_least(1),
+        "distinct tags accept_web_socket() takes for one socket; more raise InvalidArgumentError",
+        "N",
+    ),
+    _limit(
+        "--max-tag-bytes",
+        "tag_bytes",
+        _bytes,
+        "UTF-8 length of each tag; a longer one makes accept_web_socket() raise InvalidArgumentError",
+        "BYTES",
+    ),
+    _limit(
+        "--max-attachment-bytes",
+        "attachment_bytes",
+        _bytes,
+        "encoded size of a socket's attachment; serialize_attachment() beyond it raises "
+        "InvalidArgumentError and keeps the previous one",
+        "BYTES",
+    ),
+    _limit(
+        "--max-auto-response-bytes",
+        "auto_response_bytes",
+        _bytes,
+        "UTF-8 length of the auto-response request and of its response; "
+        "set_web_socket_auto_response() beyond it raises InvalidArgumentError",
+        "BYTES",
+    ),
+    _limit(
+        "--max-event-timeout",
+        "event_timeout_ms",
+        _at_least(1),
+        "largest set_hibernatable_web_socket_event_timeout() an object may set, in milliseconds "
+        "(the API's unit); a larger one raises InvalidArgumentError",
+        "MS",
     ),
     Option(
         "--warn-blocked",
@@ -347,37 +425,56 @@ OPTIONS = (
 RELOADABLE = frozenset({"hibernate_after", "log_level", "log_format", "log_file", "access_log", "drain_timeout"})
 
 
+#: Each option's default, parsed: the one place :class:`Settings` takes its defaults from.
+DEFAULTS: Mapping[str, Any] = MappingProxyType({opt.dest: opt.parse(opt.default) for opt in OPTIONS})
+
+
 @attrs.frozen
 class Settings:
+    """The resolved options. A field per option, whose default is the option's (:data:`DEFAULTS`);
+    the annotations are written out so mypy checks every use (a test keeps them in step with
+    :data:`OPTIONS`)."""
+
     app: str = DEFAULT_APP
-    host: str = "127.0.0.1"
-    port: int = 8787
-    hibernate_after: float = 10.0
-    max_message_size: int = 1024 * 1024
-    data_dir: str = DEFAULT_DATA_DIR
-    max_connections: int = 10_000
-    max_http_connections: int = 1000
-    max_body_memory: int = 64 * 1024 * 1024
-    backlog: int = 2048
-    allowed_origins: tuple[str, ...] = ()
+    host: str = DEFAULTS["host"]
+    port: int = DEFAULTS["port"]
+    hibernate_after: float = DEFAULTS["hibernate_after"]
+    max_message_size: int = DEFAULTS["max_message_size"]
+    data_dir: str = DEFAULTS["data_dir"]
+    max_connections: int = DEFAULTS["max_connections"]
+    max_http_connections: int = DEFAULTS["max_http_connections"]
+    max_body_memory: int = DEFAULTS["max_body_memory"]
+    backlog: int = DEFAULTS["backlog"]
+    allowed_origins: tuple[str, ...] = DEFAULTS["allowed_origins"]
     #: Empty: automatic (see ``AllowedHosts.for_listener``).
-    allowed_hosts: tuple[str, ...] = ()
-    handshake_timeout: float = 5.0
-    ping_interval: float = 30.0
-    ping_timeout: float = 20.0
-    max_outgoing_total: int = 256 * 1024 * 1024
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = None
-    drain_timeout: float = 5.0
-    max_object_storage: int | None = 128 * 1024**2
-    max_storage: int | None = 4 * 1024**3
-    warn_blocked: float = 0.5
-    loop: str = "auto"
-    log_level: str = "info"
-    log_format: str = "text"
-    log_file: str = ""
-    access_log: bool = True
+    allowed_hosts: tuple[str, ...] = DEFAULTS["allowed_hosts"]
+    handshake_timeout: float = DEFAULTS["handshake_timeout"]
+    ping_interval: float = DEFAULTS["ping_interval"]
+    ping_timeout: float = DEFAULTS["ping_timeout"]
+    max_outgoing_total: int = DEFAULTS["max_outgoing_total"]
+    admin_host: str = DEFAULTS["admin_host"]
+    admin_port: int | None = DEFAULTS["admin_port"]
+    drain_timeout: float = DEFAULTS["drain_timeout"]
+    max_object_storage: int | None = DEFAULTS["max_object_storage"]
+    max_storage: int | None = DEFAULTS["max_storage"]
+    max_sockets_per_object: int = DEFAULTS["max_sockets_per_object"]
+    max_tags_per_socket: int = DEFAULTS["max_tags_per_socket"]
+    max_tag_bytes: int = DEFAULTS["max_tag_bytes"]
+    max_attachment_bytes: int = DEFAULTS["max_attachment_bytes"]
+    max_auto_response_bytes: int = DEFAULTS["max_auto_response_bytes"]
+    max_event_timeout: int = DEFAULTS["max_event_timeout"]
+    warn_blocked: float = DEFAULTS["warn_blocked"]
+    loop: str = DEFAULTS["loop"]
+    log_level: str = DEFAULTS["log_level"]
+    log_format: str = DEFAULTS["log_format"]
+    log_file: str = DEFAULTS["log_file"]
+    access_log: bool = DEFAULTS["access_log"]
     config: str | None = None
+
+    @property
+    def limits(self) -> Limits:
+        """The :class:`Limits` the runtime enforces, from the options that set them."""
+        return Limits(**{opt.limit: getattr(self, opt.dest) for opt in OPTIONS if opt.limit})
 
     @property
     def logging_level(self) -> int:

@@ -23,7 +23,6 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.core.lifecycle import ObjectState
-from wsecho.core.limits import Limits
 from wsecho.core.target import AllowedHosts
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
@@ -97,7 +96,7 @@ class Server:
             clock=time.monotonic,
             wall_clock=utc_now,
             hibernate_after=settings.hibernate_after,
-            limits=Limits(object_storage_bytes=settings.max_object_storage, storage_bytes=settings.max_storage),
+            limits=settings.limits,
             backend=backend if backend is not None else backend_for(settings.data_dir),
         )
         self.notifier = notifier if notifier is not None else Notifier(None)
