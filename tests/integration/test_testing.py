@@ -44,8 +44,7 @@ async def test_leaving_the_harness_runs_the_servers_drain():
             assert await receive(ws) == "[Durable Object]: hi"
             server = t.server
             assert server.phase == "ready"
-        # (the client's own close came first here; a second one stays open to the end)
-        other = await connect(t.url("/websocket", "ws"))
+        other = await connect(t.url("/websocket", "ws"))  # left open when the block ends
     assert server.phase == "stopped"
     async with asyncio.timeout(5):
         await other.wait_closed()
