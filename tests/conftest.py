@@ -2,21 +2,19 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.helpers import FakeClock, Recorder
+from tests.helpers import Recorder
 from wsecho.examples import echo
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.gateway import make_application
+from wsecho.testing import FakeClock
 
 MAX_MESSAGE = 64 * 1024
 
 
 @pytest.fixture
 def clock():
-    return FakeClock()
-
-
-def wall_clock():
-    return datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    """The runtime's clocks: ``clock.monotonic() + 10`` is ten seconds from now."""
+    return FakeClock(start=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -33,7 +31,7 @@ def wsecho_app():
 
 @pytest.fixture
 def runtime(wsecho_app, clock):
-    return Runtime(wsecho_app, clock=clock, wall_clock=wall_clock, hibernate_after=10.0)
+    return Runtime(wsecho_app, clock=clock.monotonic, wall_clock=clock.now, hibernate_after=10.0)
 
 
 @pytest.fixture

@@ -1,4 +1,7 @@
-"""Test helpers: a fake clock, an event recorder, a probe application and a raw-frame client."""
+"""Test helpers: an event recorder, a probe application and a raw-frame client.
+
+The fake clock is the public one, ``wsecho.testing.FakeClock``.
+"""
 
 from __future__ import annotations
 
@@ -43,16 +46,6 @@ class FakeTransport:
 def constructions(recorder, name):
     """The constructor runs a test object recorded for the object ``name``."""
     return [e for e in recorder.of("constructor") if e[1] == name]
-
-
-class FakeClock:
-    """A monotonic clock that only moves when a test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:

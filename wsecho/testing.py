@@ -22,12 +22,11 @@ hibernation, and shows each object's state, constructor runs and storage::
             assert await receive(bob) == "hello"
             assert t.constructions("ROOMS", "kitchen") == 2  # it woke up for the message
 
-Why the harness builds its own server instead of using :class:`~wsecho.serve.server.Server`: a
-``Server`` runs on the real clocks, and tests must move time themselves. So the harness puts
-together what ``Server`` does for serving (a :class:`~wsecho.runtime.runtime.Runtime`, the
-application from :func:`~wsecho.serve.gateway.make_application`, a Tornado ``HTTPServer``), with a
-fake clock and without the periodic sweep: idle objects hibernate when the test calls
-:meth:`Harness.advance`, :meth:`Harness.hibernate` or :meth:`Harness.hibernate_all`.
+The harness is a :class:`~wsecho.serve.server.Server` (``t.server``), started and stopped as
+``python -m wsecho`` starts and stops one, with two differences that make time the test's: its
+clocks are a :class:`FakeClock`, and it runs no periodic sweep (``Server(sweeper=False)``) nor
+dead-peer pings, so idle objects hibernate only when the test calls :meth:`Harness.advance`,
+:meth:`Harness.hibernate` or :meth:`Harness.hibernate_all`.
 
 ``websockets`` (a test dependency of wsecho, not a dependency) is imported only by
 :meth:`Harness.connect`; without it that method raises ``ModuleNotFoundError`` saying so.
@@ -45,16 +44,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpclient
-import tornado.httpserver
-import tornado.netutil
 
 from wsecho.api.http import Response
 from wsecho.api.storage import DurableObjectStorage
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.runtime.runtime import ObjectHost, Runtime
-from wsecho.serve.gateway import make_application
-from wsecho.serve.server import backend_for
+from wsecho.serve.config import Settings
+from wsecho.serve.server import Server
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
@@ -62,7 +59,6 @@ if TYPE_CHECKING:
     from wsecho.api.app import App
     from wsecho.api.objects import DurableObjectNamespace
     from wsecho.core.limits import Limits
-    from wsecho.serve.connection import Connection
 
 __all__ = ["FakeClock", "Harness", "StorageView", "receive", "receive_json", "serve_app"]
 
@@ -182,16 +178,24 @@ class StorageView:
 class Harness:
     """A served application, as :func:`serve_app` yields it.
 
-    ``runtime`` is the :class:`~wsecho.runtime.runtime.Runtime`, ``clock`` its :class:`FakeClock`,
-    ``port`` the port on 127.0.0.1. Objects are named by their binding and their name, as in
+    ``server`` is the :class:`~wsecho.serve.server.Server`, ``runtime`` its
+    :class:`~wsecho.runtime.runtime.Runtime`, ``clock`` their :class:`FakeClock`, ``port`` the
+    port on 127.0.0.1. Objects are named by their binding and their name, as in
     ``env.ROOMS.get_by_name("kitchen")``: ``t.state("ROOMS", "kitchen")``.
     """
 
-    def __init__(self, runtime: Runtime, clock: FakeClock, port: int) -> None:
-        self.runtime = runtime
+    def __init__(self, server: Server, clock: FakeClock) -> None:
+        self.server = server
         self.clock = clock
-        self.port = port
         self._clients: list[ClientConnection] = []
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.server.runtime
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     def __repr__(self) -> str:
         return f"<Harness http://127.0.0.1:{self.port}>"
@@ -394,7 +398,30 @@ class Harness:
     async def _close_clients(self) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                await asyncio.gather(*(c.close() for c in self._clients), return_exceptions=True)
+                await asyncio.gather(*(_close(c) for c in self._clients), return_exceptions=True)
+        # A client still open did not get its Close answered: release its socket.
+        left = [c for c in self._clients if c.close_code is None]
+        for client in left:
+            client.transport.abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*(c.wait_closed() for c in left), return_exceptions=True)
+
+
+async def _close(client: ClientConnection) -> None:
+    # A client with max_queue (16) messages unread has stopped reading its socket, so it would
+    # never see the server's answer to its Close: read (and drop) what is left while closing.
+    reader = asyncio.ensure_future(_drain(client))
+    try:
+        await client.close()
+    finally:
+        reader.cancel()
+
+
+async def _drain(client: ClientConnection) -> None:
+    with contextlib.suppress(Exception):  # closed, or a recv() the test left waiting
+        async for _ in client:
+            pass
 
 
 def _busy(host: ObjectHost) -> bool:
@@ -429,55 +456,36 @@ async def serve_app(
     The settings are the server's (``hibernate_after``, ``max_message_size``, ``data_dir``:
     ``":memory:"`` or a directory for SQLite, such as pytest's ``tmp_path``). Time is
     ``clock`` (a new :class:`FakeClock` by default); nothing hibernates until the test moves
-    it. At the end every WebSocket is closed (1001 for those the test left open), pending
-    writes are committed and storage is closed::
+    it. At the end the clients of :meth:`Harness.connect` are closed, then the server stops as
+    ``Server.stop()`` does: every other WebSocket gets Close 1001, pending writes are
+    committed and storage is closed::
 
         async with serve_app(app, hibernate_after=30, data_dir=tmp_path) as t:
             ws = await t.connect("/rooms/kitchen/websocket")
     """
     clock = clock if clock is not None else FakeClock()
-    runtime = Runtime(
-        app,
-        clock=clock.monotonic,
-        wall_clock=clock.now,
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
         hibernate_after=hibernate_after,
-        limits=limits,
-        backend=backend_for(os.fspath(data_dir)),
+        max_message_size=max_message_size,
+        data_dir=os.fspath(data_dir),
+        # Any Host, as an application without a listener of its own: a test may send its own.
+        allowed_hosts=("*",),
+        # Dead peers are found on the event loop's real time; a test's peers are its own.
+        ping_interval=0,
+        drain_timeout=CLOSE_TIMEOUT,
     )
-    await runtime.start()
-    http: tornado.httpserver.HTTPServer | None = None
-    #: The open WebSocket connections (after their handshake they are no longer Tornado's).
-    connections: set[Connection] = set()
+    server = Server(app, settings, clock=clock.monotonic, wall_clock=clock.now, sweeper=False, limits=limits)
     try:
-        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-        http = tornado.httpserver.HTTPServer(
-            make_application(runtime, max_message_size=max_message_size, registry=connections),
-            max_body_size=max(max_message_size, 64 * 1024),
-        )
-        http.add_sockets(sockets)
-        harness = Harness(runtime, clock, sockets[0].getsockname()[1])
+        await server.start()
+        harness = Harness(server, clock)
         try:
             yield harness
         finally:
             await harness._close_clients()
     finally:
-        await _stop(runtime, http, connections)
-
-
-async def _stop(runtime: Runtime, http: tornado.httpserver.HTTPServer | None, connections: set[Connection]) -> None:
-    if http is not None:
-        http.stop()
-    runtime.close_all(1001, "Going Away")
-    # Each socket leaves once its close has been handled; there is no event for "all gone".
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            while runtime.socket_count():
-                await asyncio.sleep(0.01)
-    for connection in list(connections):
-        connection.abort()  # a peer that never answered the Close
-    if http is not None:
-        await http.close_all_connections()
-    await runtime.close()
+        await server.stop()
 
 
 async def receive(ws: ClientConnection, timeout: float = DEFAULT_TIMEOUT) -> str | bytes:

@@ -123,7 +123,7 @@ class Lab(DurableObject):
             if cmd.get("suspend_first"):
                 await asyncio.sleep(0)
             ws.send("partial output")
-            self.flags["clock"].now += cmd["seconds"]
+            self.flags["clock"].advance(cmd["seconds"])
             _answer(ws, lambda: "done")
         elif op == "loaded":
             _answer(ws, lambda: self.loaded)

@@ -54,7 +54,7 @@ async def test_tags_are_deduplicated_in_order_and_survive_hibernation(url, runti
         connect(url("/lab/t/ws?tags=blue", "ws")),
     ):
         assert await ask(ws, "tags") == {"ok": ["red", "blue"]}
-        assert runtime.sweep(now=clock.now + 10) == 1
+        assert runtime.sweep(now=clock.monotonic() + 10) == 1
         assert await ask(ws, "tags") == {"ok": ["red", "blue"]}
         assert await ask(ws, "tagged", tag="blue") == {"ok": 2}
         assert await ask(ws, "tagged", tag="red") == {"ok": 1}
@@ -120,7 +120,7 @@ async def test_attachment_round_trip_copy_and_hibernation(url, runtime, clock, r
         assert await ask(ws, "get") == {"ok": value}
         assert await ask(ws, "mutate") == {"ok": {"list": [1]}}
         await ask(ws, "set", value=value)
-        runtime.sweep(now=clock.now + 10)
+        runtime.sweep(now=clock.monotonic() + 10)
         # readable in the constructor after the wake ...
         assert await ask(ws, "get") == {"ok": value}
         assert constructions(recorder, "a")[-1] == ("constructor", "a", [value])
@@ -169,7 +169,7 @@ async def test_auto_response_answers_without_waking(url, runtime, clock, recorde
     async with connect(url("/lab/p/ws", "ws")) as ws:
         assert await ask(ws, "auto") == {"ok": [["ping", "pong"], None]}
         host = runtime.find("LAB", "p")
-        runtime.sweep(now=clock.now + 10)
+        runtime.sweep(now=clock.monotonic() + 10)
         assert host.lifecycle.state is ObjectState.HIBERNATING
         await ws.send("ping")
         assert await ws.recv() == "pong"
@@ -328,10 +328,10 @@ async def test_wait_until_keeps_the_object_awake(url, runtime, clock, flags):
         assert await ask(ws, "wait_until") == {"ok": None}
         host = runtime.find("LAB", "w")
         assert host.lifecycle.hibernation_blocker() == PIN_WAIT_UNTIL
-        assert runtime.sweep(now=clock.now + 100) == 0
+        assert runtime.sweep(now=clock.monotonic() + 100) == 0
         gate.set_result(None)
         await until(lambda: host.lifecycle.hibernation_blocker() is None)
-        assert runtime.sweep(now=clock.now + 10) == 1
+        assert runtime.sweep(now=clock.monotonic() + 10) == 1
 
 
 @pytest.mark.gen_test
@@ -364,13 +364,13 @@ async def test_accept_makes_a_socket_that_pins_its_object(url, runtime, clock, r
         assert await ws.recv() == "echo:hello"
         host = runtime.find("LAB", "n")
         assert host.lifecycle.hibernation_blocker() == PIN_NON_HIBERNATABLE
-        assert runtime.sweep(now=clock.now + 100) == 0
+        assert runtime.sweep(now=clock.monotonic() + 100) == 0
         assert await ask(ws, "count") == {"ok": 0}  # get_web_sockets() lists hibernatable ones
         assert await ask(ws, "tags") == {
             "error": ("InvalidStateError: get_tags(): the WebSocket is not a hibernatable socket of this object")
         }
     await recorder.wait_for(lambda r: r.of("close"))
-    assert runtime.sweep(now=clock.now + 10) == 1
+    assert runtime.sweep(now=clock.monotonic() + 10) == 1
 
 
 @pytest.mark.gen_test

@@ -32,9 +32,7 @@ async def chat(room=ChatRoom, **settings):
 async def join(t, name, room="kitchen", address="127.0.0.1"):
     """A joined client (from ``address``, any of 127/8) and the history it was given; the
     presence frame is consumed."""
-    # max_queue=None: a client that reads few of its frames must still see the server's Close
-    # at the end (websockets stops reading once 16 frames wait).
-    ws = await t.connect(f"/rooms/{room}/websocket?name={name}", local_addr=(address, 0), max_queue=None)
+    ws = await t.connect(f"/rooms/{room}/websocket?name={name}", local_addr=(address, 0))
     history = await receive_json(ws)
     assert history["type"] == "history"
     presence = await receive_json(ws)

@@ -70,7 +70,7 @@ async def test_server_close_then_peer_reply_is_clean(port, recorder, runtime, cl
     await recorder.wait_for(lambda r: r.of("send-raised"))
     assert "send() after close()" in recorder.of("send-raised")[0][1]
     # still CLOSING: the object may hibernate, and the socket remembers it was closed
-    assert runtime.sweep(now=clock.now + 10) == 1
+    assert runtime.sweep(now=clock.monotonic() + 10) == 1
     raw.send_frame(0x1, b"send-after-close")
     await recorder.wait_for(lambda r: len(r.of("send-raised")) == 2)
     assert len(recorder.of("constructor")) == 2
@@ -140,7 +140,7 @@ async def test_a_raising_handler_is_logged_and_the_socket_stays_open(url, record
 async def test_constructor_that_raises_closes_sockets_1011(port, recorder, runtime, clock, caplog):
     caplog.set_level(logging.ERROR, logger="wsecho")
     raw = await RawClient.connect(port, "/obj/k/ws")
-    runtime.sweep(now=clock.now + 10)
+    runtime.sweep(now=clock.monotonic() + 10)
     runtime.app.vars["FLAGS"]["constructor_raises"] = True
     raw.send_frame(0x1, b"wake up")
     assert (await raw.read_close())[0] == 1011

@@ -13,12 +13,13 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.helpers import FakeClock, FakeTransport
+from tests.helpers import FakeTransport
 from wsecho import App, DurableObject, Response, WebSocketPair
 from wsecho.api.objects import DurableObjectState
 from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import SocketState
 from wsecho.runtime.runtime import Runtime
+from wsecho.testing import FakeClock
 
 
 class Model(DurableObject):
@@ -87,7 +88,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.world.gate = self.loop.create_future()
         self.clock = FakeClock()
         app = App(fetch=_fetch, bindings={"OBJ": Model}, vars={"WORLD": self.world})
-        self.rt = Runtime(app, clock=self.clock, wall_clock=lambda: None, hibernate_after=10)
+        self.rt = Runtime(app, clock=self.clock.monotonic, wall_clock=lambda: None, hibernate_after=10)
         self.world.runtime = self.rt
         self.sockets = []  # [ws, object name, messages sent, connection alive]
         self.sent_order = {}
@@ -171,7 +172,7 @@ class LifecycleMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.floats(min_value=0, max_value=30))
     def sweep(self, seconds):
-        self.clock.now += seconds
+        self.clock.advance(seconds)
         self._in_loop(self.rt.sweep)
 
     @rule(fail=st.booleans())

@@ -8,22 +8,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.apps.store import store_app
-from tests.helpers import FakeClock, until
+from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
 from wsecho.runtime.runtime import PIN_STORAGE, Runtime
+from wsecho.testing import FakeClock
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
-
-
-class WallClock:
-    def __init__(self):
-        self.now = NOW
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -45,10 +38,11 @@ def make_runtime(backend_factory, recorder, flags):
     """Starts a runtime on the backend under test; the test closes what it starts."""
 
     async def make(limits=None):
+        clock = FakeClock(start=NOW)
         rt = Runtime(
             store_app(recorder, flags),
-            clock=FakeClock(),
-            wall_clock=WallClock(),
+            clock=clock.monotonic,
+            wall_clock=clock.now,
             backend=backend_factory(),
             limits=limits,
         )

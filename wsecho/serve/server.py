@@ -23,6 +23,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.core.lifecycle import ObjectState
+from wsecho.core.limits import Limits
 from wsecho.core.target import AllowedHosts
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
@@ -86,17 +87,33 @@ class Server:
     and (with ``admin_port``) the admin listener."""
 
     def __init__(
-        self, app: App, settings: Settings, backend: Backend | None = None, notifier: Notifier | None = None
+        self,
+        app: App,
+        settings: Settings,
+        backend: Backend | None = None,
+        notifier: Notifier | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utc_now,
+        sweeper: bool = True,
+        limits: Limits | None = None,
     ) -> None:
+        """``clock`` (monotonic seconds: idle times, event timeouts) and ``wall_clock`` (alarms,
+        auto-response timestamps) are the runtime's clocks. The default ``clock`` is the event
+        loop's (asyncio and uvloop both read CLOCK_MONOTONIC), without the cost of finding the
+        current IOLoop on every call.
+
+        ``sweeper=False`` starts no periodic sweep, so nothing hibernates on its own: for a
+        clock that moves only when its owner says so, who then calls ``runtime.sweep()``
+        (``wsecho.testing`` does). ``limits`` replaces the limits built from ``settings``.
+        """
         self.settings = settings
         self.runtime = Runtime(
             app,
-            # The event loop's clock (asyncio and uvloop both read CLOCK_MONOTONIC), without
-            # the cost of finding the current IOLoop on every call.
-            clock=time.monotonic,
-            wall_clock=utc_now,
+            clock=clock,
+            wall_clock=wall_clock,
             hibernate_after=settings.hibernate_after,
-            limits=settings.limits,
+            limits=limits if limits is not None else settings.limits,
             backend=backend if backend is not None else backend_for(settings.data_dir),
         )
         self.notifier = notifier if notifier is not None else Notifier(None)
@@ -122,6 +139,8 @@ class Server:
         self._http: Listener | None = None
         self._admin: Listener | None = None
         self._sweeper = Sweeper(self.runtime)
+        #: Whether the sweeper runs (``sweeper=False``: whoever moves the clock sweeps).
+        self.sweeps = sweeper
         self._periodic: list[PeriodicCallback] = []
         #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
         self.blocked_watch = LoopWatchdog(settings.warn_blocked) if settings.warn_blocked > 0 else None
@@ -167,7 +186,8 @@ class Server:
         )
         self._http.add_sockets(sockets)
         self.addresses = [s.getsockname()[:2] for s in sockets]
-        self._sweeper.start()
+        if self.sweeps:
+            self._sweeper.start()
         self._start_periodic(self._measure_lag, LAG_INTERVAL)
         if self.settings.ping_interval > 0:
             self._start_periodic(self._ping_peers, min(max(self.settings.ping_interval / 4, 0.05), 5.0))
@@ -343,13 +363,13 @@ class Server:
         self.runtime.set_hibernate_after(settings.hibernate_after)
         self._sweeper.stop()
         self._sweeper = Sweeper(self.runtime)
-        if self.phase == "ready":
+        if self.phase == "ready" and self.sweeps:
             self._sweeper.start()
         return ignored
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers,
-        commit every pending write and close storage."""
+        """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers, cut
+        those that did not answer, commit every pending write and close storage."""
         self.phase = "draining"
         self.notifier.stopping()
         self._report_status()
@@ -362,6 +382,8 @@ class Server:
         deadline = IOLoop.current().time() + timeout
         while self.runtime.socket_count() and IOLoop.current().time() < deadline:
             await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()  # a peer that did not answer the Close within the drain timeout
         if self._http is not None:
             await self._http.close_all_connections()
         await self.runtime.close()
