@@ -265,3 +265,20 @@ def test_the_fast_paths_do_what_the_table_says(queued, busy):
     if busy:
         assert fast.turn_ended(2.0) == slow._fire(ObjectInput.TURN_ENDED, 2.0)
         assert snapshot(fast) == snapshot(slow)
+
+
+def test_every_wire_state_and_input_has_a_row_or_is_refused():
+    from wsecho.core.lifecycle import WIRE_TRANSITIONS, WireEffect, WireInput, WireState, wire_transition
+
+    for state in WireState:
+        for what in WireInput:
+            if (state, what) in WIRE_TRANSITIONS:
+                assert wire_transition(state, what) == WIRE_TRANSITIONS[(state, what)]
+            else:
+                with pytest.raises(NoTransitionError):
+                    wire_transition(state, what)
+    # a failed connection never writes or reads another frame
+    assert {effect for (state, _), (_, effect) in WIRE_TRANSITIONS.items() if state is WireState.FAILED} <= {
+        WireEffect.NOTHING,
+        WireEffect.ABORT,
+    }

@@ -354,8 +354,81 @@ def socket_transition(state: SocketState, what: SocketInput) -> tuple[SocketStat
     return row
 
 
+# -- the closing handshake on the wire ---------------------------------------------------
+
+
+class WireState(enum.Enum):
+    """Where one connection's closing handshake is on the wire (RFC 6455 §7).
+
+    Not the socket's state above: a Close the object sends may wait behind the output
+    gate (the socket is ``close sent``, nothing is written yet); this table moves when
+    a Close is really written or read."""
+
+    __hash__ = object.__hash__
+
+    OPEN = "open"
+    CLOSE_SENT = "close written"  # our Close is on the wire; waiting for the peer's
+    CLOSE_RECEIVED = "close read"  # the peer's Close arrived; ours is not written yet
+    CLOSED = "closed"  # both Closes crossed: the server closes TCP first (§7.1.1)
+    FAILED = "failed"  # we failed the connection (1002, 1007, 1008, 1009): no more frames
+
+
+class WireInput(enum.Enum):
+    __hash__ = object.__hash__
+
+    WROTE_CLOSE = "wrote Close"
+    READ_CLOSE = "read Close"
+    FAIL = "protocol failure"  # write Close(code) unless ours is out, FIN, drain, close
+    CUT = "cut"  # a peer that does not read: abort at once (its queue is dropped)
+
+
+class WireEffect(enum.Enum):
+    __hash__ = object.__hash__
+
+    NOTHING = "nothing"
+    WAIT_FOR_PEER = "wait close_timeout for the peer's Close"
+    CLOSE_TRANSPORT = "close TCP (cancel the wait)"
+    FAIL_WITH_CLOSE = "write Close(code), FIN, drain"
+    FAIL_SILENTLY = "FIN, drain"
+    ABORT = "abort TCP"
+
+
+W, V, X = WireState, WireInput, WireEffect
+
+#: ``(state, input) -> (next state, what the connection does)``.
+WIRE_TRANSITIONS: dict[tuple[WireState, WireInput], tuple[WireState, WireEffect]] = {
+    (W.OPEN, V.WROTE_CLOSE): (W.CLOSE_SENT, X.WAIT_FOR_PEER),
+    (W.OPEN, V.READ_CLOSE): (W.CLOSE_RECEIVED, X.NOTHING),
+    (W.OPEN, V.FAIL): (W.FAILED, X.FAIL_WITH_CLOSE),
+    (W.OPEN, V.CUT): (W.FAILED, X.ABORT),
+    (W.CLOSE_SENT, V.READ_CLOSE): (W.CLOSED, X.CLOSE_TRANSPORT),
+    (W.CLOSE_SENT, V.FAIL): (W.FAILED, X.FAIL_SILENTLY),
+    (W.CLOSE_SENT, V.CUT): (W.FAILED, X.ABORT),
+    (W.CLOSE_RECEIVED, V.WROTE_CLOSE): (W.CLOSED, X.CLOSE_TRANSPORT),
+    (W.CLOSE_RECEIVED, V.READ_CLOSE): (W.CLOSE_RECEIVED, X.NOTHING),
+    (W.CLOSE_RECEIVED, V.FAIL): (W.FAILED, X.FAIL_WITH_CLOSE),
+    (W.CLOSE_RECEIVED, V.CUT): (W.FAILED, X.ABORT),
+    (W.CLOSED, V.READ_CLOSE): (W.CLOSED, X.NOTHING),
+    (W.CLOSED, V.FAIL): (W.FAILED, X.FAIL_SILENTLY),
+    (W.CLOSED, V.CUT): (W.FAILED, X.ABORT),
+    # A failed connection writes nothing more and reads nothing more; a late cut aborts it.
+    (W.FAILED, V.WROTE_CLOSE): (W.FAILED, X.NOTHING),
+    (W.FAILED, V.READ_CLOSE): (W.FAILED, X.NOTHING),
+    (W.FAILED, V.FAIL): (W.FAILED, X.NOTHING),
+    (W.FAILED, V.CUT): (W.FAILED, X.ABORT),
+}
+
+
+def wire_transition(state: WireState, what: WireInput) -> tuple[WireState, WireEffect]:
+    """The row for ``(state, what)``; raises :class:`NoTransitionError` if there is none."""
+    row = WIRE_TRANSITIONS.get((state, what))
+    if row is None:
+        raise NoTransitionError(state, what)
+    return row
+
+
 def transition_tables_markdown() -> str:
-    """Both transition tables as Markdown, for the README (a test keeps them in sync)."""
+    """The transition tables as Markdown, for docs/internals.md (a test keeps them in sync)."""
     lines = ["| state | input | next state | effects |", "|---|---|---|---|"]
     for (state, what), (after, actions) in OBJECT_TRANSITIONS.items():
         effects = "; ".join(a.value for a in actions)
@@ -363,4 +436,7 @@ def transition_tables_markdown() -> str:
     lines += ["", "| socket state | input | next state | final event queued |", "|---|---|---|---|"]
     for (sstate, swhat), (safter, final) in SOCKET_TRANSITIONS.items():
         lines.append(f"| {sstate.value} | {swhat.value} | {safter.value} | {final.value} |")
+    lines += ["", "| on the wire | input | next | the connection |", "|---|---|---|---|"]
+    for (wstate, wwhat), (wafter, effect) in WIRE_TRANSITIONS.items():
+        lines.append(f"| {wstate.value} | {wwhat.value} | {wafter.value} | {effect.value} |")
     return "\n".join(lines) + "\n"

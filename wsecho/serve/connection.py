@@ -35,6 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from wsecho.core import frames
+from wsecho.core.lifecycle import WireEffect, WireInput, WireState, wire_transition
 
 if TYPE_CHECKING:
     from wsecho.api.websocket import SocketLink
@@ -164,8 +165,6 @@ class Connection(asyncio.Protocol):
     """The server side of one WebSocket connection."""
 
     __slots__ = (
-        "_closed_by_us",
-        "_peer_closed",
         "_settings",
         "_timer",
         "backed_up",
@@ -185,6 +184,7 @@ class Connection(asyncio.Protocol):
         "stalled_since",
         "transport",
         "url",
+        "wire",
     )
 
     def __init__(
@@ -206,10 +206,10 @@ class Connection(asyncio.Protocol):
         #: Bytes the HTTP layer had read past the upgrade request (frames sent right after it).
         self.leftover = leftover
         self.registry = registry
-        self._peer_closed = False
-        self._closed_by_us = False
+        #: The closing handshake on the wire (WIRE_TRANSITIONS): the one place it is kept.
+        self.wire = WireState.OPEN
         self._timer: asyncio.TimerHandle | None = None
-        #: (code, reason) once the connection was failed because of the peer.
+        #: (code, reason) of a failed connection (wire state FAILED), for its web_socket_error.
         self.failure: tuple[int, str] | None = None
         #: Dead-peer detection (the server's ping pass): loop time of the connection or of the
         #: last Pong that answered our Ping, and of our outstanding Ping and its payload.
@@ -245,7 +245,7 @@ class Connection(asyncio.Protocol):
             self.data_received(leftover)
 
     def data_received(self, data: bytes) -> None:
-        if self.failure is not None:
+        if self.wire is WireState.FAILED:
             return  # draining after a failure
         parser = self.parser
         events = parser.feed(data)
@@ -259,13 +259,13 @@ class Connection(asyncio.Protocol):
     def _yield(self) -> None:
         """This pass's budget is spent: read nothing more until the loop has served the others."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self.failure is not None:
+        if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
             return
         transport.pause_reading()
         asyncio.get_running_loop().call_soon(self._next_pass)
 
     def _next_pass(self) -> None:
-        if self.transport is None or self.failure is not None or self.backlog is not None:
+        if self.transport is None or self.wire is WireState.FAILED or self.backlog is not None:
             return  # gone, failed, or paused for its object (whose _resume continues)
         self._process(self.parser.resume(), 0)
         if self.parser.held:
@@ -279,8 +279,8 @@ class Connection(asyncio.Protocol):
         for i in range(start, len(events)):
             kind, value = events[i]
             if kind is _TEXT or kind is _BINARY:  # the parser's own constants: identity is enough
-                if self._peer_closed:
-                    continue  # nothing may follow a Close (RFC 6455 §5.5.1)
+                if self.wire is not WireState.OPEN and self.wire is not WireState.CLOSE_SENT:
+                    continue  # nothing may follow the peer's Close (RFC 6455 §5.5.1)
                 pause = runtime.message_received(link, value)
                 if pause is not None:
                     # The object has a long queue: handle nothing more from this peer
@@ -305,7 +305,7 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         self.transport = None
         failure = self.failure
-        if failure is not None:
+        if self.wire is WireState.FAILED and failure is not None:
             self._settings.runtime.socket_failed(self.link, *failure)
         else:
             self._settings.runtime.transport_lost(self.link)
@@ -323,20 +323,14 @@ class Connection(asyncio.Protocol):
             self._write(bytes((0x82, n)) + message if n < 126 else frames.frame(_BINARY_FRAME, message))
 
     def send_close(self, code: int | None, reason: str) -> None:
-        self._closed_by_us = True
         self._write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
-        if self._peer_closed:
-            # Our Close answers the peer's: the handshake is complete, and the server
-            # closes the TCP connection first (RFC 6455 §7.1.1).
-            self._close_transport()
-        else:
-            self._set_timer(self._settings.close_timeout, self._close_timed_out)
+        self._carry_out(self._move(WireInput.WROTE_CLOSE))
 
     # -- internals ---------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
         transport = self.transport
-        if transport is None or transport.is_closing() or self.failure is not None:
+        if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
             return  # the peer is gone (connection_lost reports it) or the connection failed
         transport.write(data)
         if self.backed_up:  # set by pause_writing, which write() itself calls past HIGH_WATER
@@ -385,30 +379,45 @@ class Connection(asyncio.Protocol):
         self.failure = (code, reason)
         self._leave_queues()
         self._settings.cut_log.warn(self.link.ws.url, reason)
-        if self.transport is not None:
-            self.transport.abort()
+        self._carry_out(self._move(WireInput.CUT))
 
     def _on_close_frame(self, code: int | None, reason: str) -> None:
-        self._peer_closed = True
-        if self._closed_by_us:
-            # The peer answered our Close: the handshake is complete.
-            self._cancel_timer()
-            self._close_transport()
+        self._carry_out(self._move(WireInput.READ_CLOSE))
         self._settings.runtime.peer_closed(self.link, code, reason)
 
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection because of the peer: Close(code), FIN, bounded drain, close."""
-        self.failure = (code, reason)
-        transport = self.transport
-        if transport is None:
+        if self.wire is not WireState.FAILED:
+            self.failure = (code, reason)
+        self._carry_out(self._move(WireInput.FAIL), code, reason)
+
+    def _move(self, what: WireInput) -> WireEffect:
+        self.wire, effect = wire_transition(self.wire, what)
+        return effect
+
+    def _carry_out(self, effect: WireEffect, code: int = 1000, reason: str = "") -> None:
+        """Do what the wire table says (its rows name these effects)."""
+        if effect is WireEffect.NOTHING:
             return
-        if not self._closed_by_us:
-            transport.write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason[:120])))
-        self._closed_by_us = True
-        if transport.can_write_eof():
-            transport.write_eof()
-        transport.resume_reading()
-        self._set_timer(self._settings.linger, self._close_transport)
+        if effect is WireEffect.WAIT_FOR_PEER:
+            self._set_timer(self._settings.close_timeout, self._close_timed_out)
+        elif effect is WireEffect.CLOSE_TRANSPORT:
+            # Both Closes crossed: the handshake is complete, and the server closes the TCP
+            # connection first (RFC 6455 §7.1.1).
+            self._close_transport()
+        elif effect is WireEffect.ABORT:
+            if self.transport is not None:
+                self.transport.abort()
+        else:  # FAIL_WITH_CLOSE, FAIL_SILENTLY: Close(code) unless ours is out, FIN, drain
+            transport = self.transport
+            if transport is None:
+                return
+            if effect is WireEffect.FAIL_WITH_CLOSE:
+                transport.write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason[:120])))
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()
+            self._set_timer(self._settings.linger, self._close_transport)
 
     def _close_timed_out(self) -> None:
         self._close_transport(abort=True)
