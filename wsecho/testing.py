@@ -379,7 +379,7 @@ class Harness:
         busy: list[ObjectHost] = []
         try:
             async with asyncio.timeout(timeout):
-                while busy := [h for h in self.runtime.hosts() if _busy(h)]:
+                while busy := [h for h in self.runtime.hosts() if h.busy()]:
                     await asyncio.gather(*(self._barrier(h) for h in busy), return_exceptions=True)
         except TimeoutError:
             still = [f"{h.id.namespace} {h.id.name!r}: {h.lifecycle.hibernation_blocker()}" for h in busy]
@@ -422,11 +422,6 @@ async def _drain(client: ClientConnection) -> None:
     with contextlib.suppress(Exception):  # closed, or a recv() the test left waiting
         async for _ in client:
             pass
-
-
-def _busy(host: ObjectHost) -> bool:
-    lc = host.lifecycle
-    return lc.current is not None or bool(lc.queue) or lc.state is ObjectState.WAKING or bool(host.background)
 
 
 def _websockets_connect() -> Callable[..., Any]:

@@ -370,3 +370,29 @@ def test_two_thousand_distinct_codes_make_a_bounded_number_of_series(runtime):
     assert stats.closed_by_code[("other", "other")] == 4
     text = render(make_registry(runtime, lambda: 0.0)).decode()
     assert len(closed_series(text)) == 19
+
+
+def test_the_take_over_checks_the_tornado_internals_it_reads():
+    # Issue 12: a renamed Tornado field must fail loudly at import, naming the field,
+    # instead of every upgrade failing quietly as if the client had left.
+    import tornado.tcpserver
+    from tornado.iostream import IOStream
+
+    from wsecho.serve.takeover import check_tornado
+
+    check_tornado()  # the installed Tornado has them all
+
+    class RenamedServer(tornado.tcpserver.TCPServer):
+        def __init__(self):
+            super().__init__()
+            del self._handlers
+
+    class RenamedStream(IOStream):
+        def __init__(self, sock):
+            super().__init__(sock)
+            del self._read_buffer_size
+
+    with pytest.raises(ImportError, match=r"TCPServer\._handlers, IOStream\._read_buffer_size; found Tornado 6"):
+        check_tornado(RenamedServer, RenamedStream)
+    with pytest.raises(ImportError, match=r"found Tornado 7\.0"):
+        check_tornado(version=(7, 0))

@@ -215,6 +215,12 @@ class ObjectLifecycle(Generic[E]):
 
     # -- queries --------------------------------------------------------------
 
+    def busy(self) -> bool:
+        """Whether events are in the object's hands: one handled, some queued, or a wake under way.
+
+        The one definition of "busy" (the runtime's barrier and wsecho.testing use it)."""
+        return self.current is not None or bool(self.queue) or self.state is ObjectState.WAKING
+
     def hibernation_blocker(self) -> str | None:
         """Why the object cannot hibernate now, or None if it can."""
         if self.state is not ObjectState.ACTIVE:

@@ -369,6 +369,10 @@ class ObjectHost:
 
     # -- for ctx and sockets (ObjectPort, SocketOwner) ----------------------------------
 
+    def busy(self) -> bool:
+        """Busy in the lifecycle's sense, or running ``wait_until`` work."""
+        return self.lifecycle.busy() or bool(self.background)
+
     def accept_non_hibernatable(self, link: SocketLink) -> None:
         link.hibernatable = False
         self.add_socket(link)
@@ -584,8 +588,7 @@ class Runtime:
     async def barrier(self, host: ObjectHost) -> None:
         """Return once every event queued for ``host`` before this call has been handled
         (its writes committed): an empty turn behind them, since delivery is in order."""
-        lc = host.lifecycle
-        if lc.current is not None or lc.queue or lc.state is ObjectState.WAKING:
+        if host.lifecycle.busy():
             reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self.submit(host, BlockEvent(reply, _nothing))
             await reply

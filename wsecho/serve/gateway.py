@@ -353,7 +353,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return
         try:
             taken = take_socket(stream)
-        except (AttributeError, OSError):  # the client left between the 101 and now
+        except OSError:  # the client left between the 101 and now (a Tornado change raises)
             stream.close()
             self.gateway.runtime.handshake_failed(server)
             return

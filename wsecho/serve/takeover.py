@@ -164,20 +164,31 @@ class Listener(tornado.httpserver.HTTPServer):
         super().on_close(server_conn)
 
 
-def check_tornado() -> None:
-    """Fail loudly if the Tornado internals :class:`Listener` and :func:`take_socket` use changed."""
-    probe = tornado.tcpserver.TCPServer()
-    missing = [
-        name
-        for name, ok in (
-            ("TCPServer._sockets", isinstance(getattr(probe, "_sockets", None), dict)),
-            ("TCPServer._handlers", isinstance(getattr(probe, "_handlers", None), dict)),
-            ("TCPServer._handle_connection", callable(getattr(probe, "_handle_connection", None))),
+def check_tornado(
+    tcp_server: type[tornado.tcpserver.TCPServer] = tornado.tcpserver.TCPServer,
+    iostream: type[IOStream] = IOStream,
+    version: tuple[int, ...] = tornado.version_info,
+) -> None:
+    """Fail loudly, naming the field, if the Tornado internals that :class:`Listener` and
+    :func:`take_socket` use changed (run at import; a test runs it on stand-ins too)."""
+    server = tcp_server()
+    sock = socket.socket()
+    try:
+        stream = iostream(sock)
+        checks = (
+            ("TCPServer._sockets", isinstance(getattr(server, "_sockets", None), dict)),
+            ("TCPServer._handlers", isinstance(getattr(server, "_handlers", None), dict)),
+            ("TCPServer._handle_connection", callable(getattr(server, "_handle_connection", None))),
+            ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
+            ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
+            ("IOStream._state", hasattr(stream, "_state")),
         )
-        if not ok
-    ]
-    if missing or tornado.version_info[0] != 6:
-        msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {tornado.version}"
+    finally:
+        sock.close()
+    missing = [name for name, ok in checks if not ok]
+    if missing or version[0] != 6:
+        found = ".".join(map(str, version))
+        msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {found}"
         raise ImportError(msg)
 
 
