@@ -28,9 +28,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from wsecho.core.errors import ConfigError
+from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.lifecycle import ObjectState
 from wsecho.serve.cli import load_app
-from wsecho.serve.config import parse
+from wsecho.serve.config import build_parser, parse, settings_from
 from wsecho.serve.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +45,10 @@ PUBLIC = "chat.example.com"
 CLIENT = "127.0.0.2"
 FORGED = "203.0.113.9"
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+
+
+def resolve(argv, environ):
+    return settings_from(build_parser().parse_args(argv), environ)
 
 
 def snippet(name):
@@ -200,9 +206,11 @@ async def wsecho(*, trusted):
 
 
 def dial(port, context):
-    """A WebSocket to PUBLIC through the proxy on ``port``, from CLIENT, with a forged X-Forwarded-For."""
+    """A WebSocket to PUBLIC through the proxy on ``port``, from CLIENT, with a forged X-Forwarded-For,
+    and the Origin of a page served by the same proxy (as a browser sends it)."""
     return connect(
         f"wss://{PUBLIC}:{port}/websocket",
+        origin=f"https://{PUBLIC}:{port}",
         host="127.0.0.1",
         port=port,
         ssl=context,
@@ -241,8 +249,9 @@ async def test_a_websocket_through_the_proxy_echoes_hibernates_and_closes_with_i
         # The proxy is trusted: the client's own address (not the forged one, not the proxy's),
         # and the scheme the client used with the proxy.
         assert seen["address"] == CLIENT
-        assert seen["url"].startswith(f"https://{PUBLIC}")
-        assert seen["url"].endswith("/websocket")
+        # The proxy passed the Host on: the public URL, which the same-origin check compared the
+        # Origin with (--allowed-hosts names the public host).
+        assert seen["url"] == f"https://{PUBLIC}:{ws.remote_address[1]}/websocket"
         assert await ask(ws, "hello") == "hello"
         host = server.runtime.find("WHO", "who")
         assert server.runtime.sweep(now=io_loop.time() + 3600) == 1
@@ -305,3 +314,16 @@ async def test_forwarded_headers_count_only_from_a_trusted_peer(allow, headers, 
     seen = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert seen == {"address": address, "url": f"{scheme}://127.0.0.1/whoami"}
     assert any(f"/whoami ({address})" in record.getMessage() for record in caplog.records)
+
+
+def test_the_option_comes_from_flag_variable_and_file_and_a_bad_entry_is_named(tmp_path):
+    config = tmp_path / "wsecho.toml"
+    config.write_text('forwarded_allow_ips = "10.0.0.0/8"\n')
+    assert resolve([], {}).forwarded_allow_ips == TrustedProxies()  # none trusted by default
+    assert resolve(["--config", str(config)], {}).forwarded_allow_ips == TrustedProxies.parse("10.0.0.0/8")
+    from_variable = resolve(["--config", str(config)], {"WSECHO_FORWARDED_ALLOW_IPS": "127.0.0.1, ::1"})
+    assert from_variable.forwarded_allow_ips == TrustedProxies.parse("127.0.0.1,::1")
+    with pytest.raises(ConfigError) as info:
+        resolve(["--forwarded-allow-ips", "127.0.0.1,localhost"], {})
+    assert str(info.value).startswith("--forwarded-allow-ips: ")
+    assert "got 'localhost'" in str(info.value)
