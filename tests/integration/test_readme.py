@@ -37,6 +37,7 @@ EXAMPLE_KINDS = {
     "chat test": "test_the_chat_walkthrough_test_passes",
     "api example": "test_api_example_runs_in_a_handler",
     "config file": "test_config_file_example_loads",
+    "proxy config": "tests/system/test_proxies.py (nginx, haproxy, and the wsecho command line)",
 }
 
 

@@ -133,6 +133,7 @@ class Server:
             max_connections=settings.max_connections,
             allowed_origins=settings.allowed_origins,
             allowed_hosts=AllowedHosts.for_listener(settings.allowed_hosts, settings.host),
+            trusted_proxies=settings.forwarded_allow_ips,
             max_body_memory=settings.max_body_memory,
             max_outgoing_total=settings.max_outgoing_total,
         )
