@@ -1,6 +1,8 @@
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from tornado.ioloop import IOLoop
 
 from tests.helpers import Recorder
 from wsecho.examples import echo
@@ -9,6 +11,23 @@ from wsecho.serve.gateway import make_application
 from wsecho.testing import FakeClock
 
 MAX_MESSAGE = 64 * 1024
+
+
+@pytest.fixture
+def io_loop():
+    """pytest-tornado's ``io_loop`` (which this overrides) without Tornado's deprecated calls.
+
+    pytest-tornado 0.8.1, its last release, builds the loop with ``IOLoop()``, which asks
+    asyncio for the current loop (Python 3.12 and 3.13 warn "There is no current event loop";
+    3.14 raises), then calls ``make_current()`` and ``clear_current()`` (deprecated since
+    Tornado 6.2). This is what Tornado's own ``AsyncTestCase`` does instead: a new loop that
+    is made current through asyncio, and taken away again after the test.
+    """
+    loop = IOLoop(make_current=False)
+    asyncio.set_event_loop(loop.asyncio_loop)  # type: ignore[attr-defined]
+    yield loop
+    asyncio.set_event_loop(None)
+    loop.close(all_fds=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ release renames one of them; every integration test goes through both paths.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections import Counter
@@ -171,21 +172,40 @@ def check_tornado(
 ) -> None:
     """Fail loudly, naming the field, if the Tornado internals that :class:`Listener` and
     :func:`take_socket` use changed (run at import; a test runs it on stand-ins too)."""
-    server = tcp_server()
-    sock = socket.socket()
+
+    def missing_fields() -> list[str]:
+        server = tcp_server()
+        sock = socket.socket()
+        try:
+            stream = iostream(sock)
+            checks = (
+                ("TCPServer._sockets", isinstance(getattr(server, "_sockets", None), dict)),
+                ("TCPServer._handlers", isinstance(getattr(server, "_handlers", None), dict)),
+                ("TCPServer._handle_connection", callable(getattr(server, "_handle_connection", None))),
+                ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
+                ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
+                ("IOStream._state", hasattr(stream, "_state")),
+            )
+        finally:
+            sock.close()
+        return [name for name, ok in checks if not ok]
+
     try:
-        stream = iostream(sock)
-        checks = (
-            ("TCPServer._sockets", isinstance(getattr(server, "_sockets", None), dict)),
-            ("TCPServer._handlers", isinstance(getattr(server, "_handlers", None), dict)),
-            ("TCPServer._handle_connection", callable(getattr(server, "_handle_connection", None))),
-            ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
-            ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
-            ("IOStream._state", hasattr(stream, "_state")),
-        )
-    finally:
-        sock.close()
-    missing = [name for name, ok in checks if not ok]
+        asyncio.get_running_loop()
+    except RuntimeError:
+        # IOStream() asks for the current event loop, and at import there is none: Python
+        # 3.12 and 3.13 warn ("There is no current event loop") and 3.14 raises. Lend it a
+        # loop of its own for the check, and close it.
+        async def in_the_loop() -> list[str]:
+            return missing_fields()
+
+        loop = IOLoop(make_current=False)
+        try:
+            missing = loop.run_sync(in_the_loop)
+        finally:
+            loop.close()
+    else:
+        missing = missing_fields()
     if missing or version[0] != 6:
         found = ".".join(map(str, version))
         msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {found}"
