@@ -82,6 +82,21 @@ def backend_for(data_dir: str) -> Backend:
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir)
 
 
+#: Which flags set each listener's address, for the message when it cannot be bound.
+LISTENER_FLAGS = {"application": ("--host", "--port"), "admin": ("--admin-host", "--admin-port")}
+
+
+def bind(listener: str, host: str, port: int, **kwargs: Any) -> list[Any]:
+    """Bind ``listener``'s sockets; an OSError names the listener, the address and the port."""
+    try:
+        return tornado.netutil.bind_sockets(port, host, **kwargs)
+    except OSError as exc:
+        host_flag, port_flag = LISTENER_FLAGS[listener]
+        reason = (exc.strerror or str(exc)).lower()
+        msg = f"the {listener} listener cannot listen on {host} port {port} ({host_flag}, {port_flag}): {reason}"
+        raise OSError(msg) from exc
+
+
 class Server:
     """An application served on one address: the HTTP server, the runtime, the sweeper,
     and (with ``admin_port``) the admin listener."""
@@ -160,7 +175,7 @@ class Server:
                     (r"/objects", Objects),
                 )
             ]
-            admin_sockets = tornado.netutil.bind_sockets(self.settings.admin_port, self.settings.admin_host)
+            admin_sockets = bind("admin", self.settings.admin_host, self.settings.admin_port)
             admin = tornado.web.Application(
                 handlers, default_handler_class=NotFound, default_handler_args={"server": self}
             )
@@ -169,7 +184,7 @@ class Server:
             self._admin.add_sockets(admin_sockets)
             self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
         await self.runtime.start()
-        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host, backlog=self.settings.backlog)
+        sockets = bind("application", self.settings.host, self.settings.port, backlog=self.settings.backlog)
         self._http = Listener(
             self._application,
             max_body_size=max(self.settings.max_message_size, 64 * 1024),
