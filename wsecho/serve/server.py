@@ -28,7 +28,7 @@ from wsecho.core.target import AllowedHosts
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
-from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz
+from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz, log_admin_request
 from wsecho.serve.config import RELOADABLE, Settings
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
@@ -177,7 +177,10 @@ class Server:
             ]
             admin_sockets = bind("admin", self.settings.admin_host, self.settings.admin_port)
             admin = tornado.web.Application(
-                handlers, default_handler_class=NotFound, default_handler_args={"server": self}
+                handlers,
+                default_handler_class=NotFound,
+                default_handler_args={"server": self},
+                log_function=log_admin_request,
             )
             self._admin = Listener(admin)
             self._admin.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
