@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 import wsecho
@@ -114,6 +115,16 @@ async def test_tutorial_rooms_broadcast_and_survive_hibernation(rooms_module, io
             await alice.close()
             assert alice.close_code == 1000
             assert alice.close_reason == "goodbye"
+        # Any other path, / too, is the lobby (it once went to a room named "http:").
+        client = AsyncHTTPClient()
+        for path in ("/", "/about", "/rooms/"):
+            answer = await client.fetch(f"http://127.0.0.1:{server.port}{path}")
+            assert answer.body == b"0 people here\n"
+        assert sorted(h.id.name for h in server.runtime.hosts()) == ["kitchen", "lobby"]
+        async with connect(f"ws://127.0.0.1:{server.port}/") as carol:
+            answer = await client.fetch(f"http://127.0.0.1:{server.port}/")
+            assert answer.body == b"1 person here\n"
+            await carol.close()
     finally:
         await server.stop()
 
