@@ -1,5 +1,6 @@
 """The command line, as a user runs it: a real ``python -m wsecho`` process on 127.0.0.1."""
 
+import importlib.metadata
 import os
 import signal
 import socket
@@ -208,3 +209,12 @@ def test_console_script_is_installed():
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "--hibernate-after" in result.stdout
+
+
+def test_the_mit_license_ships_with_the_package():
+    # setup.cfg said MIT, but there was no LICENSE file to ship (the MIT licence asks for it).
+    dist = importlib.metadata.distribution("wsecho")
+    assert dist.metadata["License"] == "MIT"
+    assert dist.metadata.get_all("License-File") == ["LICENSE"]
+    licence = dist.locate_file(next(f for f in dist.files if f.name == "LICENSE")).read_text(encoding="utf-8")
+    assert licence.startswith("MIT License\n\nCopyright (c) the wsecho authors\n")
