@@ -10,6 +10,7 @@ default. A bad value or an unknown file key raises
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import math
 import sys
@@ -20,7 +21,6 @@ from typing import Any, NoReturn
 
 import attrs
 
-from wsecho import __version__
 from wsecho.core.errors import ConfigError
 from wsecho.core.limits import Limits
 from wsecho.core.target import normalize_host
@@ -500,6 +500,14 @@ def config_failure(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def installed_version() -> str:
+    """The version pip installed (setup.cfg takes it from ``wsecho.__version__``, a layer above)."""
+    try:
+        return importlib.metadata.version("wsecho")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: pip install the checkout)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="wsecho",
@@ -519,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the application to serve, like uvicorn (MODULE alone means MODULE:app; "
         f"env WSECHO_APP; file key app; default: the built-in echo application, {DEFAULT_APP})",
     )
-    parser.add_argument("--version", action="version", version=f"wsecho {__version__}")
+    parser.add_argument("--version", action="version", version=f"wsecho {installed_version()}")
     parser.add_argument(
         "--config",
         default=None,
