@@ -159,7 +159,7 @@ def test_default_app_answers_and_hibernates_while_sockets_stay_open(start):
     with connect(server.url("/websocket", "ws"), open_timeout=5) as ws:
         ws.send("before")
         assert ws.recv(timeout=5) == "[Durable Object]: before"
-        server.wait_for(r"hibernated 1 idle objects")
+        server.wait_for(r"hibernated 1 idle object \(")
         ws.send("after")
         assert ws.recv(timeout=5) == "[Durable Object]: after"
         assert server.get("/getCurrentConnections")[1] == (

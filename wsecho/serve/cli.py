@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from wsecho.api.app import App
 from wsecho.core.errors import AppLoadError, ConfigError, StorageError
+from wsecho.core.wording import counted
 from wsecho.serve.config import Settings, config_failure, parse, settings_from
 from wsecho.serve.logs import LogSetup
 from wsecho.serve.sdnotify import Notifier
@@ -160,9 +161,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info(
-        "stopping (%s): closing %d WebSockets with 1001, waiting up to %gs for the peers",
+        "stopping (%s): closing %s with 1001, waiting up to %gs for the peers",
         signal.Signals(signals_seen[0]).name,
-        server.runtime.socket_count(),
+        counted(server.runtime.socket_count(), "WebSocket"),
         server.settings.drain_timeout,
     )
     await server.stop()

@@ -25,6 +25,7 @@ from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
 from wsecho.core.target import AllowedHosts
+from wsecho.core.wording import counted
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
@@ -306,11 +307,10 @@ class Server:
         if dead or stalled:
             self.runtime.stats.dead_peers += dead + stalled
             log.info(
-                "cut %d WebSocket peers that did not answer a ping within %gs and %d whose send queue "
-                "did not drain for %gs",
-                dead,
+                "cut %s that did not answer a ping within %gs and %s whose send queue did not drain for %gs",
+                counted(dead, "WebSocket peer"),
                 timeout,
-                stalled,
+                counted(stalled, "peer"),
                 timeout,
             )
 
@@ -326,8 +326,8 @@ class Server:
     def status_line(self) -> str:
         states = Counter(h.lifecycle.state.value for h in self.runtime.hosts())
         return (
-            f"{self.phase}: {self.runtime.socket_count()} WebSockets, {states['active']} active and "
-            f"{states['hibernating']} hibernating objects"
+            f"{self.phase}: {counted(self.runtime.socket_count(), 'WebSocket')}; "
+            f"objects: {states['active']} active, {states['hibernating']} hibernating"
         )
 
     def _report_status(self) -> None:
