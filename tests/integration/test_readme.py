@@ -74,6 +74,15 @@ def test_every_code_example_is_run_by_a_test():
             assert match.group(1) in EXAMPLE_KINDS, f"{page.name}: no test runs <!-- {match.group(1)}: ... -->"
 
 
+def test_the_docs_speak_of_the_package_only():
+    # A user of the package has no SPEC and no ../shared folder: rules are said in words.
+    for page in LINKED:
+        if page.name == "CHANGELOG.md":
+            continue  # history
+        for needle in ("SPEC", "../shared", "shared/reference"):
+            assert needle not in text(page), f"{page.relative_to(ROOT)} cites {needle!r}, which a user never sees"
+
+
 def test_transition_tables_match_the_code():
     internals = text(ROOT / "docs" / "internals.md")
     section = internals.split("<!-- transition tables -->\n", 1)[1].split("<!-- end transition tables -->", 1)[0]
