@@ -50,7 +50,8 @@ from wsecho.api.storage import DurableObjectStorage
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.wording import counted
-from wsecho.runtime.runtime import ObjectHost, Runtime
+from wsecho.runtime.host import ObjectHost
+from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
 from wsecho.serve.server import Server
 

@@ -38,6 +38,8 @@ PRIVATE_ALLOWED = {
     ("wsecho.serve.takeover", "_sockets"),
     ("wsecho.serve.takeover", "_handlers"),
     ("wsecho.serve.takeover", "_handle_connection"),
+    # The mounted path's WebSocket protocol is built like Tornado's own (get_websocket_protocol).
+    ("wsecho.serve.takeover", "_WebSocketParams"),
     # The stack of the event loop's thread, for the blocked-loop warning (no public API).
     ("wsecho.runtime.watchdog", "_current_frames"),
     # os._exit is public despite its name: the second SIGTERM exits at once.

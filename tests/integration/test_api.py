@@ -21,7 +21,11 @@ from wsecho import (
 )
 from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import ObjectState
-from wsecho.runtime.runtime import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL, Runtime
+from wsecho.runtime.host import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL
+from wsecho.runtime.runtime import Runtime
+
+#: Served by the standalone gateway and by objects mounted in a Tornado application.
+SERVINGS = ("standalone", "tornado")
 
 
 @pytest.fixture

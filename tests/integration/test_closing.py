@@ -9,6 +9,9 @@ from tests.conftest import MAX_MESSAGE
 from tests.helpers import RawClient, probe_app
 from wsecho.core.lifecycle import ObjectState
 
+#: Served by the standalone gateway and by objects mounted in a Tornado application.
+SERVINGS = ("standalone", "tornado")
+
 
 @pytest.fixture
 def wsecho_app(recorder):
@@ -88,6 +91,7 @@ async def test_server_close_then_drop_is_1006(port, recorder):
     assert await one_final(recorder) == [("close", 1006, "", False, 1)]
 
 
+@pytest.mark.standalone_only("Tornado's framing aborts the connection right after its Close 1009")
 @pytest.mark.gen_test
 async def test_oversized_message_closes_1009_and_reports_an_error(port, recorder):
     raw = await RawClient.connect(port, "/obj/c/ws")
@@ -104,6 +108,7 @@ async def test_message_at_the_limit_is_accepted(url):
         assert await ws.recv() == b"echo:" + b"x" * MAX_MESSAGE
 
 
+@pytest.mark.standalone_only("after its Close 1007, Tornado waits 5 s for the peer's Close instead of FIN and drain")
 @pytest.mark.gen_test
 async def test_invalid_utf8_closes_1007_and_reports_an_error(port, recorder):
     raw = await RawClient.connect(port, "/obj/c/ws")
@@ -148,4 +153,24 @@ async def test_constructor_that_raises_closes_sockets_1011(port, recorder, runti
     assert host.lifecycle.state is ObjectState.HIBERNATING
     assert recorder.of("message") == []
     assert runtime.stats.dropped_events >= 1
+    raw.abort()
+
+
+@pytest.mark.mounted_only
+@pytest.mark.parametrize(
+    ("frame", "code", "reason"),
+    [
+        ((0x2, b"x" * (MAX_MESSAGE + 1)), 1009, "message too big"),
+        ((0x1, b"\xff\xfe"), 1007, "invalid UTF-8 in a text message"),
+    ],
+)
+@pytest.mark.gen_test
+async def test_a_failed_connection_of_a_mounted_object_reports_its_code(port, recorder, frame, code, reason):
+    # The wire differs (Tornado's framing), the object's view does not: web_socket_error(code).
+    raw = await RawClient.connect(port, "/obj/c/ws")
+    raw.send_frame(*frame)
+    if code == 1007:  # Tornado waits for the peer's Close (5 s) before it closes TCP
+        assert (await raw.read_close())[0] == 1007
+        raw.send_close(1007)
+    assert await one_final(recorder) == [("error", code, reason)]
     raw.abort()

@@ -10,6 +10,10 @@ from websockets.asyncio.client import connect
 
 from tests.helpers import RawClient, until
 
+#: Served by the standalone gateway and by objects mounted in a Tornado application.
+SERVINGS = ("standalone", "tornado")
+
+
 USAGE = (
     "\n"
     "This Durable Object supports the following endpoints:\n"

@@ -9,6 +9,9 @@ from tests.helpers import constructions, probe_app, until
 from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import ObjectState
 
+#: Served by the standalone gateway and by objects mounted in a Tornado application.
+SERVINGS = ("standalone", "tornado")
+
 
 @pytest.fixture
 def wsecho_app(recorder):

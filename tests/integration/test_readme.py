@@ -38,6 +38,8 @@ EXAMPLE_KINDS = {
     "chat test": "test_the_chat_walkthrough_test_passes",
     "api example": "test_api_example_runs_in_a_handler",
     "config file": "test_config_file_example_loads",
+    "proxy config": "tests/system/test_proxies.py (nginx, haproxy, and the wsecho command line)",
+    "tornado mount": "test_the_tornado_mount_example_serves_beside_its_own_handler",
 }
 
 
@@ -274,3 +276,29 @@ def test_every_relative_link_and_anchor_resolves(page):
         elif anchor and anchor not in anchors(resolved):
             broken.append(f"{line}: {target} (no heading #{anchor} in {resolved.name})")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_the_tornado_mount_example_serves_beside_its_own_handler():
+    import tornado.httpserver
+    import tornado.netutil
+    from tornado.httpclient import AsyncHTTPClient
+
+    ((_page, _name, code),) = [p.values[0] for p in examples("tornado mount")]
+    namespace: dict = {}
+    exec(compile(code, "docs/tornado.md", "exec"), namespace)
+    rooms = namespace["rooms"]
+    await rooms.start()
+    (sock,) = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    server = tornado.httpserver.HTTPServer(namespace["application"])
+    server.add_sockets([sock])
+    port = sock.getsockname()[1]
+    try:
+        hello = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/hello")
+        assert hello.body == b"the application's own handler\n"
+        async with connect(f"ws://127.0.0.1:{port}/websocket") as ws:
+            await ws.send("hi")
+            assert "hi" in await ws.recv()
+    finally:
+        server.stop()
+        await rooms.stop(timeout=2)

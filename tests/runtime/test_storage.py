@@ -12,7 +12,8 @@ from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
-from wsecho.runtime.runtime import PIN_STORAGE, Runtime
+from wsecho.runtime.host import PIN_STORAGE
+from wsecho.runtime.runtime import Runtime
 from wsecho.testing import FakeClock
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -15,10 +15,14 @@ from wsecho.backends.base import DB_FILE
 SHARDS = 4
 
 
-async def write_until_cut(port: int, first: int, acked: set[int], window: int = 32) -> int:
-    """Pipeline ``put N`` on SHARDS sockets until the server goes away; return the next N."""
+async def write_until_cut(port: int, first: int, acked: set[int], connected, window: int = 32) -> int:
+    """Pipeline ``put N`` on SHARDS sockets until the server goes away; return the next N.
+
+    ``connected()`` runs once every socket is open (the test's signal is timed from there,
+    so that a slow machine cannot kill the server before the handshakes)."""
     n = first
     sockets = [await connect(f"ws://127.0.0.1:{port}/ledger/{i}") for i in range(SHARDS)]
+    connected()
 
     async def reader(ws):
         try:
@@ -72,9 +76,12 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
 
             async def run(port=server.port, proc=server.proc, first=n):
                 loop = asyncio.get_running_loop()
-                # SIGKILL at a random moment while the writes stream in
-                loop.call_later(rng.uniform(0.05, 0.4), proc.send_signal, signal.SIGKILL)
-                return await write_until_cut(port, first, acked)
+                delay = rng.uniform(0.05, 0.4)
+
+                def kill_soon():  # SIGKILL at a random moment while the writes stream in
+                    loop.call_later(delay, proc.send_signal, signal.SIGKILL)
+
+                return await write_until_cut(port, first, acked, kill_soon)
 
             n = run_in_new_loop(run)
             assert server.proc.wait(timeout=10) == -signal.SIGKILL
@@ -95,8 +102,9 @@ def test_sigterm_flushes_everything_and_exits_0(tmp_path):
 
         async def run():
             loop = asyncio.get_running_loop()
-            loop.call_later(0.2, server.proc.send_signal, signal.SIGTERM)
-            return await write_until_cut(server.port, 0, acked)
+            return await write_until_cut(
+                server.port, 0, acked, lambda: loop.call_later(0.2, server.proc.send_signal, signal.SIGTERM)
+            )
 
         sent = run_in_new_loop(run)
         assert server.proc.wait(timeout=15) == 0

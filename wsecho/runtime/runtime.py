@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import attrs
-
 from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
 from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
@@ -47,7 +45,6 @@ from wsecho.core.lifecycle import (
     DropInstance,
     Effect,
     Final,
-    ObjectLifecycle,
     ObjectState,
     RunConstructor,
     SocketInput,
@@ -61,7 +58,23 @@ from wsecho.runtime.commits import GroupCommitter
 if TYPE_CHECKING:
     from wsecho.api.app import App
     from wsecho.api.objects import DurableObject
-    from wsecho.api.websocket import CloseFrame, Transport, WebSocketRequestResponsePair
+    from wsecho.api.websocket import Transport
+
+from wsecho.runtime.host import (
+    PIN_NON_HIBERNATABLE,
+    PIN_STORAGE,
+    PIN_WAIT_UNTIL,
+    AlarmEvent,
+    BlockEvent,
+    CloseEvent,
+    ErrorEvent,
+    Event,
+    HttpEvent,
+    MessageEvent,
+    ObjectHost,
+    RpcEvent,
+    SocketEvent,
+)
 
 log = logging.getLogger("wsecho")
 
@@ -70,8 +83,6 @@ T = TypeVar("T")
 #: Queued events per object beyond which a socket that adds one stops being read.
 QUEUE_HIGH_WATER = 100
 
-#: Handler names that stubs do not expose as RPC methods.
-NOT_RPC = frozenset({"fetch", "alarm", "web_socket_message", "web_socket_close", "web_socket_error", "ctx", "env"})
 
 #: How often a write is tried while storage is failing, to notice that it works again.
 STORAGE_PROBE_INTERVAL = 2.0
@@ -79,353 +90,6 @@ STORAGE_PROBE_INTERVAL = 2.0
 QUOTA_LOG_INTERVAL = 60.0
 #: The storage key of the probe's row (no object's key: those are ``namespace:hex``).
 PROBE_OBJECT = "wsecho:probe"
-
-PIN_WAIT_UNTIL = "wait_until() work is pending"
-PIN_STORAGE = "storage writes are being committed"
-PIN_NON_HIBERNATABLE = "a non-hibernatable WebSocket is open"
-
-
-# -- events: what sits in an object's queue ----------------------------------------
-
-
-class _Hooks:
-    """What the runtime calls around an event's handler; by default, nothing."""
-
-    __slots__ = ()
-
-    def succeeded(self, result: Any) -> None:
-        pass
-
-    def failed(self, exc: BaseException) -> bool:
-        """Whether the exception reached someone (a caller); if not, the runtime logs it."""
-        return False
-
-    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
-        pass
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        pass
-
-    def dropped(self, reason: str) -> None:
-        pass
-
-
-@attrs.define(eq=False)
-class _CallEvent(_Hooks):
-    """An event whose caller waits for its result (HTTP, RPC, block_concurrency_while)."""
-
-    reply: asyncio.Future[Any]
-
-    def succeeded(self, result: Any) -> None:
-        if not self.reply.done():
-            self.reply.set_result(result)
-
-    def failed(self, exc: BaseException) -> bool:
-        """The caller gets the exception, so the runtime need not log it."""
-        if not self.reply.done():
-            self.reply.set_exception(exc)
-        return True
-
-    def dropped(self, reason: str) -> None:
-        self.failed(ObjectResetError(reason))
-
-
-@attrs.define(eq=False)
-class HttpEvent(_CallEvent):
-    request: Request
-    name = "fetch"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        handler = getattr(instance, "fetch", None)
-        if handler is None:
-            msg = f"{type(instance).__name__} has no fetch() handler"
-            raise InvalidStateError(msg)
-        return handler(self.request)
-
-    def succeeded(self, result: Any) -> None:
-        if isinstance(result, Response):
-            super().succeeded(result)
-        else:
-            msg = f"fetch() must return a wsecho.Response, got {type(result).__name__}"
-            self.failed(TypeError(msg))
-
-
-@attrs.define(eq=False)
-class RpcEvent(_CallEvent):
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.method
-
-    def invoke(self, instance: DurableObject) -> Any:
-        target = getattr(instance, self.method, None)
-        if self.method.startswith("_") or self.method in NOT_RPC or not callable(target):
-            msg = f"{type(instance).__name__} has no RPC method {self.method!r}"
-            raise InvalidArgumentError(msg)
-        return target(*self.args, **self.kwargs)
-
-
-@attrs.define(eq=False)
-class BlockEvent(_CallEvent):
-    """``block_concurrency_while(fn)`` from outside a turn: ``fn`` runs as a turn of its own."""
-
-    fn: Callable[[], Any]
-    name = "block_concurrency_while"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        return self.fn()
-
-
-@attrs.define(eq=False)
-class _SocketEvent(_Hooks):
-    """A socket event: its handler's errors are logged, nobody waits for its result."""
-
-    link: SocketLink
-    name = "socket event"
-
-
-@attrs.define(eq=False)
-class MessageEvent(_SocketEvent):
-    message: str | bytes
-    #: Set when the queue was long: the socket reads no further frame until this resolves.
-    started: asyncio.Future[None] | None = None
-    name = "web_socket_message"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        self._release()
-        handler = getattr(instance, "web_socket_message", None)
-        return None if handler is None else handler(self.link.ws, self.message)
-
-    def dropped(self, reason: str) -> None:
-        self._release()
-
-    def _release(self) -> None:
-        if self.started is not None and not self.started.done():
-            self.started.set_result(None)
-
-
-@attrs.define(eq=False)
-class _FinalEvent(_SocketEvent):
-    """The last event of a socket: once delivered, the socket leaves its object."""
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        runtime._forget_socket(host, self.link)
-
-    def dropped(self, reason: str) -> None:
-        host = cast("ObjectHost | None", self.link.owner)
-        if host is not None:
-            host.runtime._forget_socket(host, self.link)
-
-
-@attrs.define(eq=False)
-class CloseEvent(_FinalEvent):
-    code: int
-    reason: str
-    was_clean: bool
-    name = "web_socket_close"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        handler = getattr(instance, "web_socket_close", None)
-        return None if handler is None else handler(self.link.ws, self.code, self.reason, self.was_clean)
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        # SPEC §5: if the handler did not answer the peer's Close, the runtime does,
-        # with the same code (none for 1005), so no client is left hanging.
-        if self.link.state is SocketState.CLOSE_RECEIVED:
-            self.link.close_now(None if self.code == 1005 else self.code, "")
-        super().after(runtime, host)
-
-
-@attrs.define(eq=False)
-class ErrorEvent(_FinalEvent):
-    error: WebSocketProtocolError
-    name = "web_socket_error"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        handler = getattr(instance, "web_socket_error", None)
-        return None if handler is None else handler(self.link.ws, self.error)
-
-
-@attrs.frozen
-class AlarmInfo:
-    """What ``alarm(info)`` receives (Cloudflare's alarmInfo); ``alarm()`` may also take nothing."""
-
-    retry_count: int
-    is_retry: bool
-
-
-@attrs.define(eq=False)
-class AlarmEvent(_Hooks):
-    runtime: Runtime
-    due: Due
-    error: BaseException | None = None
-    name = "alarm"
-
-    def invoke(self, instance: DurableObject) -> Any:
-        handler = getattr(instance, "alarm", None)
-        if handler is None:
-            msg = f"{type(instance).__name__} set an alarm but has no alarm() handler"
-            raise InvalidStateError(msg)
-        if inspect.signature(handler).parameters:
-            return handler(AlarmInfo(self.due.retries, self.due.retries > 0))
-        return handler()
-
-    def before_commit(self, runtime: Runtime, host: ObjectHost, exc: BaseException | None) -> None:
-        # The alarm is spent: delete it in the same commit as the handler's writes,
-        # unless the handler (or an event before it) set a new one.
-        if exc is None and runtime.alarms.get(self.due.row.object) is None:
-            host.open_storage().clear_spent_alarm()
-
-    def failed(self, exc: BaseException) -> bool:
-        self.error = exc
-        return False
-
-    def after(self, runtime: Runtime, host: ObjectHost) -> None:
-        if self.error is not None:
-            runtime._retry_alarm(self.due)
-
-    def dropped(self, reason: str) -> None:
-        self.runtime._retry_alarm(self.due)
-
-
-Event = HttpEvent | RpcEvent | BlockEvent | MessageEvent | CloseEvent | ErrorEvent | AlarmEvent
-
-
-@attrs.define(eq=False, repr=False)
-class ObjectHost:
-    """Everything about one object that survives hibernation.
-
-    It is the runtime's side of the object for the api: ``ctx`` (an
-    :class:`~wsecho.api.objects.ObjectPort`), its sockets (a
-    :class:`~wsecho.api.websocket.SocketOwner`) and ``ctx.storage`` (a
-    :class:`~wsecho.api.storage.StoragePort`) reach the runtime only through it.
-    """
-
-    id: DurableObjectId
-    cls: type[DurableObject]
-    runtime: Runtime
-    hibernate_after: float
-    lifecycle: ObjectLifecycle[Event] = attrs.field(factory=ObjectLifecycle)
-    #: Accepted sockets in acceptance order (a dict used as an ordered set).
-    sockets: dict[SocketLink, None] = attrs.field(factory=dict)
-    #: Hibernatable sockets by tag, each in acceptance order.
-    tagged: dict[str, dict[SocketLink, None]] = attrs.field(factory=dict)
-    hibernatable_count: int = 0
-    auto_response: WebSocketRequestResponsePair | None = None
-    event_timeout_ms: int | None = None
-    instance: DurableObject | None = None
-    #: How many times the constructor ran (the first creation included).
-    constructions: int = 0
-    #: The task driving an async handler, so it is not garbage-collected mid-turn.
-    turn_task: asyncio.Future[Any] | None = None
-    #: block_concurrency_while() work started by the constructor; the wake ends with it.
-    blockers: set[asyncio.Future[Any]] = attrs.field(factory=set)
-    #: wait_until() work, kept referenced until done.
-    background: set[asyncio.Future[Any]] = attrs.field(factory=set)
-    #: Why the object was last reset, for the log line about dropped events.
-    reset_reason: str = ""
-    #: ``ctx.storage`` of the current instance (its cache goes when the object hibernates).
-    storage: DurableObjectStorage | None = None
-    #: When the current wake began (the clock's time), until its first event starts.
-    wake_started: float | None = None
-    #: The output gate: frames held back until the object's writes are durable, or None.
-    gate: list[tuple[SocketLink, str | bytes | CloseFrame]] | None = None
-    #: The gate also waits for the current turn to end (it has an event timeout to keep).
-    turn_hold: bool = False
-    #: The runtime's counts and limits (plain attributes: sockets read them on every send).
-    stats: Stats = attrs.field(init=False)
-    limits: Limits = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.stats = self.runtime.stats
-        self.limits = self.runtime.limits
-
-    def __repr__(self) -> str:
-        return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
-
-    def add_socket(self, link: SocketLink) -> None:
-        link.owner = self
-        self.sockets[link] = None
-        if link.hibernatable:
-            self.hibernatable_count += 1
-            for tag in link.tags:
-                self.tagged.setdefault(tag, {})[link] = None
-
-    def remove_socket(self, link: SocketLink) -> bool:
-        """Forget ``link``; True if it was a socket of this object."""
-        if link not in self.sockets:
-            return False
-        del self.sockets[link]
-        if link.hibernatable:
-            self.hibernatable_count -= 1
-            for tag in link.tags:
-                members = self.tagged[tag]
-                del members[link]
-                if not members:
-                    del self.tagged[tag]
-        return True
-
-    # -- for ctx and sockets (ObjectPort, SocketOwner) ----------------------------------
-
-    def busy(self) -> bool:
-        """Busy in the lifecycle's sense, or running ``wait_until`` work."""
-        return self.lifecycle.busy() or bool(self.background)
-
-    def accept_non_hibernatable(self, link: SocketLink) -> None:
-        link.hibernatable = False
-        self.add_socket(link)
-        self.lifecycle.pin(PIN_NON_HIBERNATABLE)
-
-    def open_storage(self) -> DurableObjectStorage:
-        if self.storage is None:
-            self.storage = DurableObjectStorage(self)
-        return self.storage
-
-    def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
-        return self.runtime.block_concurrency_while(self, fn)
-
-    def wait_until(self, aw: Awaitable[Any]) -> None:
-        self.runtime.wait_until(self, aw)
-
-    def abort(self, reason: str | None) -> None:
-        self.runtime.abort(self, reason)
-
-    # -- for ctx.storage (StoragePort) ----------------------------------------------------
-
-    def batch_started(self) -> None:
-        self.runtime.batch_started(self)
-
-    def in_own_turn(self) -> bool:
-        return self.lifecycle.current is not None and CURRENT_OWNER.get() is self
-
-    def flush_soon(self, storage: DurableObjectStorage) -> None:
-        asyncio.get_running_loop().call_soon(self.runtime.flush_soon, self, storage)
-
-    async def flush(self, storage: DurableObjectStorage) -> None:
-        await self.runtime.flush_storage(self, storage)
-
-    async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
-        return await self.runtime.backend.read(obj, keys)
-
-    async def scan(
-        self, obj: str, start: str | None, end: str | None, limit: int | None, reverse: bool
-    ) -> list[tuple[str, bytes]]:
-        return await self.runtime.backend.scan(obj, start, end, limit, reverse)
-
-    async def usage(self, obj: str) -> int:
-        return await self.runtime.backend.usage(obj)
-
-    def stored_bytes(self) -> int:
-        return self.runtime.committer.stored_bytes
-
-    def alarm_at(self, obj: str) -> int | None:
-        return self.runtime.alarms.get(obj)
-
-    def quota_refused(self, which: str, message: str) -> None:
-        self.runtime.quota_refused(which, message)
 
 
 class Runtime:
@@ -747,7 +411,7 @@ class Runtime:
         self._arm_alarms()
         return fired
 
-    def _retry_alarm(self, due: Due) -> None:
+    def retry_alarm(self, due: Due) -> None:
         row = due.row
         if self.alarms.get(row.object) is not None:
             return  # a new alarm was set meanwhile; it replaces this one
@@ -868,7 +532,7 @@ class Runtime:
         link.move(SocketInput.HANDSHAKE_FAILED)
         host = cast("ObjectHost | None", link.owner)
         if host is not None:
-            self._forget_socket(host, link)
+            self.forget_socket(host, link)
 
     def message_received(self, link: SocketLink, message: str | bytes) -> asyncio.Future[None] | None:
         """Queue a message; a future means "read nothing more from this socket until it resolves".
@@ -1019,7 +683,7 @@ class Runtime:
     def _deliver(self, host: ObjectHost, event: Event) -> list[Effect[Event]]:
         assert host.instance is not None
         started = None
-        if host.event_timeout_ms is not None and isinstance(event, _SocketEvent):
+        if host.event_timeout_ms is not None and isinstance(event, SocketEvent):
             # A turn may still run over its timeout, and then nothing it sent may go out.
             started = self.clock()
             host.turn_hold = True
@@ -1144,7 +808,7 @@ class Runtime:
                 exc_info=exc,
             )
 
-    def _forget_socket(self, host: ObjectHost, link: SocketLink) -> None:
+    def forget_socket(self, host: ObjectHost, link: SocketLink) -> None:
         if host.remove_socket(link) and not link.hibernatable:
             self._run(host, host.lifecycle.unpin(PIN_NON_HIBERNATABLE, self.clock()))
         self._maybe_forget(host)

@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import attrs
 
 from wsecho.core.errors import ConfigError
+from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.limits import Limits
 from wsecho.core.target import normalize_host
 
@@ -297,6 +298,16 @@ OPTIONS = (
         "HOSTS",
     ),
     Option(
+        "--forwarded-allow-ips",
+        TrustedProxies.parse,
+        "",
+        "addresses and CIDR networks of the reverse proxies to trust, comma-separated, or * for any "
+        "peer; from them the client's address comes from X-Forwarded-For (into CF-Connecting-IP and "
+        "the access log) and the URL's scheme from X-Forwarded-Proto; from any other peer those "
+        "headers are ignored",
+        "IPS",
+    ),
+    Option(
         "--handshake-timeout",
         _positive_seconds,
         "5",
@@ -450,6 +461,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = DEFAULTS["allowed_origins"]
     #: Empty: automatic (see ``AllowedHosts.for_listener``).
     allowed_hosts: tuple[str, ...] = DEFAULTS["allowed_hosts"]
+    forwarded_allow_ips: TrustedProxies = DEFAULTS["forwarded_allow_ips"]
     handshake_timeout: float = DEFAULTS["handshake_timeout"]
     ping_interval: float = DEFAULTS["ping_interval"]
     ping_timeout: float = DEFAULTS["ping_timeout"]

@@ -27,6 +27,7 @@ from tornado.log import access_log
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
 from wsecho.core.errors import BadRequestError
+from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
@@ -46,7 +47,8 @@ MAX_OUTGOING_BYTES = 16 * 1024 * 1024
 MAX_OUTGOING_TOTAL_BYTES = Settings().max_outgoing_total
 #: How long the server waits for the peer's answer to its Close before cutting the connection.
 CLOSE_TIMEOUT = 5.0
-#: The request header that carries the client's address (the TCP peer), as on Cloudflare.
+#: The request header that carries the client's address, as on Cloudflare: the TCP peer, or
+#: the address a trusted proxy forwarded (--forwarded-allow-ips).
 CLIENT_ADDRESS_HEADER = "CF-Connecting-IP"
 #: Request headers larger than this are refused (Tornado closes the connection).
 MAX_HEADER_BYTES = 16 * 1024
@@ -75,6 +77,7 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         allowed_origins: tuple[str, ...],
         allowed_hosts: AllowedHosts,
         max_body_memory: int = 0,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         self.runtime = runtime
         self.connections = connections
@@ -83,6 +86,8 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.allowed_origins = allowed_origins
         self.allowed_hosts = allowed_hosts
         self.max_body_memory = max_body_memory
+        #: The proxies whose X-Forwarded-For and X-Forwarded-Proto count (--forwarded-allow-ips).
+        self.trusted_proxies = trusted_proxies if trusted_proxies is not None else TrustedProxies()
         #: Upgrades between their admission and their connection's registration: they hold
         #: a WebSocket slot, so concurrent upgrades cannot overshoot --max-connections.
         self.upgrading = 0
@@ -226,9 +231,21 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
 
     @property
     def url(self) -> str:
-        """``request.url``: the connection's scheme (not one a client claims), the authority, the path."""
+        """``request.url``: the connection's scheme (or a trusted proxy's X-Forwarded-Proto; not one a
+        client claims), the authority, the path."""
         assert self.target is not None
-        return f"{self.conn.context.protocol}://{self.target.authority}{self.target.path}"  # type: ignore[attr-defined]
+        return f"{self.client()[1]}://{self.target.authority}{self.target.path}"
+
+    def client(self) -> tuple[str, str]:
+        """The client's address and scheme: the TCP peer's, or what a trusted proxy forwarded."""
+        context = self.conn.context
+        peer: str = getattr(context, "remote_ip", "") or ""
+        scheme: str = getattr(context, "protocol", "http")
+        proxies = self.gateway.trusted_proxies
+        if not proxies or self.headers is None:
+            return peer, scheme
+        forwarded_for = self.headers.get_list("X-Forwarded-For")
+        return proxies.client(peer, forwarded_for, self.headers.get_list("X-Forwarded-Proto"), scheme)
 
     def _resolve(self) -> Target:
         """The request's host and path, validated (RFC 9112 §3.2) and checked against --allowed-hosts."""
@@ -270,8 +287,9 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             body=b"".join(self.body),
         )
         # Cloudflare's header for the client's address, so that an application can limit
-        # per client; it replaces whatever the client sent, which anyone could forge.
-        request.headers.set(CLIENT_ADDRESS_HEADER, getattr(self.conn.context, "remote_ip", "") or "")
+        # per client; it replaces whatever the client sent, which anyone could forge (and
+        # X-Forwarded-For counts only from a proxy in --forwarded-allow-ips).
+        request.headers.set(CLIENT_ADDRESS_HEADER, self.client()[0])
         try:
             response = await gateway.runtime.fetch(request)
         except Exception:
@@ -394,7 +412,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             return
         assert self.start_line is not None
         method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
-        remote = getattr(self.conn.context, "remote_ip", "?")
+        remote = self.client()[0] or "?"
         elapsed = (time.monotonic() - self.started) * 1000
         method("%d %s %s (%s) %.2fms", status, self.start_line.method, self.start_line.path, remote, elapsed)
 
@@ -413,6 +431,7 @@ def make_application(
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: AllowedHosts | None = None,
     max_body_memory: int = 0,
+    trusted_proxies: TrustedProxies | None = None,
     max_outgoing: int = MAX_OUTGOING_BYTES,
     max_outgoing_total: int = MAX_OUTGOING_TOTAL_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
@@ -437,4 +456,5 @@ def make_application(
         allowed_origins,
         allowed_hosts if allowed_hosts is not None else AllowedHosts(frozenset(), (), any=True),
         max_body_memory,
+        trusted_proxies,
     )

@@ -1,5 +1,7 @@
 """The one module that reads Tornado's private fields: taking a connected socket away from
-IOStream after the handshake, and serving a listener with wsecho's own accept loop.
+IOStream after the handshake, serving a listener with wsecho's own accept loop, and (for
+objects mounted in a Tornado application) a WebSocket protocol that lets the object answer
+the peer's Close.
 
 :func:`check_tornado` runs at import and fails loudly, naming the field, if a Tornado
 release renames one of them; every integration test goes through both paths.
@@ -7,8 +9,11 @@ release renames one of them; every integration test goes through both paths.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
+import struct
+from asyncio import Future
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -18,11 +23,13 @@ import tornado.httputil
 import tornado.netutil
 import tornado.tcpserver
 import tornado.web
+import tornado.websocket
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 
+from wsecho.core.frames import valid_close_code
 from wsecho.core.wording import counted
 from wsecho.serve.acceptor import Acceptor, RateLimitedWarning, open_file_limit
 
@@ -165,28 +172,127 @@ class Listener(tornado.httpserver.HTTPServer):
         super().on_close(server_conn)
 
 
+class PeerCloseHandler(Protocol):
+    """What :class:`PeerCloseProtocol` tells its handler (wsecho.serve.mount's handler)."""
+
+    def on_peer_close(self, code: int | None, reason: str) -> None: ...
+
+    def on_failure(self, code: int, reason: str) -> None:
+        """The connection is failed because of the peer (1002, 1007, 1009); the Close goes out."""
+        ...
+
+
+class PeerCloseProtocol(tornado.websocket.WebSocketProtocol13):
+    """Tornado's protocol, except that the peer's Close is not echoed at once.
+
+    Tornado answers a Close with the same code before any handler sees it; a Durable Object
+    answers with its own code and reason (or the runtime does, with the peer's code, once
+    ``web_socket_close`` ran). So the Close goes to the handler, whose object's
+    ``ws.close()`` then calls Tornado's ``close()``, which writes it and closes TCP first.
+    """
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        # Tornado closes with 1009 itself (a message over max_message_size): say why first.
+        if code == 1009 and not self.server_terminated:
+            cast(PeerCloseHandler, self.handler).on_failure(code, reason or "message too big")
+        super().close(code, reason)
+
+    failed = False
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.failed = True
+        cast(PeerCloseHandler, self.handler).on_failure(code, reason)
+        super().close(code, reason)
+
+    def _handle_message(self, opcode: int, data: bytes) -> Future[None] | None:
+        if self.client_terminated:
+            return None
+        if opcode == 0x1 and not self._frame_compressed:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                self._fail(1007, "invalid UTF-8 in a text message")  # Tornado would just abort
+                return None
+        if opcode != 0x8:
+            return super()._handle_message(opcode, data)
+        self.client_terminated = True
+        if self.failed:  # the peer's answer to the Close of a failed connection: just end it
+            self.close()
+            return None
+        code = struct.unpack(">H", data[:2])[0] if len(data) >= 2 else None
+        try:
+            reason = data[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(1007, "invalid UTF-8 in a Close reason")
+            return None
+        if len(data) == 1 or (code is not None and not valid_close_code(code)):
+            self._fail(1002, f"invalid close code {code}" if code is not None else "a one-byte Close payload")
+            return None
+        self.close_code, self.close_reason = code, reason or None
+        handler = cast(PeerCloseHandler, self.handler)
+        handler.on_peer_close(code, reason)
+        if self.server_terminated:
+            self.close()  # the peer answered our Close: the server closes TCP first
+        return None
+
+
+def peer_close_protocol(handler: tornado.websocket.WebSocketHandler) -> tornado.websocket.WebSocketProtocol | None:
+    """``WebSocketHandler.get_websocket_protocol`` with :class:`PeerCloseProtocol` (RFC 6455 only)."""
+    if handler.request.headers.get("Sec-WebSocket-Version") != "13":
+        return None
+    params = tornado.websocket._WebSocketParams(
+        ping_interval=handler.ping_interval,
+        ping_timeout=handler.ping_timeout,
+        max_message_size=handler.max_message_size,
+        compression_options=handler.get_compression_options(),
+    )
+    return PeerCloseProtocol(handler, False, params)
+
+
 def check_tornado(
     tcp_server: type[tornado.tcpserver.TCPServer] = tornado.tcpserver.TCPServer,
     iostream: type[IOStream] = IOStream,
     version: tuple[int, ...] = tornado.version_info,
+    protocol: type[tornado.websocket.WebSocketProtocol13] = tornado.websocket.WebSocketProtocol13,
 ) -> None:
     """Fail loudly, naming the field, if the Tornado internals that :class:`Listener` and
     :func:`take_socket` use changed (run at import; a test runs it on stand-ins too)."""
-    server = tcp_server()
-    sock = socket.socket()
+
+    def missing_fields() -> list[str]:
+        server = tcp_server()
+        sock = socket.socket()
+        try:
+            stream = iostream(sock)
+            checks = (
+                ("TCPServer._sockets", isinstance(getattr(server, "_sockets", None), dict)),
+                ("TCPServer._handlers", isinstance(getattr(server, "_handlers", None), dict)),
+                ("TCPServer._handle_connection", callable(getattr(server, "_handle_connection", None))),
+                ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
+                ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
+                ("IOStream._state", hasattr(stream, "_state")),
+                ("WebSocketProtocol13._handle_message", callable(getattr(protocol, "_handle_message", None))),
+                ("websocket._WebSocketParams", callable(getattr(tornado.websocket, "_WebSocketParams", None))),
+            )
+        finally:
+            sock.close()
+        return [name for name, ok in checks if not ok]
+
     try:
-        stream = iostream(sock)
-        checks = (
-            ("TCPServer._sockets", isinstance(getattr(server, "_sockets", None), dict)),
-            ("TCPServer._handlers", isinstance(getattr(server, "_handlers", None), dict)),
-            ("TCPServer._handle_connection", callable(getattr(server, "_handle_connection", None))),
-            ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
-            ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
-            ("IOStream._state", hasattr(stream, "_state")),
-        )
-    finally:
-        sock.close()
-    missing = [name for name, ok in checks if not ok]
+        asyncio.get_running_loop()
+    except RuntimeError:
+        # IOStream() asks for the current event loop, and at import there is none: Python
+        # 3.12 and 3.13 warn ("There is no current event loop") and 3.14 raises. Lend it a
+        # loop of its own for the check, and close it.
+        async def in_the_loop() -> list[str]:
+            return missing_fields()
+
+        loop = IOLoop(make_current=False)
+        try:
+            missing = loop.run_sync(in_the_loop)
+        finally:
+            loop.close()
+    else:
+        missing = missing_fields()
     if missing or version[0] != 6:
         found = ".".join(map(str, version))
         msg = f"wsecho needs Tornado 6 with {', '.join(missing) or 'its internals'}; found Tornado {found}"
