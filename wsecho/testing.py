@@ -49,6 +49,7 @@ from wsecho.api.http import Response
 from wsecho.api.storage import DurableObjectStorage
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
 from wsecho.core.lifecycle import ObjectState
+from wsecho.core.wording import counted
 from wsecho.runtime.host import ObjectHost
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
@@ -337,7 +338,7 @@ class Harness:
         blocked = [(h, h.lifecycle.hibernation_blocker()) for h in hosts]
         reasons = [f"{h.id.namespace} {h.id.name or h.id.hex!r}: {why}" for h, why in blocked if why is not None]
         if reasons:
-            msg = f"{len(reasons)} objects cannot hibernate now: {'; '.join(reasons)}"
+            msg = f"{counted(len(reasons), 'object')} cannot hibernate now: {'; '.join(reasons)}"
             raise InvalidStateError(msg)
         if not hosts:
             return 0

@@ -151,6 +151,8 @@ def test_blocker_names_queued_events_and_states():
     lc = ObjectLifecycle(state=A)
     lc.queue.extend(["x", "y"])
     assert lc.hibernation_blocker() == "2 events are queued"
+    lc.queue.pop()
+    assert lc.hibernation_blocker() == "1 event is queued"
 
 
 def test_turn_ended_without_a_turn_raises():

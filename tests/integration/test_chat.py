@@ -529,7 +529,7 @@ async def test_the_harness_names_what_keeps_an_object_from_hibernating():
         assert t.state("WAITERS", "w") == "active"
         with pytest.raises(InvalidStateError, match="WAITERS 'w' cannot hibernate now: an event is being handled"):
             t.hibernate("WAITERS", "w")
-        with pytest.raises(InvalidStateError, match="1 objects cannot hibernate now: WAITERS 'w': an event"):
+        with pytest.raises(InvalidStateError, match="1 object cannot hibernate now: WAITERS 'w': an event"):
             t.hibernate_all()
         gate.set_result(None)
         await t.settle()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import re
 import signal
 import socket
@@ -285,6 +286,24 @@ async def test_health_and_readiness_through_a_drain(admin_server):
     await asyncio.wait_for(stopping, 5)
     raw.abort()
     assert server.phase == "stopped"
+
+
+@pytest.mark.gen_test
+async def test_a_readyz_503_while_draining_is_logged_at_info_not_error(admin_server, caplog):
+    # Every load balancer probe during a deploy gets this 503: an ERROR line for each is noise.
+    server, _ = admin_server
+    caplog.set_level(logging.INFO, logger="tornado.access")
+    raw = await RawClient.connect(server.port, "/obj/d/ws")  # holds the drain open
+    stopping = asyncio.ensure_future(server.stop(timeout=5))
+    assert await raw.read_close() == (1001, "Going Away")
+    assert (await get(server, "/readyz")).code == 503
+    assert (await get(server, "/no-such-path")).code == 404
+    raw.send_close(1001)
+    await asyncio.wait_for(stopping, 5)
+    raw.abort()
+    logged = {r.getMessage().split(" (")[0]: r.levelname for r in caplog.records if r.name == "tornado.access"}
+    assert logged["503 GET /readyz"] == "INFO"
+    assert logged["404 GET /no-such-path"] == "WARNING"  # the other answers keep Tornado's levels
 
 
 # -- the real process: signals, notify, logging ---------------------------------------------------

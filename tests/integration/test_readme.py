@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 import wsecho
@@ -75,6 +76,15 @@ def test_every_code_example_is_run_by_a_test():
             assert match.group(1) in EXAMPLE_KINDS, f"{page.name}: no test runs <!-- {match.group(1)}: ... -->"
 
 
+def test_the_docs_speak_of_the_package_only():
+    # A user of the package has no SPEC and no ../shared folder: rules are said in words.
+    for page in LINKED:
+        if page.name == "CHANGELOG.md":
+            continue  # history
+        for needle in ("SPEC", "../shared", "shared/reference"):
+            assert needle not in text(page), f"{page.relative_to(ROOT)} cites {needle!r}, which a user never sees"
+
+
 def test_transition_tables_match_the_code():
     internals = text(ROOT / "docs" / "internals.md")
     section = internals.split("<!-- transition tables -->\n", 1)[1].split("<!-- end transition tables -->", 1)[0]
@@ -116,6 +126,16 @@ async def test_tutorial_rooms_broadcast_and_survive_hibernation(rooms_module, io
             await alice.close()
             assert alice.close_code == 1000
             assert alice.close_reason == "goodbye"
+        # Any other path, / too, is the lobby (it once went to a room named "http:").
+        client = AsyncHTTPClient()
+        for path in ("/", "/about", "/rooms/"):
+            answer = await client.fetch(f"http://127.0.0.1:{server.port}{path}")
+            assert answer.body == b"0 people here\n"
+        assert sorted(h.id.name for h in server.runtime.hosts()) == ["kitchen", "lobby"]
+        async with connect(f"ws://127.0.0.1:{server.port}/") as carol:
+            answer = await client.fetch(f"http://127.0.0.1:{server.port}/")
+            assert answer.body == b"1 person here\n"
+            await carol.close()
     finally:
         await server.stop()
 

@@ -30,7 +30,7 @@ async def test_the_harness_is_a_server_on_the_fake_clock():
         metrics = render(t.server.registry).decode()
         assert "wsecho_sockets_open 1.0" in metrics
         assert "wsecho_messages_received_total 1.0" in metrics
-        assert t.server.status_line() == "ready: 1 WebSockets, 1 active and 0 hibernating objects"
+        assert t.server.status_line() == "ready: 1 WebSocket; objects: 1 active, 0 hibernating"
         await t.advance(30)
         assert t.state("WEBSOCKET_HIBERNATION_SERVER", "foo") == "hibernating"
 

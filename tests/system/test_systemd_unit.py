@@ -74,18 +74,44 @@ def systemd_analyze(*args):
     )
 
 
+#: Where the shipped unit expects the venv, and the docs' step that writes another path into it.
+DEFAULT_VENV = "/opt/wsecho/venv"
+INSTALL_LINE = re.compile(
+    r'^sed "s\|/opt/wsecho/venv\|\$VENV\|g" scripts/systemd/wsecho.service > (?P<dest>\S+)$', re.M
+)
+OPERATIONS = UNIT.parents[2] / "docs" / "operations.md"
+
+
+def documented_install_line():
+    """The ``sed`` line docs/operations.md tells a user to run (the unit's header has the same)."""
+    section = OPERATIONS.read_text(encoding="utf-8").split("\n## As a systemd service\n", 1)[1].split("\n## ", 1)[0]
+    found = INSTALL_LINE.findall(section)
+    assert len(found) == 1, "docs/operations.md's systemd section has no (or several) sed lines that install the unit"
+    line = INSTALL_LINE.search(section)
+    assert line[0] in UNIT.read_text(encoding="utf-8"), "the unit's header and the docs install it differently"
+    return line
+
+
 @pytest.fixture
 def installed_unit(tmp_path):
-    """The unit as installed: ExecStart='s executable made this venv's console script, flags kept."""
+    """The unit installed as docs/operations.md says, with VENV this venv (the tests' console script)."""
     if not CONSOLE_SCRIPT.is_file():
         pytest.skip(f"the wsecho console script is not installed at {CONSOLE_SCRIPT} (pip install -e .)")
-    text = UNIT.read_text(encoding="utf-8")
-    assert len(EXEC_START.findall(text)) == 1
-    rewritten = EXEC_START.sub(lambda m: f"{m['key']}{CONSOLE_SCRIPT}{m['args']}", text)
-    assert EXEC_START.search(rewritten)["args"] == EXEC_START.search(text)["args"]
+    line = documented_install_line()
     # Same name: systemd derives the unit's name (and so its defaults) from the file name.
     path = tmp_path / UNIT.name
-    path.write_text(rewritten, encoding="utf-8")
+    command = line[0].replace(line["dest"], str(path))
+    subprocess.run(
+        ["bash", "-c", command],
+        cwd=UNIT.parents[2],
+        env={**os.environ, "VENV": str(CONSOLE_SCRIPT.parents[1])},
+        check=True,
+        timeout=30,
+    )
+    installed = path.read_text(encoding="utf-8")
+    assert DEFAULT_VENV not in installed
+    assert EXEC_START.search(installed)["exe"] == str(CONSOLE_SCRIPT)
+    assert EXEC_START.search(installed)["args"] == EXEC_START.search(UNIT.read_text(encoding="utf-8"))["args"]
     return path
 
 
@@ -100,7 +126,7 @@ def test_systemd_analyze_verify_accepts_the_unit(installed_unit):
 
 
 def test_systemd_analyze_verify_catches_a_missing_executable(tmp_path):
-    # The check above can fail: the shipped path /usr/local/bin/wsecho is (normally) missing here.
+    # The check above can fail: a venv that is not there is caught.
     broken = tmp_path / UNIT.name
     broken.write_text(
         EXEC_START.sub(
@@ -138,7 +164,8 @@ def test_the_score_parser_reads_both_arrows():
 def test_execstart_flags_are_ones_the_server_accepts(service):
     exec_start = one(service, "ExecStart")
     exe, *flags = exec_start.split()
-    assert exe == "/usr/local/bin/wsecho"
+    # A venv's console script, not a system-wide install of a package nobody can download.
+    assert exe == f"{DEFAULT_VENV}/bin/wsecho"
     settings = settings_from(build_parser().parse_args(flags), {"STATE_DIRECTORY": "/var/lib/wsecho"})
     assert settings.admin_port == 9787
     assert settings.admin_host == "127.0.0.1"

@@ -26,6 +26,7 @@ from typing import Generic, TypeVar
 import attrs
 
 from wsecho.core.errors import InvalidStateError, NoTransitionError
+from wsecho.core.wording import counted
 
 E = TypeVar("E")
 
@@ -228,7 +229,7 @@ class ObjectLifecycle(Generic[E]):
         if self.current is not None:
             return "an event is being handled"
         if self.queue:
-            return f"{len(self.queue)} events are queued"
+            return f"{counted(len(self.queue), 'event is', 'events are')} queued"
         for reason in self.pins:
             return reason
         return None

@@ -52,6 +52,7 @@ from wsecho.core.lifecycle import (
 )
 from wsecho.core.limits import Limits
 from wsecho.core.stats import Stats
+from wsecho.core.wording import counted
 from wsecho.runtime.commits import GroupCommitter
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ class Runtime:
             evicted += 1
         if evicted:
             self.stats.evictions["idle"] += evicted
-            log.info("hibernated %d idle objects (%d remain in memory)", evicted, len(self._idle))
+            log.info("hibernated %s (%d remain in memory)", counted(evicted, "idle object"), len(self._idle))
         return evicted
 
     # -- storage ------------------------------------------------------------------------
@@ -417,7 +418,7 @@ class Runtime:
         retry = due.retries + 1
         if retry > MAX_RETRIES:
             self.stats.alarms_given_up += 1
-            log.error("alarm of %s failed %d times; giving up and deleting it", row.object, retry)
+            log.error("alarm of %s failed %s; giving up and deleting it", row.object, counted(retry, "time"))
             task = asyncio.ensure_future(self.committer.commit(Batch(row.object, alarm=None)))
             task.add_done_callback(_log_failure)
             return
@@ -501,11 +502,11 @@ class Runtime:
     def _reset(self, host: ObjectHost, why: str, kind: str) -> None:
         self.stats.evictions[kind] += 1
         log.error(
-            "resetting %s %s: %s; closing its %d WebSockets with 1011",
+            "resetting %s %s: %s; closing its %s with 1011",
             host.cls.__name__,
             host.id,
             why,
-            len(host.sockets),
+            counted(len(host.sockets), "WebSocket"),
         )
         host.reset_reason = why
         if host.storage is not None:
@@ -645,11 +646,11 @@ class Runtime:
         if host.constructions:
             self.stats.wakes += 1
             log.info(
-                "woke %s %s (%d sockets, %d events waiting)",
+                "woke %s %s (%s, %s waiting)",
                 host.cls.__name__,
                 host.id,
-                len(host.sockets),
-                len(host.lifecycle.queue),
+                counted(len(host.sockets), "socket"),
+                counted(len(host.lifecycle.queue), "event"),
             )
         host.constructions += 1
         if host.blockers:
@@ -661,11 +662,11 @@ class Runtime:
     ) -> list[Effect[Event]]:
         self.stats.constructor_errors += 1
         log.error(
-            "%s %s could not wake: %s; closing its %d WebSockets with 1011",
+            "%s %s could not wake: %s; closing its %s with 1011",
             host.cls.__name__,
             host.id,
             why,
-            len(host.sockets),
+            counted(len(host.sockets), "WebSocket"),
             exc_info=exc,
         )
         host.instance = None

@@ -42,10 +42,27 @@ log = logging.getLogger(__name__)
 MAX_OBJECTS_LISTED = 10_000
 
 
+access_log = logging.getLogger("tornado.access")
+
+
+def log_admin_request(handler: tornado.web.RequestHandler) -> None:
+    """The admin listener's access log line: Tornado's (``log_function``), at the level the
+    handler chose (:attr:`AdminHandler.access_log_level`), else by status as Tornado does."""
+    status = handler.get_status()
+    level = handler.access_log_level if isinstance(handler, AdminHandler) else None
+    if level is None:
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    request = handler.request
+    elapsed_ms = 1000.0 * request.request_time()
+    access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.uri, request.remote_ip, elapsed_ms)
+
+
 class AdminHandler(tornado.web.RequestHandler):
     """Base of the admin endpoints: no caching, no Server header."""
 
     server: AdminSource
+    #: The level of this request's access log line; None: by status (5xx at ERROR).
+    access_log_level: int | None = None
 
     def initialize(self, server: AdminSource) -> None:
         self.server = server
@@ -101,6 +118,10 @@ class Readyz(AdminHandler):
             # Writes fail (a full disk, an I/O error): new work would only be reset with 1011.
             self.text(503, f"storage failing: {failure}")
             return
+        if phase != "ready":
+            # Not ready while starting or draining is the answer a load balancer's probe
+            # expects during every deploy, not an error: at ERROR each probe wrote an error line.
+            self.access_log_level = logging.INFO
         self.text(200 if phase == "ready" else 503, phase)
 
 

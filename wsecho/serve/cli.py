@@ -9,11 +9,13 @@ import os
 import resource
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from wsecho.api.app import App
 from wsecho.core.errors import AppLoadError, ConfigError, StorageError
-from wsecho.serve.config import Settings, build_parser, parse, settings_from
+from wsecho.core.wording import counted
+from wsecho.serve.config import Settings, config_failure, parse, settings_from
 from wsecho.serve.logs import LogSetup
 from wsecho.serve.sdnotify import Notifier
 
@@ -32,8 +34,16 @@ def load_app(spec: str) -> App:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
+    except SyntaxError as exc:
+        msg = f"cannot load {spec!r}: {exc.filename}, line {exc.lineno}: {exc.msg}"
+        raise AppLoadError(msg) from exc
     except ImportError as exc:
-        msg = f"cannot load {spec!r}: {exc}"
+        missing_app = exc.name is not None and (module_name + ".").startswith(exc.name + ".")
+        msg = f"cannot load {spec!r}: {exc}{'' if missing_app else _origin(exc)}"
+        raise AppLoadError(msg) from exc
+    except Exception as exc:
+        # The module's own code raised while it was imported.
+        msg = f"cannot load {spec!r}: importing it raised {type(exc).__name__}: {exc}{_origin(exc)}"
         raise AppLoadError(msg) from exc
     app = getattr(module, attr, None)
     if not isinstance(app, App):
@@ -41,6 +51,20 @@ def load_app(spec: str) -> App:
         msg = f"cannot load {spec!r}: {module_name}.{attr} must be a wsecho.App, found {found}"
         raise AppLoadError(msg)
     return app
+
+
+IMPORTLIB_DIR = os.path.dirname(importlib.__file__)
+
+
+def _origin(exc: BaseException) -> str:
+    """`` (FILE, line N)``: the deepest frame of the application's code that raised ``exc``, so
+    that one line points at it where a traceback would bury it under importlib's frames."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<frozen ", IMPORTLIB_DIR)) and f.filename != __file__
+    ]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 #: The soft open-file limit asked for when the hard limit is unlimited (macOS refuses infinity).
@@ -85,6 +109,8 @@ async def serve(
     try:
         addresses = await server.start()
     except (StorageError, OSError) as exc:
+        # A run-time failure (the port is taken, the data directory is locked): exit status 1;
+        # bad settings never get this far (exit status 2).
         log.error("cannot start: %s", exc)
         return 1
     for host, port in addresses:
@@ -135,9 +161,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info(
-        "stopping (%s): closing %d WebSockets with 1001, waiting up to %gs for the peers",
+        "stopping (%s): closing %s with 1001, waiting up to %gs for the peers",
         signal.Signals(signals_seen[0]).name,
-        server.runtime.socket_count(),
+        counted(server.runtime.socket_count(), "WebSocket"),
         server.settings.drain_timeout,
     )
     await server.stop()
@@ -151,11 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         logs.apply(settings)
     except OSError as exc:
-        build_parser().error(f"--log-file {settings.log_file}: {exc.strerror}")
+        config_failure(f"--log-file {settings.log_file}: {exc.strerror}")
     try:
         app = load_app(settings.app)
     except AppLoadError as exc:
-        build_parser().error(str(exc))
+        log.debug("the application did not load", exc_info=exc.__cause__)
+        config_failure(str(exc))
     before, after = raise_open_file_limit()
     if after != before:
         log.info("raised the open-file limit (ulimit -n) from %d to %d, the hard limit", before, after)
@@ -165,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loop_factory, loop_name = event_loop(settings.loop)
     except ImportError:
-        build_parser().error("--loop uvloop: uvloop is not installed (pip install uvloop)")
+        config_failure("--loop uvloop: uvloop is not installed (pip install uvloop)")
     log.debug("event loop: %s", loop_name)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -10,12 +10,14 @@ default. A bad value or an unknown file key raises
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import math
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -493,8 +495,33 @@ class Settings:
         return int(getattr(logging, self.log_level.upper()))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the message names the flag), exit status 2.
+
+    argparse's own prints the whole usage first: about twenty lines in which the one that
+    matters is the last."""
+
+    def error(self, message: str) -> NoReturn:
+        config_failure(f"{message} (wsecho --help lists the options)")
+
+
+def config_failure(message: str) -> NoReturn:
+    """Print one line, ``wsecho: error: MESSAGE``, and exit with status 2: bad configuration
+    (a run-time failure, like a port already in use, exits with status 1)."""
+    sys.stderr.write(f"wsecho: error: {message}\n")
+    raise SystemExit(2)
+
+
+def installed_version() -> str:
+    """The version pip installed (setup.cfg takes it from ``wsecho.__version__``, a layer above)."""
+    try:
+        return importlib.metadata.version("wsecho")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: pip install the checkout)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="wsecho",
         description=(
             "Serve a wsecho application: Durable Objects-style WebSocket hibernation on Tornado. "
@@ -512,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the application to serve, like uvicorn (MODULE alone means MODULE:app; "
         f"env WSECHO_APP; file key app; default: the built-in echo application, {DEFAULT_APP})",
     )
+    parser.add_argument("--version", action="version", version=f"wsecho {installed_version()}")
     parser.add_argument(
         "--config",
         default=None,
@@ -578,7 +606,22 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             values[opt.dest] = opt.parse(default if given is None else given)
         except ValueError as exc:
             raise ConfigError(source, str(exc)) from None
+    check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
     return Settings(**values)
+
+
+#: Addresses that listen on every interface, and so overlap any other address on the same port.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]"})
+
+
+def check_ports_differ(host: str, port: int, admin_host: str, admin_port: int | None) -> None:
+    """The admin listener never shares the application's port: say so before binding fails."""
+    if admin_port is None or admin_port == 0 or admin_port != port:
+        return
+    if host == admin_host or host in WILDCARD_HOSTS or admin_host in WILDCARD_HOSTS:
+        where = admin_host if admin_host == host else f"{host} and {admin_host}"
+        msg = f"must differ from --port {port}: the application and the admin listener cannot share {where} port {port}"
+        raise ConfigError("--admin-port", msg)
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Settings, argparse.Namespace]:
@@ -588,4 +631,4 @@ def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Setti
     try:
         return settings_from(args, environ), args
     except ConfigError as exc:
-        parser.error(str(exc))
+        config_failure(str(exc))

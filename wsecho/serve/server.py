@@ -25,10 +25,11 @@ from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
 from wsecho.core.target import AllowedHosts
+from wsecho.core.wording import counted
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
-from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz
+from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz, log_admin_request
 from wsecho.serve.config import RELOADABLE, Settings
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
@@ -80,6 +81,21 @@ def utc_now() -> datetime:
 def backend_for(data_dir: str) -> Backend:
     """SQLite in ``data_dir``, or memory for ``:memory:``."""
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir)
+
+
+#: Which flags set each listener's address, for the message when it cannot be bound.
+LISTENER_FLAGS = {"application": ("--host", "--port"), "admin": ("--admin-host", "--admin-port")}
+
+
+def bind(listener: str, host: str, port: int, **kwargs: Any) -> list[Any]:
+    """Bind ``listener``'s sockets; an OSError names the listener, the address and the port."""
+    try:
+        return tornado.netutil.bind_sockets(port, host, **kwargs)
+    except OSError as exc:
+        host_flag, port_flag = LISTENER_FLAGS[listener]
+        reason = (exc.strerror or str(exc)).lower()
+        msg = f"the {listener} listener cannot listen on {host} port {port} ({host_flag}, {port_flag}): {reason}"
+        raise OSError(msg) from exc
 
 
 class Server:
@@ -161,16 +177,19 @@ class Server:
                     (r"/objects", Objects),
                 )
             ]
-            admin_sockets = tornado.netutil.bind_sockets(self.settings.admin_port, self.settings.admin_host)
+            admin_sockets = bind("admin", self.settings.admin_host, self.settings.admin_port)
             admin = tornado.web.Application(
-                handlers, default_handler_class=NotFound, default_handler_args={"server": self}
+                handlers,
+                default_handler_class=NotFound,
+                default_handler_args={"server": self},
+                log_function=log_admin_request,
             )
             self._admin = Listener(admin)
             self._admin.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
             self._admin.add_sockets(admin_sockets)
             self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
         await self.runtime.start()
-        sockets = tornado.netutil.bind_sockets(self.settings.port, self.settings.host, backlog=self.settings.backlog)
+        sockets = bind("application", self.settings.host, self.settings.port, backlog=self.settings.backlog)
         self._http = Listener(
             self._application,
             max_body_size=max(self.settings.max_message_size, 64 * 1024),
@@ -289,11 +308,10 @@ class Server:
         if dead or stalled:
             self.runtime.stats.dead_peers += dead + stalled
             log.info(
-                "cut %d WebSocket peers that did not answer a ping within %gs and %d whose send queue "
-                "did not drain for %gs",
-                dead,
+                "cut %s that did not answer a ping within %gs and %s whose send queue did not drain for %gs",
+                counted(dead, "WebSocket peer"),
                 timeout,
-                stalled,
+                counted(stalled, "peer"),
                 timeout,
             )
 
@@ -309,8 +327,8 @@ class Server:
     def status_line(self) -> str:
         states = Counter(h.lifecycle.state.value for h in self.runtime.hosts())
         return (
-            f"{self.phase}: {self.runtime.socket_count()} WebSockets, {states['active']} active and "
-            f"{states['hibernating']} hibernating objects"
+            f"{self.phase}: {counted(self.runtime.socket_count(), 'WebSocket')}; "
+            f"objects: {states['active']} active, {states['hibernating']} hibernating"
         )
 
     def _report_status(self) -> None:

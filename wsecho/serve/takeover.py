@@ -30,6 +30,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 
 from wsecho.core.frames import valid_close_code
+from wsecho.core.wording import counted
 from wsecho.serve.acceptor import Acceptor, RateLimitedWarning, open_file_limit
 
 if TYPE_CHECKING:
@@ -125,8 +126,8 @@ class Listener(tornado.httpserver.HTTPServer):
         assert self.pause_warning is not None
         limit = open_file_limit()
         self.pause_warning.warn(
-            "cannot accept connections: %s (the open-file limit, ulimit -n, is %s; %d connections "
-            "are open); not accepting for %gs, the waiting clients stay queued",
+            "cannot accept connections: %s (the open-file limit, ulimit -n, is %s; open connections: "
+            "%d); not accepting for %gs, the waiting clients stay queued",
             exc.strerror,
             "unlimited" if limit is None else limit,
             self.open_connections(),
@@ -140,9 +141,9 @@ class Listener(tornado.httpserver.HTTPServer):
                 self.gateway.refused["descriptors"] += 1
             assert self.cap_warning is not None
             self.cap_warning.warn(
-                "closed a new connection at accept: %d connections are open, the most that fit "
+                "closed a new connection at accept: %s open, the most that fit "
                 "under the open-file limit (ulimit -n %s) with descriptors kept in reserve",
-                self.fd_cap,
+                counted(self.fd_cap, "connection is", "connections are"),
                 open_file_limit(),
             )
             return
