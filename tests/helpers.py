@@ -232,7 +232,7 @@ class RawClient:
         self.writer.transport.abort()
 
 
-LISTENING = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
+LISTENING = re.compile(r"on https?://127\.0\.0\.1:(\d+) ")
 
 
 class ServerProcess:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import signal
 import ssl
 
 import attrs
@@ -14,8 +16,9 @@ import trustme
 from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as sync_connect
 
-from tests.helpers import Recorder, constructions, probe_app
+from tests.helpers import Recorder, ServerProcess, constructions, probe_app
 from wsecho.api.websocket import link_of
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
@@ -250,3 +253,65 @@ async def test_unreadable_or_bad_files_are_start_up_errors_naming_the_file(certs
             await server.start()
         assert message in str(raised.value)
         assert "\n" not in str(raised.value)
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_frames_sent_with_the_upgrade_request_are_not_lost(certs):
+    # Tornado's SSLIOStream read them with the request: the take-over must hand them over.
+    async with tls_server(Recorder(), certs) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=trusting(certs.ca))
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        request = (
+            f"GET /obj/early/ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        mask = b"\x01\x02\x03\x04"
+        frames = b"".join(
+            bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+            for text in (b"one", b"two")
+        )
+        writer.write(request + frames)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        replies = [await asyncio.wait_for(reader.readexactly(2 + len("echo:one")), 5) for _ in range(2)]
+        assert replies == [b"\x81\x08echo:one", b"\x81\x08echo:two"]
+        writer.transport.abort()
+
+
+@pytest.fixture
+def process(tmp_path):
+    started = []
+
+    def start(*args):
+        server = ServerProcess(["--port", "0", "--data-dir", ":memory:", *args])
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def test_python_m_wsecho_serves_wss_and_rotates_on_sighup(certs, process):
+    server = process("--certfile", certs.certfile, "--keyfile", certs.keyfile).ready()
+    assert any(f"on https://127.0.0.1:{server.port} " in line for line in server.seen)
+    url = server.url("/websocket", "wss")
+    old_ca = certs.ca
+    with sync_connect(url, ssl=trusting(old_ca), open_timeout=5) as old:
+        old.send("before")
+        assert old.recv(timeout=5) == "[Durable Object]: before"
+        new_ca = certs.issue()
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(rf"SIGHUP: certificate re-read from {re.escape(certs.certfile)}")
+        with sync_connect(url, ssl=trusting(new_ca), open_timeout=5) as new:
+            new.send("new")
+            assert new.recv(timeout=5) == "[Durable Object]: new"
+        old.send("after")
+        assert old.recv(timeout=5) == "[Durable Object]: after"
+
+
+def test_python_m_wsecho_with_a_missing_key_exits_1_naming_it(certs, process, tmp_path):
+    missing = str(tmp_path / "nope.pem")
+    server = process("--certfile", certs.certfile, "--keyfile", missing)
+    assert server.proc.wait(timeout=20) == 1
+    server.wait_for(rf"cannot start: --keyfile {re.escape(missing)}: cannot read it: No such file or directory")
