@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from tests.helpers import Recorder, ServerProcess, constructions, probe_app
+from tests.helpers import RawClient, Recorder, ServerProcess, constructions, probe_app, until
 from wsecho.api.websocket import link_of
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
@@ -315,3 +315,44 @@ def test_python_m_wsecho_with_a_missing_key_exits_1_naming_it(certs, process, tm
     server = process("--certfile", certs.certfile, "--keyfile", missing)
     assert server.proc.wait(timeout=20) == 1
     server.wait_for(rf"cannot start: --keyfile {re.escape(missing)}: cannot read it: No such file or directory")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_a_client_that_never_starts_the_tls_handshake_is_cut_after_the_handshake_timeout(certs):
+    # The TLS handshake happens inside Tornado's wait for the request headers (slowloris).
+    async with tls_server(Recorder(), certs, handshake_timeout=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_reader_that_falls_behind_and_catches_up_gets_every_message_in_order(certs):
+    # Past the kernel's buffers the TLS transport queues, retries the TLS write it could not
+    # finish, pauses and resumes the connection's writing: nothing is lost or reordered.
+    recorder = Recorder()
+    async with tls_server(recorder, certs) as server:
+        raw = await RawClient.connect(server.port, "/obj/behind/ws", ssl=trusting(certs.ca))
+        assert raw.status == 101
+        raw.writer.transport.pause_reading()
+        raw.send_frame(0x1, b"hi")
+        await recorder.wait_for(lambda r: r.of("message"))
+        (link,) = server.runtime.find("PROBE", "behind").sockets
+        (conn,) = server.connections
+        size, sent = 100_000, 0
+        while conn.transport.get_write_buffer_size() < 2 * MiB:
+            assert sent < 600, "the server's TLS queue did not fill"
+            link.ws.send(f"{sent:08d}".ljust(size, "z"))
+            sent += 1
+            await asyncio.sleep(0)
+        assert conn.backed_up  # the transport paused the connection's writing
+        raw.writer.transport.resume_reading()
+        assert await raw.read_frame() == (0x1, b"echo:hi")
+        for i in range(sent):
+            opcode, payload = await raw.read_frame(timeout=10)
+            assert (opcode, len(payload), payload[:8]) == (0x1, size, f"{i:08d}".encode())
+        await until(lambda: not conn.backed_up)  # and resumed it once the queue drained
+        assert conn.transport.get_write_buffer_size() == 0
+        raw.send_frame(0x1, b"still")
+        assert await raw.read_frame() == (0x1, b"echo:still")
+        raw.abort()

@@ -99,7 +99,12 @@ class TLSTransport(asyncio.Transport):
             if not data:  # the peer's close_notify, or its FIN (ragged EOFs are suppressed)
                 self._eof()
                 return
-            self._protocol.data_received(data)
+            try:
+                self._protocol.data_received(data)
+            except Exception as exc:  # like asyncio's transports: the connection ends, the loop goes on
+                log.error("the protocol failed on data received; closing the TLS connection", exc_info=True)
+                self._fatal(exc)
+                return
             budget -= len(data)
             if budget <= 0:
                 self._loop.call_soon(self._read_ready)
@@ -116,7 +121,7 @@ class TLSTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
 
     def resume_reading(self) -> None:
-        if not self._reading and self._sock is not None:
+        if not self._reading and self._sock is not None and not self._closing:
             self._reading = True
             self._loop.add_reader(self._fd, self._read_ready)
             if self._sock.pending():
@@ -206,12 +211,12 @@ class TLSTransport(asyncio.Transport):
             self._closing = True
             self._finish(None, notify=False)
 
-    def _fatal(self, exc: OSError) -> None:
+    def _fatal(self, exc: Exception) -> None:
         log.debug("TLS connection failed: %s", exc)
         self._closing = True
         self._finish(exc, notify=False)
 
-    def _finish(self, exc: OSError | None, *, notify: bool) -> None:
+    def _finish(self, exc: Exception | None, *, notify: bool) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
             return
