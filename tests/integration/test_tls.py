@@ -356,3 +356,18 @@ async def test_a_reader_that_falls_behind_and_catches_up_gets_every_message_in_o
         raw.send_frame(0x1, b"still")
         assert await raw.read_frame() == (0x1, b"echo:still")
         raw.abort()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_16_mib_echo_is_not_cut_as_a_slow_reader(certs):
+    # Autobahn 9.1.6 over wss://: the echo of a 16 MiB message, written while the client reads.
+    # Only what has not left may count against the 16 MiB a peer may have queued.
+    recorder = Recorder()
+    async with (
+        tls_server(recorder, certs, max_message_size=16 * MiB) as server,
+        connect(wss(server, "/obj/big/ws"), ssl=trusting(certs.ca), max_size=32 * MiB) as ws,
+    ):
+        big = b"b" * (16 * MiB)
+        await ws.send(big)
+        assert await ws.recv() == b"echo:" + big
+        assert recorder.of("error") == []

@@ -21,11 +21,13 @@ from wsecho.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Decrypted bytes read per wake-up before the loop serves the others (fairness; the
-#: Connection parses in passes of its own as well).
+#: Decrypted bytes read per wake-up, handed to the protocol in one piece, before the loop
+#: serves the others (fairness; the Connection parses in passes of its own as well).
 READ_PASS_BYTES = 256 * 1024
 #: What one ``recv`` asks for: OpenSSL hands back at most one TLS record (16 KiB) per call.
 RECV_BYTES = 64 * 1024
+#: The most one ``send`` passes to OpenSSL (four TLS records).
+WRITE_CHUNK = 64 * 1024
 _WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
@@ -60,9 +62,10 @@ class TLSTransport(asyncio.Transport):
     is false: TLS has no FIN of its own, as for asyncio's SSL transport).
 
     A write that OpenSSL could not finish must be retried with the same bytes at its start
-    (``SSL_write``; Python sets ACCEPT_MOVING_WRITE_BUFFER): the buffer is only ever cut at
-    the front by what ``send`` reports written and grows at the back, so each retry passes it
-    whole.
+    and at least as many (``SSL_write``; Python sets ACCEPT_MOVING_WRITE_BUFFER): the buffer
+    is only ever cut at the front by what ``send`` reports written and grows at the back, and
+    each send passes its first ``WRITE_CHUNK`` bytes, so each retry starts where the failed
+    attempt did and is no shorter.
     """
 
     __slots__ = ("_buffer", "_closing", "_fd", "_high", "_loop", "_low", "_paused", "_protocol", "_reading", "_sock")
@@ -87,28 +90,43 @@ class TLSTransport(asyncio.Transport):
     # -- reading -------------------------------------------------------------------------
 
     def _read_ready(self) -> None:
-        budget = READ_PASS_BYTES
-        while self._reading and self._sock is not None:
+        """Read the records that are here, up to a pass's budget, and hand them over at once.
+
+        OpenSSL returns one TLS record (at most 16 KiB) per ``recv``; the records of one wake-up
+        go to ``data_received`` joined, as a plain transport's one read would, so that a large
+        frame reaches the parser in a few large pieces rather than in a thousand small ones.
+        """
+        sock = self._sock
+        if sock is None or not self._reading:
+            return
+        chunks: list[bytes] = []
+        size = 0
+        eof = False
+        while size < READ_PASS_BYTES:
             try:
-                data = self._sock.recv(RECV_BYTES)
+                data = sock.recv(RECV_BYTES)
             except _WOULD_BLOCK:
-                return
+                break
             except OSError as exc:
                 self._fatal(exc)
                 return
             if not data:  # the peer's close_notify, or its FIN (ragged EOFs are suppressed)
-                self._eof()
-                return
+                eof = True
+                break
+            chunks.append(data)
+            size += len(data)
+        if chunks:
             try:
-                self._protocol.data_received(data)
+                self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             except Exception as exc:  # like asyncio's transports: the connection ends, the loop goes on
                 log.error("the protocol failed on data received; closing the TLS connection", exc_info=True)
                 self._fatal(exc)
                 return
-            budget -= len(data)
-            if budget <= 0:
-                self._loop.call_soon(self._read_ready)
-                return
+        if eof:
+            if self._sock is not None:
+                self._eof()
+        elif size >= READ_PASS_BYTES:
+            self._loop.call_soon(self._read_ready)  # more may be here; the others' turn first
 
     def _eof(self) -> None:
         self.pause_reading()
@@ -136,36 +154,54 @@ class TLSTransport(asyncio.Transport):
         sock = self._sock
         if sock is None or self._closing:
             return
-        if not self._buffer:
-            try:
-                sent = sock.send(data)
-            except _WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self._fatal(exc)
-                return
-            if sent == len(data):
-                return
+        if self._buffer:
+            self._buffer += data
+        else:
+            if len(data) <= WRITE_CHUNK:  # a message: one send, no copy (the echo's path)
+                try:
+                    sent = sock.send(data)
+                except _WOULD_BLOCK:
+                    sent = 0
+                except OSError as exc:
+                    self._fatal(exc)
+                    return
+                if sent == len(data):
+                    return
+                self._buffer += memoryview(data)[sent:]
+            else:
+                self._buffer += data
+                self._send_buffered()
+                if not self._buffer or self._sock is None:
+                    return
             self._loop.add_writer(self._fd, self._write_ready)
-            # Not cut at ``sent``: a retry after SSLWantWriteError passes the same bytes again.
-            data = memoryview(data)[sent:] if sent else data
-        self._buffer += data
         if not self._paused and len(self._buffer) > self._high:
             self._paused = True
             self._protocol.pause_writing()
 
-    def _write_ready(self) -> None:
+    def _send_buffered(self) -> None:
+        """Send queued bytes, a chunk at a time, until the socket would block.
+
+        In chunks so that a write OpenSSL could not finish holds at most one chunk that may
+        have left already (the queue size the slow-reader ledger reads is then at most a chunk
+        high), and a retry passes at least the bytes of the attempt before it.
+        """
         sock = self._sock
-        if sock is None:
+        buffer = self._buffer
+        while buffer and sock is not None:
+            try:
+                with memoryview(buffer) as view:
+                    sent = sock.send(view[:WRITE_CHUNK])
+            except _WOULD_BLOCK:
+                return
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            del buffer[:sent]  # (O(1) at a bytearray's front)
+
+    def _write_ready(self) -> None:
+        self._send_buffered()
+        if self._sock is None:
             return
-        try:
-            sent = sock.send(self._buffer)
-        except _WOULD_BLOCK:
-            return
-        except OSError as exc:
-            self._fatal(exc)
-            return
-        del self._buffer[:sent]
         if self._paused and len(self._buffer) <= self._low:
             self._paused = False
             self._protocol.resume_writing()
