@@ -371,3 +371,68 @@ async def test_a_16_mib_echo_is_not_cut_as_a_slow_reader(certs):
         await ws.send(big)
         assert await ws.recv() == b"echo:" + big
         assert recorder.of("error") == []
+
+
+class StubLoop:
+    """The loop calls TLSTransport makes, recorded; nothing runs by itself."""
+
+    def __init__(self):
+        self.soon = []
+
+    def add_reader(self, fd, callback):
+        pass
+
+    def remove_reader(self, fd):
+        pass
+
+    def call_soon(self, callback, *args):
+        self.soon.append((callback, args))
+
+
+class RecordsSocket:
+    """An SSLSocket stand-in whose recv returns one TLS record a call, like OpenSSL."""
+
+    def __init__(self, records):
+        self.records = list(records)
+
+    def getpeername(self):
+        return ("127.0.0.1", 1)
+
+    def fileno(self):
+        return -1
+
+    def pending(self):
+        return 0
+
+    def recv(self, n):
+        if not self.records:
+            raise ssl.SSLWantReadError
+        return self.records.pop(0)
+
+
+class Collecting(asyncio.Protocol):
+    def __init__(self):
+        self.pieces = []
+
+    def data_received(self, data):
+        self.pieces.append(data)
+
+
+def test_the_records_of_one_wake_up_reach_the_protocol_joined_up_to_the_pass_budget():
+    # A 16 MiB frame arriving as 1,024 records must not reach the frame parser in 1,024 pieces
+    # (its join grows with the square of the pieces: Autobahn 9.1.6 blocked the loop 1.5 s).
+    from wsecho.serve.tls import READ_PASS_BYTES, TLSTransport
+
+    record = 16 * 1024
+    count = READ_PASS_BYTES // record + 3
+    sock = RecordsSocket(bytes([i]) * record for i in range(count))
+    protocol, loop = Collecting(), StubLoop()
+    transport = TLSTransport(sock, protocol, loop)
+    (first_read, _) = loop.soon.pop()  # bytes already decrypted are read on start
+    first_read()
+    assert [len(p) for p in protocol.pieces] == [READ_PASS_BYTES]  # one piece, up to the budget
+    (next_read, _) = loop.soon.pop()  # the rest after the others' turn
+    next_read()
+    assert [len(p) for p in protocol.pieces] == [READ_PASS_BYTES, 3 * record]
+    assert b"".join(protocol.pieces) == b"".join(bytes([i]) * record for i in range(count))
+    assert transport.is_reading()
