@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import resource
 import signal
+import ssl
 import sys
 
 import tornado.httpserver
@@ -48,14 +49,15 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, tls: ssl.SSLContext | None) -> None:
     app = tornado.web.Application([(r"/.*", Echo)], websocket_max_message_size=MAX_MESSAGE_SIZE)
     sockets = tornado.netutil.bind_sockets(port, host, backlog=4096)
-    server = tornado.httpserver.HTTPServer(app)
+    server = tornado.httpserver.HTTPServer(app, ssl_options=tls)
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
     print(
-        f"baseline serving on http://{host}:{bound} ({type(asyncio.get_running_loop()).__module__} loop)",
+        f"baseline serving on {'https' if tls else 'http'}://{host}:{bound} "
+        f"({type(asyncio.get_running_loop()).__module__} loop)",
         file=sys.stderr,
         flush=True,
     )
@@ -71,9 +73,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--certfile", help="serve https:// and wss:// with this certificate (and --keyfile)")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
+    tls = None
+    if args.certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     raise_nofile_limit()
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port, tls))
     return 0
 
 

@@ -160,8 +160,8 @@ class RawClient:
         self.headers: dict[str, str] = {}
 
     @classmethod
-    async def connect(cls, port: int, path: str = "/websocket", extra: str = "") -> RawClient:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, path: str = "/websocket", extra: str = "", ssl=None) -> RawClient:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
@@ -232,7 +232,7 @@ class RawClient:
         self.writer.transport.abort()
 
 
-LISTENING = re.compile(r"on http://127\.0\.0\.1:(\d+) ")
+LISTENING = re.compile(r"on https?://127\.0\.0\.1:(\d+) ")
 
 
 class ServerProcess:

@@ -46,6 +46,8 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "echo_100x32": lambda cfg: bench_echo(cfg, "echo_100x32", 100, 32),
     "echo_100x4k": lambda cfg: bench_echo(cfg, "echo_100x4k", 100, 4096),
     "echo_1000x32": lambda cfg: bench_echo(cfg, "echo_1000x32", 1000, 32),
+    # wss:// against Tornado with TLS (issue 14: at least 2x).
+    "echo_tls_100x32": lambda cfg: bench_echo(cfg, "echo_tls_100x32", 100, 32, tls=True, target=2.0),
     "wake": bench_wake,
     "rss_per_socket": bench_memory,
     "handshakes": bench_handshakes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
 from array import array
 from collections.abc import Iterable
@@ -123,7 +124,13 @@ class EchoConn(WSListener):
 
 
 async def open_conns(
-    run: Run, url: str, count: int, concurrency: int, first_idx: int = 0, timeout: float = 180.0
+    run: Run,
+    url: str,
+    count: int,
+    concurrency: int,
+    first_idx: int = 0,
+    timeout: float = 180.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[EchoConn]:
     """Open ``count`` connections, at most ``concurrency`` handshakes in flight, within ``timeout``."""
     conns: list[EchoConn] = []
@@ -134,7 +141,11 @@ async def open_conns(
             source = (SOURCE_ADDRESSES[i % len(SOURCE_ADDRESSES)], 0)
             try:
                 _, conn = await ws_connect(
-                    lambda i=i: EchoConn(run, i), url, websocket_handshake_timeout=10, local_addr=source
+                    lambda i=i: EchoConn(run, i),
+                    url,
+                    websocket_handshake_timeout=10,
+                    local_addr=source,
+                    ssl_context=ssl_context,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is counted and ends the run
                 run.error("connect_failed", f"{type(exc).__name__}: {exc}"[:200])

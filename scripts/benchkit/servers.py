@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ class Server:
     port: int
     admin_port: int | None
     log: Path
+    #: The client's context for a server that serves wss:// (None: ws://).
+    tls: ssl.SSLContext | None = None
 
     @property
     def pid(self) -> int:
@@ -38,7 +41,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/websocket"
+        return f"{'wss' if self.tls else 'ws'}://{HOST}:{self.port}/websocket"
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -74,22 +77,40 @@ async def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: flo
     return False
 
 
-async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False) -> Server:
-    """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections."""
+def certificates(tmp: Path) -> tuple[list[str], ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a new CA (trustme): the servers' TLS flags, the client's context."""
+    import trustme  # the test extra's; only the TLS figure needs it
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(HOST)
+    certfile, keyfile = tmp / "bench-cert.pem", tmp / "bench-key.pem"
+    certfile.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(keyfile))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return ["--certfile", str(certfile), "--keyfile", str(keyfile)], client
+
+
+async def start_server(
+    kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False, tls: bool = False
+) -> Server:
+    """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
+    (``tls``: serving wss://, both the baseline and wsecho)."""
     check_interrupted()
+    tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
     for attempt in range(3):  # a port picked here can be taken before the server binds it
         port = free_port()
         admin_port = free_port() if admin else None
         log = tmp / f"{kind}-{port}.log"
         if kind == "baseline":
-            argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port)]
+            argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port), *tls_flags]
         else:
             argv = [sys.executable, "-m", "wsecho"]
             if kind == "wake":
                 argv.append("benchapps:wake_app")
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
-            argv += ["--access-log", "off", "--drain-timeout", "1"]
+            argv += ["--access-log", "off", "--drain-timeout", "1", *tls_flags]
             if hibernate_after is not None:
                 argv += ["--hibernate-after", str(hibernate_after)]
             if admin_port is not None:
@@ -100,7 +121,7 @@ async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = 
         if ok and admin_port is not None:
             ok = await wait_listening(admin_port, proc, deadline)
         if ok:
-            return Server(kind, proc, port, admin_port, log)
+            return Server(kind, proc, port, admin_port, log, client)
         PROCS.stop(proc)
         last_log = tail(log)
         if attempt < 2:

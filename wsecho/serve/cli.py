@@ -108,16 +108,17 @@ async def serve(
     server = Server(app, settings, notifier=notifier)
     try:
         addresses = await server.start()
-    except (StorageError, OSError) as exc:
+    except (StorageError, ConfigError, OSError) as exc:
         # A run-time failure (the port is taken, the data directory is locked): exit status 1;
-        # bad settings never get this far (exit status 2).
+        # bad settings never get this far (exit status 2); a bad certificate file is found here.
         log.error("cannot start: %s", exc)
         return 1
     for host, port in addresses:
         shown = f"[{host}]" if ":" in host else host
         log.info(
-            "wsecho serving %s on http://%s:%d (hibernate after %gs, max message %d bytes, data in %s, %s loop)",
+            "wsecho serving %s on %s://%s:%d (hibernate after %gs, max message %d bytes, data in %s, %s loop)",
             settings.app,
+            "https" if server.tls is not None else "http",
             shown,
             port,
             settings.hibernate_after,
@@ -126,7 +127,8 @@ async def serve(
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
     for host, port in server.admin_addresses:
-        log.info("admin listener on http://%s:%d (/healthz /readyz /metrics /objects)", host, port)
+        scheme = "https" if server.tls is not None and settings.admin_tls else "http"
+        log.info("admin listener on %s://%s:%d (/healthz /readyz /metrics /objects)", scheme, host, port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen: list[int] = []

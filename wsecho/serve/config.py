@@ -346,6 +346,21 @@ OPTIONS = (
     ),
     Option("--admin-port", _admin_port, "off", "port of the admin listener, or off", "PORT"),
     Option(
+        "--certfile",
+        _any_text,
+        "",
+        "serve https:// and wss:// with this PEM certificate chain (with --keyfile; SIGHUP re-reads both)",
+        "PATH",
+    ),
+    Option("--keyfile", _any_text, "", "the PEM private key of --certfile", "PATH"),
+    Option(
+        "--admin-tls",
+        _switch,
+        "off",
+        "serve the admin listener over TLS too, with --certfile and --keyfile: on or off",
+        "on|off",
+    ),
+    Option(
         "--drain-timeout",
         _non_negative_seconds,
         "5",
@@ -435,7 +450,11 @@ OPTIONS = (
 )
 
 #: Settings that SIGHUP applies to a running server; the others need a restart.
-RELOADABLE = frozenset({"hibernate_after", "log_level", "log_format", "log_file", "access_log", "drain_timeout"})
+RELOADABLE = frozenset(
+    {"hibernate_after", "log_level", "log_format", "log_file", "access_log", "drain_timeout", "certfile", "keyfile"}
+)
+#: Reloadable only while TLS stays on: turning it on or off needs a restart.
+TLS_FILES = frozenset({"certfile", "keyfile"})
 
 
 #: Each option's default, parsed: the one place :class:`Settings` takes its defaults from.
@@ -469,6 +488,10 @@ class Settings:
     admin_host: str = DEFAULTS["admin_host"]
     admin_port: int | None = DEFAULTS["admin_port"]
     drain_timeout: float = DEFAULTS["drain_timeout"]
+    #: Empty (both): no TLS. The files are read when the server starts and on SIGHUP.
+    certfile: str = DEFAULTS["certfile"]
+    keyfile: str = DEFAULTS["keyfile"]
+    admin_tls: bool = DEFAULTS["admin_tls"]
     max_object_storage: int | None = DEFAULTS["max_object_storage"]
     max_storage: int | None = DEFAULTS["max_storage"]
     max_sockets_per_object: int = DEFAULTS["max_sockets_per_object"]
@@ -607,6 +630,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         except ValueError as exc:
             raise ConfigError(source, str(exc)) from None
     check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
+    check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
     return Settings(**values)
 
 
@@ -622,6 +646,16 @@ def check_ports_differ(host: str, port: int, admin_host: str, admin_port: int | 
         where = admin_host if admin_host == host else f"{host} and {admin_host}"
         msg = f"must differ from --port {port}: the application and the admin listener cannot share {where} port {port}"
         raise ConfigError("--admin-port", msg)
+
+
+def check_tls(certfile: str, keyfile: str, admin_tls: bool) -> None:
+    """TLS needs both files or neither; the admin listener's TLS needs them."""
+    if bool(certfile) != bool(keyfile):
+        given, missing = ("--certfile", "--keyfile") if certfile else ("--keyfile", "--certfile")
+        msg = f"{given} is set but {missing} is not: TLS needs both (or neither, for plain HTTP)"
+        raise ConfigError("--certfile/--keyfile", msg)
+    if admin_tls and not certfile:
+        raise ConfigError("--admin-tls", "on needs --certfile and --keyfile (the admin listener uses the same ones)")
 
 
 def parse(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Settings, argparse.Namespace]:

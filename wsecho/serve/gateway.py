@@ -21,7 +21,7 @@ import tornado.tcpserver
 import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPConnection
-from tornado.iostream import StreamClosedError
+from tornado.iostream import SSLIOStream, StreamClosedError
 from tornado.log import access_log
 
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
@@ -33,7 +33,8 @@ from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings
-from wsecho.serve.takeover import take_socket
+from wsecho.serve.takeover import take_socket, take_tls_socket
+from wsecho.serve.tls import TLSTransport
 
 if TYPE_CHECKING:
     from wsecho.api.websocket import SocketLink
@@ -369,6 +370,9 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         except StreamClosedError:
             self.gateway.runtime.handshake_failed(server)
             return
+        if isinstance(stream, SSLIOStream):
+            self._serve_tls(stream, server, url, protocol)
+            return
         try:
             taken = take_socket(stream)
         except OSError:  # the client left between the 101 and now (a Tornado change raises)
@@ -382,6 +386,18 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
         except OSError:
             taken.sock.close()
+            self.gateway.runtime.handshake_failed(server)
+
+    def _serve_tls(self, stream: SSLIOStream, server: SocketLink, url: str, protocol: str | None) -> None:
+        """Serve the frames over the SSLSocket Tornado negotiated (see wsecho.serve.tls)."""
+        sock, leftover = take_tls_socket(stream)
+        connection = Connection(
+            server, self.gateway.connections, leftover, self.gateway.registry, url=url, protocol=protocol
+        )
+        try:
+            TLSTransport(sock, connection, asyncio.get_running_loop())
+        except OSError:  # the client left between the 101 and now
+            sock.close()
             self.gateway.runtime.handshake_failed(server)
 
     def _plain(self, status: int, text: str, extra: list[tuple[str, str]] | None = None) -> None:

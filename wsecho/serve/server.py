@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import tornado.web
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
+from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
 from wsecho.core.target import AllowedHosts
@@ -30,12 +32,13 @@ from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
 from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz, log_admin_request
-from wsecho.serve.config import RELOADABLE, Settings
+from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
 from wsecho.serve.metrics import ListenerStats, make_registry
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
+from wsecho.serve.tls import load_context
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
@@ -161,11 +164,18 @@ class Server:
         self._periodic: list[PeriodicCallback] = []
         #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
         self.blocked_watch = LoopWatchdog(settings.warn_blocked) if settings.warn_blocked > 0 else None
+        #: The certificate both listeners serve (None: plain HTTP); SIGHUP replaces it.
+        self.tls: ssl.SSLContext | None = None
         self.addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
 
     async def start(self) -> list[tuple[str, int]]:
         """Open storage, bind and start serving; return the bound ``(host, port)`` pairs."""
+        settings = self.settings
+        if settings.certfile or settings.keyfile:
+            # Before anything binds: a bad file is a start-up error naming it.
+            check_tls(settings.certfile, settings.keyfile, settings.admin_tls)
+            self.tls = load_context(settings.certfile, settings.keyfile)
         if self.settings.admin_port is not None:
             # The admin listener comes up first, so /readyz can say "starting".
             handlers: list[Any] = [
@@ -184,7 +194,7 @@ class Server:
                 default_handler_args={"server": self},
                 log_function=log_admin_request,
             )
-            self._admin = Listener(admin)
+            self._admin = Listener(admin, ssl_options=self.tls if settings.admin_tls else None)
             self._admin.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
             self._admin.add_sockets(admin_sockets)
             self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
@@ -197,6 +207,7 @@ class Server:
             # Tornado's header timeout: a client that dribbles its request is cut (slowloris).
             idle_connection_timeout=self.settings.handshake_timeout,
             body_timeout=BODY_TIMEOUT,
+            ssl_options=self.tls,
         )
         self._http.configure_limits(
             self._application,
@@ -372,12 +383,16 @@ class Server:
 
     def apply(self, settings: Settings) -> list[str]:
         """Apply the reloadable settings (SIGHUP); return the changed ones that need a restart."""
-        changes = {name: getattr(settings, name) for name in RELOADABLE}
+        reloadable = RELOADABLE if self.tls is not None and settings.certfile else RELOADABLE - TLS_FILES
+        changes = {name: getattr(settings, name) for name in reloadable}
         ignored = [
             name
             for name in attrs.fields_dict(Settings)
-            if name not in RELOADABLE and getattr(settings, name) != getattr(self.settings, name)
+            if name not in reloadable and getattr(settings, name) != getattr(self.settings, name)
         ]
+        if self.tls is not None and settings.certfile and not self._reload_tls(settings):
+            changes.pop("certfile")
+            changes.pop("keyfile")
         self.settings = attrs.evolve(self.settings, **changes)
         self.runtime.set_hibernate_after(settings.hibernate_after)
         self._sweeper.stop()
@@ -385,6 +400,23 @@ class Server:
         if self.phase == "ready" and self.sweeps:
             self._sweeper.start()
         return ignored
+
+    def _reload_tls(self, settings: Settings) -> bool:
+        """Read the certificate and key again (SIGHUP): new handshakes get them, open
+        connections keep their session. A bad file keeps the old ones and logs why."""
+        try:
+            check_tls(settings.certfile, settings.keyfile, settings.admin_tls)
+            context = load_context(settings.certfile, settings.keyfile)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the current certificate: %s", exc)
+            return False
+        self.tls = context
+        # Tornado wraps each accepted socket with the listener's ssl_options (a public attribute).
+        for listener in (self._http, self._admin if self.settings.admin_tls else None):
+            if listener is not None:
+                listener.ssl_options = context
+        log.info("SIGHUP: certificate re-read from %s", settings.certfile)
+        return True
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, close every WebSocket with 1001, wait (bounded) for the peers, cut

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
 from asyncio import Future
 from collections import Counter
@@ -27,7 +28,7 @@ import tornado.websocket
 from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 
 from wsecho.core.frames import valid_close_code
 from wsecho.core.wording import counted
@@ -58,12 +59,31 @@ def take_socket(stream: IOStream) -> _TakenSocket:
     event loop's own transport owns it. (This reaches into IOStream: the read buffer
     and the registration state are not public. Tests cover it; tornado is pinned <7.)
     """
+    leftover = _release(stream)
+    fd = stream.socket.detach()
+    return _TakenSocket(socket.socket(fileno=fd), leftover)
+
+
+def take_tls_socket(stream: SSLIOStream) -> tuple[ssl.SSLSocket, bytes]:
+    """Take the established ``ssl.SSLSocket`` away from Tornado's SSLIOStream, with the
+    decrypted bytes it read past the request.
+
+    The TLS session lives in the SSLSocket, which neither asyncio nor uvloop can adopt; a
+    :class:`wsecho.serve.tls.TLSTransport` drives it from here (docs/decisions/0004-tls.md).
+    """
+    leftover = _release(stream)
+    sock = stream.socket
+    assert isinstance(sock, ssl.SSLSocket)
+    return sock, leftover
+
+
+def _release(stream: IOStream) -> bytes:
+    """Make ``stream`` stop watching its descriptor; return what it had read and not consumed."""
     leftover = bytes(stream._read_buffer[: stream._read_buffer_size])
     if stream._state is not None:
         IOLoop.current().remove_handler(stream.fileno())
         stream._state = None
-    fd = stream.socket.detach()
-    return _TakenSocket(socket.socket(fileno=fd), leftover)
+    return leftover
 
 
 class ListenerOwner(Protocol):
