@@ -26,12 +26,13 @@ from tornado.log import access_log
 
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
+from wsecho.core import deflate
 from wsecho.core.errors import BadRequestError
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
-from wsecho.serve.connection import Connection, ConnectionSettings
+from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
 from wsecho.serve.takeover import take_socket
 
 if TYPE_CHECKING:
@@ -336,6 +337,13 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         ]
         if protocol:
             lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        # permessage-deflate: --compression decides, unless the application's 101 names the
+        # extensions it wants (like the subprotocol): without permessage-deflate there, none.
+        wanted = response.headers.get("Sec-WebSocket-Extensions")
+        compress = self.gateway.connections.compression if wanted is None else "permessage-deflate" in wanted.lower()
+        accepted = deflate.negotiate(",".join(headers.get_list("Sec-WebSocket-Extensions"))) if compress else None
+        if accepted is not None:
+            lines.append(f"Sec-WebSocket-Extensions: {accepted[0]}")
         for name, value in response.headers.items():
             if name.lower() in HANDSHAKE_HEADERS:
                 continue
@@ -357,8 +365,20 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             stream.close()
             self.gateway.runtime.handshake_failed(server)
             return
-        connection = Connection(
-            server, self.gateway.connections, taken.leftover, self.gateway.registry, url=url, protocol=protocol
+        settings, registry = self.gateway.connections, self.gateway.registry
+        connection = (
+            Connection(server, settings, taken.leftover, registry, url=url, protocol=protocol)
+            if accepted is None
+            else DeflateConnection(
+                server,
+                settings,
+                taken.leftover,
+                registry,
+                url=url,
+                protocol=protocol,
+                extensions=accepted[0],
+                window_bits=accepted[1],
+            )
         )
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
@@ -416,6 +436,7 @@ def make_application(
     max_outgoing: int = MAX_OUTGOING_BYTES,
     max_outgoing_total: int = MAX_OUTGOING_TOTAL_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
+    compression: bool = False,
 ) -> Gateway:
     """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections.
 
@@ -428,6 +449,7 @@ def make_application(
         max_outgoing=max_outgoing,
         max_outgoing_total=max_outgoing_total,
         close_timeout=close_timeout,
+        compression=compression,
     )
     return Gateway(
         runtime,

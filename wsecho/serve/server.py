@@ -135,6 +135,7 @@ class Server:
             allowed_hosts=AllowedHosts.for_listener(settings.allowed_hosts, settings.host),
             max_body_memory=settings.max_body_memory,
             max_outgoing_total=settings.max_outgoing_total,
+            compression=settings.compression,
         )
         self._http: Listener | None = None
         self._admin: Listener | None = None
