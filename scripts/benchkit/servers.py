@@ -31,6 +31,8 @@ class Server:
     port: int
     admin_port: int | None
     log: Path
+    #: Whether it serves permessage-deflate (clients then offer it and compress).
+    compression: bool = False
 
     @property
     def pid(self) -> int:
@@ -74,7 +76,9 @@ async def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: flo
     return False
 
 
-async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False) -> Server:
+async def start_server(
+    kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False, compression: bool = False
+) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections."""
     check_interrupted()
     last_log = ""
@@ -84,6 +88,8 @@ async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = 
         log = tmp / f"{kind}-{port}.log"
         if kind == "baseline":
             argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port)]
+            if compression:
+                argv.append("--compression")
         else:
             argv = [sys.executable, "-m", "wsecho"]
             if kind == "wake":
@@ -94,13 +100,15 @@ async def start_server(kind: str, tmp: Path, *, hibernate_after: float | None = 
                 argv += ["--hibernate-after", str(hibernate_after)]
             if admin_port is not None:
                 argv += ["--admin-port", str(admin_port)]
+            if compression:
+                argv += ["--compression", "on"]
         proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)
         if ok and admin_port is not None:
             ok = await wait_listening(admin_port, proc, deadline)
         if ok:
-            return Server(kind, proc, port, admin_port, log)
+            return Server(kind, proc, port, admin_port, log, compression)
         PROCS.stop(proc)
         last_log = tail(log)
         if attempt < 2:

@@ -313,6 +313,7 @@ def test_a_compressed_frame_arriving_in_pieces_is_not_checked_as_utf8_before_inf
         (client_frame(1, b"a", fin=False) + client_frame(0, b"b", rsv=0x40), "RSV1 set on a frame with opcode 0x0"),
         (client_frame(1, b"a", rsv=0x20), "reserved bits set without a negotiated extension"),
     ],
+    ids=["ping", "close", "continuation", "rsv2"],
 )
 def test_rsv1_on_control_or_continuation_frames_is_a_protocol_error(frame_bytes, reason):
     assert inflating().feed(frame_bytes)[-1] == (FAIL, (1002, reason))
