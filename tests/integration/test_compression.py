@@ -3,6 +3,7 @@ hibernation, and an idle compressed socket that holds no zlib state."""
 
 import gc
 import json
+import os
 import struct
 import tracemalloc
 import zlib
@@ -86,7 +87,7 @@ async def test_websockets_client_negotiates_and_echoes_large_messages_both_ways(
         assert await ws.recv() == "echo:" + text
         await ws.send(data)
         assert await ws.recv() == b"binary:" + data
-        await ws.send("hi")  # below the size worth compressing: goes back plain
+        await ws.send("hi")
         assert await ws.recv() == "echo:hi"
 
 
@@ -116,6 +117,14 @@ async def test_the_server_compresses_with_rsv1_and_inflates_fragmented_messages(
         assert b0 == 0x80 | 0x40 | 0x1  # final, compressed, text
         assert inflated(payload) == b"echo:" + text
         assert len(payload) < len(text) // 10
+        # small and incompressible messages go out compressed too (kosoku fails plain echoes)
+        noise = os.urandom(3000)
+        client.send_frame(0x1, b"s")
+        client.send_frame(0x2, noise)
+        b0, payload = await read_raw(client)
+        assert (b0, inflated(payload)) == (0xC1, b"echo:s")
+        b0, payload = await read_raw(client)
+        assert (b0, inflated(payload)) == (0xC2, b"binary:" + noise)
 
 
 @pytest.mark.gen_test

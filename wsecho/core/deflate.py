@@ -12,7 +12,10 @@ zlib's smallest raw window; at most what the client allows) and the hash table s
 Measured for a 4 KiB JSON message (Python 3.11, zlib 1.2.13): ``compressobj()`` with zlib's
 defaults (window 2**15, memLevel 8) 52 µs; window 2**13 and memLevel 5, 20 µs, the same 800
 bytes out; a ``copy()`` of a pristine compressor 73 µs (it copies the 256 KiB of state);
-``zlib.compress(wbits=-15)`` in one shot 54 µs. Inflating: 7 µs.
+``zlib.compress(wbits=-15)`` in one shot 54 µs. Inflating: 7 µs. A message of 16 to 300 bytes
+costs under 3 µs (its window is the smallest), so every message goes out compressed, as
+Tornado and websockets do: RFC 7692 §6 would allow plain ones, but kosoku, which runs
+Autobahn's 12.* and 13.*, fails every echo that comes back uncompressed.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ import zlib
 PERMESSAGE_DEFLATE = "permessage-deflate"
 #: zlib's compression level (Tornado's and zlib's default: the same bytes out as their clients').
 LEVEL = 6
-#: Messages shorter than this go out uncompressed (RFC 7692 §6: an endpoint may send any message
-#: uncompressed): deflate saves little on them and costs a zlib object each.
-MIN_COMPRESS = 64
 #: What RFC 7692 §7.2.2 has the receiver append to a message before inflating it.
 _TAIL = b"\x00\x00\xff\xff"
 _WINDOWS = frozenset(str(bits) for bits in range(8, 16))

@@ -485,7 +485,7 @@ class Connection(asyncio.Protocol):
 
 
 class DeflateConnection(Connection):
-    """A connection with permessage-deflate: compressed messages in, and out when it pays."""
+    """A connection with permessage-deflate: compressed messages in and out."""
 
     __slots__ = ("extensions", "window_bits")
 
@@ -501,9 +501,5 @@ class DeflateConnection(Connection):
             data, opcode = message.encode("utf-8"), _TEXT_FRAME
         else:
             data, opcode = message, _BINARY_FRAME
-        if len(data) >= deflate.MIN_COMPRESS:
-            packed = deflate.compress(data, self.window_bits)
-            if len(packed) < len(data):  # RFC 7692 §6: a message may always go uncompressed
-                self._write(frames.frame(opcode | 0x40, packed))  # 0x40 in the first byte: RSV1
-                return
-        self._write(frames.frame(opcode, data))
+        # 0x40 in the first byte: RSV1, "Per-Message Compressed" (RFC 7692 §6)
+        self._write(frames.frame(opcode | 0x40, deflate.compress(data, self.window_bits)))
