@@ -5,10 +5,11 @@ It answers every message like wsecho's default application does: ``[Durable Obje
 followed by the message, text as text and binary as binary, so one client checks both.
 Any path is upgraded (wsecho's default application upgrades on ``/websocket``).
 
-    python scripts/bench_baseline.py --port 0
+    python scripts/bench_baseline.py --port 0 [--compression]
 
-prints ``baseline serving on http://127.0.0.1:PORT`` on stderr once it listens, and stops
-on SIGTERM or SIGINT.
+``--compression`` turns on Tornado's permessage-deflate (``get_compression_options``
+returning ``{}``: its defaults). It prints ``baseline serving on http://127.0.0.1:PORT`` on
+stderr once it listens, and stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ class Echo(tornado.websocket.WebSocketHandler):
             self.write_message(PREFIX_TEXT + message)
 
 
+class DeflateEcho(Echo):
+    def get_compression_options(self) -> dict[str, object]:
+        return {}
+
+
 def raise_nofile_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(host: str, port: int, tls: ssl.SSLContext | None) -> None:
-    app = tornado.web.Application([(r"/.*", Echo)], websocket_max_message_size=MAX_MESSAGE_SIZE)
+async def serve(host: str, port: int, tls: ssl.SSLContext | None, compression: bool) -> None:
+    handler = DeflateEcho if compression else Echo
+    app = tornado.web.Application([(r"/.*", handler)], websocket_max_message_size=MAX_MESSAGE_SIZE)
     sockets = tornado.netutil.bind_sockets(port, host, backlog=4096)
     server = tornado.httpserver.HTTPServer(app, ssl_options=tls)
     server.add_sockets(sockets)
@@ -75,13 +82,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--certfile", help="serve https:// and wss:// with this certificate (and --keyfile)")
     parser.add_argument("--keyfile")
+    parser.add_argument("--compression", action="store_true", help="permessage-deflate, Tornado's defaults")
     args = parser.parse_args()
     tls = None
     if args.certfile:
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(args.certfile, args.keyfile)
     raise_nofile_limit()
-    uvloop.run(serve(args.host, args.port, tls))
+    uvloop.run(serve(args.host, args.port, tls, args.compression))
     return 0
 
 

@@ -35,7 +35,7 @@ from benchkit.errors import BenchError
 from benchkit.fairness import bench_fairness
 from benchkit.handshakes import bench_handshakes
 from benchkit.interrupt import INTERRUPT
-from benchkit.memory import bench_memory
+from benchkit.memory import bench_memory, bench_memory_deflate
 from benchkit.procs import CLIENT_CPU, PIN, PROCS, SERVER_CPU, raise_nofile_limit
 from benchkit.report import Line
 from benchkit.sweep import bench_sweep
@@ -48,8 +48,12 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "echo_1000x32": lambda cfg: bench_echo(cfg, "echo_1000x32", 1000, 32),
     # wss:// against Tornado with TLS (issue 14: at least 2x).
     "echo_tls_100x32": lambda cfg: bench_echo(cfg, "echo_tls_100x32", 100, 32, tls=True, target=2.0),
+    "echo_deflate_4k_json": lambda cfg: bench_echo(
+        cfg, "echo_deflate_4k_json", 100, 4096, compression=True, target=1.5
+    ),
     "wake": bench_wake,
     "rss_per_socket": bench_memory,
+    "rss_per_socket_deflate": bench_memory_deflate,
     "handshakes": bench_handshakes,
     "fairness": bench_fairness,
     "sweep": bench_sweep,

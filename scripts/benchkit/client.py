@@ -1,5 +1,8 @@
 """The load client: picows connections that send numbered messages and check every echo byte for byte.
 
+With ``deflate`` the connections offer permessage-deflate as browsers do, compress every
+message on their own (RSV1) and inflate what comes back compressed; the payload is then JSON.
+
 Messages alternate text and binary (text must come back as text, binary as binary); every
 wrong echo, unexpected close or failed connect is counted in the :class:`Run` and ends the
 measurement with :class:`~benchkit.errors.BenchError`.
@@ -9,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import ssl
 import time
+import zlib
 from array import array
 from collections.abc import Iterable
 
@@ -36,13 +41,32 @@ BINARY = WSMsgType.BINARY
 
 CLOSE = WSMsgType.CLOSE
 
+#: What browsers offer (RFC 7692), and what a receiver appends before inflating a message.
+OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate; client_max_window_bits"}
+TAIL = b"\x00\x00\xff\xff"
+
+
+def json_filler(size: int) -> bytes:
+    """``size`` bytes of JSON-like text: records with repeated keys and varying values."""
+    records = json.dumps([{"id": i, "user": f"user-{i * 7919 % 10007}", "score": i * 0.37} for i in range(size)])
+    return records.encode()[:size]
+
+
+def deflated(data: bytes) -> bytes:
+    """A message compressed on its own (no context takeover), cheaply: the client is not measured."""
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -13, 5)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
 
 class Run:
     """The state one load run shares between its connections."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, deflate: bool = False) -> None:
         alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
         self.filler = bytes(alphabet[i % len(alphabet)] for i in range(max(0, size - 16)))
+        self.deflate = deflate
+        if deflate:
+            self.filler = json_filler(max(0, size - 16))
         self.sending = False
         self.recording = False
         self.count = 0
@@ -75,6 +99,8 @@ class EchoConn(WSListener):
         self.received = 0  # echoes inside the measured window
         self.closing = False
         self.closed = False
+        #: One inflater for the connection: it also reads messages compressed on their own.
+        self.inflater = zlib.decompressobj(-15) if run.deflate else None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -85,7 +111,10 @@ class EchoConn(WSListener):
         msg = b"%08x%08x" % (self.idx, seq) + self.run.filler
         mt = BINARY if (seq + self.idx) & 1 else TEXT
         self.inflight.append((perf_ns(), mt, PREFIX + msg))
-        self.transport.send(mt, msg)
+        if self.inflater is not None:
+            self.transport.send(mt, deflated(msg), rsv1=True)
+        else:
+            self.transport.send(mt, msg)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         mt = frame.msg_type
@@ -93,6 +122,8 @@ class EchoConn(WSListener):
             now = perf_ns()
             run = self.run
             data = frame.get_payload_as_bytes()
+            if frame.rsv1 and self.inflater is not None:
+                data = self.inflater.decompress(data + TAIL)
             if not self.inflight:
                 run.error("unexpected_message", repr(data[:60]))
                 return
@@ -146,6 +177,7 @@ async def open_conns(
                     websocket_handshake_timeout=10,
                     local_addr=source,
                     ssl_context=ssl_context,
+                    extra_headers=OFFER if run.deflate else None,
                 )
             except Exception as exc:  # noqa: BLE001 - every failure is counted and ends the run
                 run.error("connect_failed", f"{type(exc).__name__}: {exc}"[:200])

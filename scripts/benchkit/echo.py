@@ -9,14 +9,22 @@ from benchkit.servers import start_server, stop_server
 
 
 async def bench_echo(
-    cfg: Config, name: str, connections: int, size: int, *, tls: bool = False, target: float = 4.0
+    cfg: Config,
+    name: str,
+    connections: int,
+    size: int,
+    *,
+    tls: bool = False,
+    compression: bool = False,
+    target: float = 4.0,
 ) -> list[Line]:
-    """With ``tls``, both servers serve wss:// with a certificate from a CA the client trusts."""
+    """With ``tls``, both servers serve wss:// with a certificate from a CA the client trusts;
+    with ``compression`` both serve permessage-deflate (Tornado with its defaults)."""
     base: list[float] = []
     ws: list[float] = []
     for r in range(cfg.rounds):
         for kind, out in (("baseline", base), ("wsecho", ws)):
-            server = await start_server(kind, cfg.tmp, tls=tls)
+            server = await start_server(kind, cfg.tmp, tls=tls, compression=compression)
             try:
                 t = await traffic(server, connections, size, 1, cfg.warmup, cfg.duration)
             finally:

@@ -36,7 +36,7 @@ class Traffic:
 
 async def traffic(server: Server, connections: int, size: int, window: int, warmup: float, duration: float) -> Traffic:
     """``connections`` x ``window`` messages in flight for warmup + duration seconds; measure the last part."""
-    run = Run(size)
+    run = Run(size, deflate=server.compression)
     conns = await open_conns(run, server.url, connections, concurrency=100, ssl_context=server.tls)
     run.check(f"{server.kind}: connecting")
     loop = asyncio.get_running_loop()

@@ -28,12 +28,17 @@ async def wait_hibernated(server: Server, sockets: int, timeout: float) -> None:
     raise BenchError(f"the object did not hibernate with {sockets} sockets within {timeout:g}s: {seen}")
 
 
-async def memory_round(cfg: Config, kind: str, hibernate_after: float) -> dict[int, float]:
-    """Bytes of server RSS per idle socket at each of ``cfg.memory_sizes`` open sockets."""
+async def memory_round(cfg: Config, kind: str, hibernate_after: float, compression: bool = False) -> dict[int, float]:
+    """Bytes of server RSS per idle socket at each of ``cfg.memory_sizes`` open sockets (with
+    ``compression``, sockets that negotiated permessage-deflate and echoed a compressed 4 KiB)."""
     server = await start_server(
-        kind, cfg.tmp, hibernate_after=hibernate_after if kind != "baseline" else None, admin=kind != "baseline"
+        kind,
+        cfg.tmp,
+        hibernate_after=hibernate_after if kind != "baseline" else None,
+        admin=kind != "baseline",
+        compression=compression,
     )
-    run = Run(32)
+    run = Run(4096 if compression else 32, deflate=compression)
     conns: list[EchoConn] = []
     per_socket: dict[int, float] = {}
     try:
@@ -92,6 +97,36 @@ async def bench_memory(cfg: Config) -> list[Line]:
                 ratio,
                 "<= 0.4x",
                 ratio <= 0.4,
+            )
+        )
+    return lines
+
+
+async def bench_memory_deflate(cfg: Config) -> list[Line]:
+    """RSS per idle hibernated socket with permessage-deflate over the same without (target <= 2x)."""
+    limit = raise_nofile_limit()
+    if max(cfg.memory_sizes) + 200 > limit:
+        raise BenchError(f"RLIMIT_NOFILE is {limit}: too low to hold {max(cfg.memory_sizes)} client sockets")
+    hibernate_after = 0.5
+    plain: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
+    packed: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
+    for r in range(cfg.rounds):
+        for compression, out in ((False, plain), (True, packed)):
+            detail(f"[rss_per_socket_deflate run {r + 1}] wsecho, compression {'on' if compression else 'off'}")
+            for n, v in (await memory_round(cfg, "wsecho", hibernate_after, compression)).items():
+                out[n].append(v)
+    lines = []
+    for n in cfg.memory_sizes:
+        p, c = med(plain[n]), med(packed[n])
+        ratio = c / p
+        lines.append(
+            Line(
+                f"rss_per_socket_deflate@{n}",
+                f"{c:,.0f} B/socket",
+                f"plain {p:,.0f} B/socket",
+                ratio,
+                "<= 2.0x",
+                ratio <= 2.0,
             )
         )
     return lines

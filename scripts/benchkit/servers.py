@@ -34,6 +34,8 @@ class Server:
     log: Path
     #: The client's context for a server that serves wss:// (None: ws://).
     tls: ssl.SSLContext | None = None
+    #: Whether it serves permessage-deflate (clients then offer it and compress).
+    compression: bool = False
 
     @property
     def pid(self) -> int:
@@ -92,10 +94,16 @@ def certificates(tmp: Path) -> tuple[list[str], ssl.SSLContext]:
 
 
 async def start_server(
-    kind: str, tmp: Path, *, hibernate_after: float | None = None, admin: bool = False, tls: bool = False
+    kind: str,
+    tmp: Path,
+    *,
+    hibernate_after: float | None = None,
+    admin: bool = False,
+    tls: bool = False,
+    compression: bool = False,
 ) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
-    (``tls``: serving wss://, both the baseline and wsecho)."""
+    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho)."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
@@ -105,6 +113,8 @@ async def start_server(
         log = tmp / f"{kind}-{port}.log"
         if kind == "baseline":
             argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port), *tls_flags]
+            if compression:
+                argv.append("--compression")
         else:
             argv = [sys.executable, "-m", "wsecho"]
             if kind == "wake":
@@ -115,13 +125,15 @@ async def start_server(
                 argv += ["--hibernate-after", str(hibernate_after)]
             if admin_port is not None:
                 argv += ["--admin-port", str(admin_port)]
+            if compression:
+                argv += ["--compression", "on"]
         proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)
         if ok and admin_port is not None:
             ok = await wait_listening(admin_port, proc, deadline)
         if ok:
-            return Server(kind, proc, port, admin_port, log, client)
+            return Server(kind, proc, port, admin_port, log, client, compression)
         PROCS.stop(proc)
         last_log = tail(log)
         if attempt < 2:

@@ -2,8 +2,8 @@
 
 Every WebSocket message is ``{"op": ..., ...}``; the object answers with
 ``{"ok": result}`` or ``{"error": "<ExceptionType>: message"}``. HTTP paths
-``/lab/<name>/<what>`` pick the object; ``?tags=a,b`` and ``?mode=accept`` shape
-the upgrade. Everything an object sees goes to ``env.REC``.
+``/lab/<name>/<what>`` pick the object; ``?tags=a,b``, ``?mode=accept`` and
+``?extensions=`` shape the upgrade. Everything an object sees goes to ``env.REC``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ class Lab(DurableObject):
             else:
                 tags = query["tags"][0].split(",") if "tags" in query else []
                 self.ctx.accept_web_socket(server, tags)
-            return Response(status=101, web_socket=client)
+            # ?extensions=...: the 101 names the extensions the application wants (or none)
+            headers = {"Sec-WebSocket-Extensions": query["extensions"][0]} if "extensions" in query else {}
+            return Response(status=101, web_socket=client, headers=headers)
         if url.path.endswith("/count"):
             return Response(str(len(self.ctx.get_web_sockets(query.get("tag", [None])[0]))))
         return Response("lab")
@@ -81,7 +83,9 @@ class Lab(DurableObject):
         op = cmd["op"]
         self.rec.record("op", op)
         ctx = self.ctx
-        if op == "tags":
+        if op == "extensions":
+            _answer(ws, lambda: ws.extensions)
+        elif op == "tags":
             _answer(ws, lambda: ctx.get_tags(ws))
         elif op == "tagged":
             _answer(ws, lambda: len(ctx.get_web_sockets(cmd["tag"])))

@@ -2,11 +2,14 @@
 
 import os
 import struct
+import tracemalloc
+import zlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsecho.core import deflate
 from wsecho.core.frames import BINARY, CLOSE, FAIL, MAX_FRAGMENTS, PING, PONG, TEXT, FrameParser, frame, unmask
 
 
@@ -252,3 +255,136 @@ def test_fuzz_messages_survive_any_pass_budget(messages, chunk, budget):
         while parser.held:
             events += parser.resume()
     assert events == [(BINARY, p) for _, p in messages]
+
+
+# -- permessage-deflate (RFC 7692) ---------------------------------------------------------
+
+
+def deflated(data, wbits=15):
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def inflating(limit=1 << 20):
+    return FrameParser(limit, deflate=True)
+
+
+def test_rsv1_marks_a_compressed_message_once_negotiated():
+    text = "héllo " * 100
+    packed = deflated(text.encode())
+    assert inflating().feed(client_frame(1, packed, rsv=0x40) + client_frame(2, deflated(b"\x00" * 50), rsv=0x40)) == [
+        (TEXT, text),
+        (BINARY, b"\x00" * 50),
+    ]
+    # uncompressed messages still pass on a compressed connection
+    assert inflating().feed(client_frame(1, b"plain")) == [(TEXT, "plain")]
+    # without the extension, RSV1 is still a protocol error
+    assert parse(client_frame(1, packed, rsv=0x40)) == [
+        (FAIL, (1002, "reserved bits set without a negotiated extension"))
+    ]
+
+
+def test_a_compressed_message_in_fragments_with_a_ping_between():
+    packed = deflated(b"fragmented " * 50)
+    events = inflating().feed(
+        client_frame(1, packed[:5], fin=False, rsv=0x40)
+        + client_frame(9, b"p")
+        + client_frame(0, packed[5:9], fin=False)
+        + client_frame(0, packed[9:])
+    )
+    assert events == [(PING, b"p"), (TEXT, "fragmented " * 50)]
+
+
+def test_a_compressed_frame_arriving_in_pieces_is_not_checked_as_utf8_before_inflating():
+    packed = deflated("ünïcode ".encode() * 200)
+    data = client_frame(1, packed, rsv=0x40)
+    parser = inflating()
+    events = []
+    for i in range(0, len(data), 7):
+        events += parser.feed(data[i : i + 7])
+    assert events == [(TEXT, "ünïcode " * 200)]
+
+
+@pytest.mark.parametrize(
+    ("frame_bytes", "reason"),
+    [
+        (client_frame(9, b"x", rsv=0x40), "RSV1 set on a frame with opcode 0x9"),
+        (client_frame(8, b"\x03\xe8", rsv=0x40), "RSV1 set on a frame with opcode 0x8"),
+        (client_frame(1, b"a", fin=False) + client_frame(0, b"b", rsv=0x40), "RSV1 set on a frame with opcode 0x0"),
+        (client_frame(1, b"a", rsv=0x20), "reserved bits set without a negotiated extension"),
+    ],
+    ids=["ping", "close", "continuation", "rsv2"],
+)
+def test_rsv1_on_control_or_continuation_frames_is_a_protocol_error(frame_bytes, reason):
+    assert inflating().feed(frame_bytes)[-1] == (FAIL, (1002, reason))
+
+
+def test_a_zip_bomb_fails_with_1009_without_allocating_what_it_inflates_to():
+    bomb = deflated(b"\x00" * (256 << 20))  # 256 MiB of zeros in about 256 KiB
+    data = client_frame(2, bomb, rsv=0x40)
+    parser = inflating(limit=1 << 20)
+    tracemalloc.start()
+    try:
+        events = parser.feed(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert events == [(FAIL, (1009, "message inflates to more than 1048576 bytes"))]
+    assert peak < 4 * (1 << 20) + 2 * len(data)
+
+
+def test_the_inflated_size_counts_and_a_message_of_the_limit_passes():
+    limit = 1000
+    assert inflating(limit).feed(client_frame(2, deflated(b"a" * limit), rsv=0x40)) == [(BINARY, b"a" * limit)]
+    assert inflating(limit).feed(client_frame(2, deflated(b"a" * (limit + 1)), rsv=0x40)) == [
+        (FAIL, (1009, "message inflates to more than 1000 bytes"))
+    ]
+    # incompressible data grows a little when deflated: a message of the limit is accepted
+    noise = os.urandom(limit)
+    assert inflating(limit).feed(client_frame(2, deflated(noise), rsv=0x40)) == [(BINARY, noise)]
+
+
+def test_compressed_text_is_validated_after_inflating_and_garbage_fails_1007():
+    assert inflating().feed(client_frame(1, deflated(b"\xff\xfe" * 40), rsv=0x40)) == [
+        (FAIL, (1007, "invalid UTF-8 in a text message"))
+    ]
+    (kind, (code, reason)), *_ = inflating().feed(client_frame(2, b"\xff" * 20, rsv=0x40))
+    assert (kind, code) == (FAIL, 1007)
+    assert reason.startswith("a compressed message that does not inflate")
+
+
+# -- negotiation and the sending side ------------------------------------------------------------
+
+ACCEPTED = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+
+
+@pytest.mark.parametrize(
+    ("offer", "answer"),
+    [
+        ("", None),
+        ("permessage-deflate", (ACCEPTED, 15)),
+        ("Permessage-Deflate; client_max_window_bits", (ACCEPTED, 15)),
+        ("permessage-deflate; client_max_window_bits=10; server_no_context_takeover", (ACCEPTED, 15)),
+        ('permessage-deflate; server_max_window_bits="12"', (ACCEPTED + "; server_max_window_bits=12", 12)),
+        ("permessage-deflate; server_max_window_bits=8", (ACCEPTED + "; server_max_window_bits=8", 8)),
+        ("permessage-deflate; server_max_window_bits", None),  # needs a value
+        ("permessage-deflate; server_max_window_bits=16", None),
+        ("permessage-deflate; server_max_window_bits=09", None),
+        ("permessage-deflate; client_max_window_bits=7", None),
+        ("permessage-deflate; client_no_context_takeover=1", None),
+        ("permessage-deflate; client_no_context_takeover; client_no_context_takeover", None),
+        ("permessage-deflate; unknown", None),
+        ("x-webkit-deflate-frame, permessage-deflate; server_max_window_bits=20, permessage-deflate", (ACCEPTED, 15)),
+    ],
+)
+def test_negotiate(offer, answer):
+    assert deflate.negotiate(offer) == answer
+
+
+@pytest.mark.parametrize("window_bits", range(8, 16))
+def test_compress_stays_within_the_window_and_inflates(window_bits):
+    data = os.urandom(200) * 300  # repeats 200 bytes back: only a 2**8 window cannot reach them
+    packed = deflate.compress(data, window_bits)
+    assert zlib.decompressobj(-max(window_bits, 9)).decompress(packed + b"\x00\x00\xff\xff") == data
+    if window_bits >= 9:
+        assert len(packed) < len(data) // 10

@@ -436,3 +436,19 @@ def test_the_records_of_one_wake_up_reach_the_protocol_joined_up_to_the_pass_bud
     assert [len(p) for p in protocol.pieces] == [READ_PASS_BYTES, 3 * record]
     assert b"".join(protocol.pieces) == b"".join(bytes([i]) * record for i in range(count))
     assert transport.is_reading()
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_compression_over_tls(certs):
+    # The TLS path builds its connection like the plain one: a socket that agreed on
+    # permessage-deflate gets compressed frames over TLS too.
+    recorder = Recorder()
+    async with (
+        tls_server(recorder, certs, compression=True) as server,
+        connect(wss(server), ssl=trusting(certs.ca)) as ws,  # websockets offers permessage-deflate
+    ):
+        assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+        await ws.send("hello " * 100)
+        assert await ws.recv() == "echo:" + "hello " * 100
+        (link,) = server.runtime.find("PROBE", "room").sockets
+        assert "permessage-deflate" in link.ws.extensions

@@ -20,6 +20,12 @@ frames once that many bytes were consumed since the last :meth:`FrameParser.resu
 ``held``; the caller lets other connections run, then calls ``resume()`` for the rest. A flood
 of tiny frames (a 1 MiB message as a million one-byte fragments is 7 MB on the wire) then
 costs other clients one bounded slice at a time instead of the whole flood.
+
+With permessage-deflate negotiated (``deflate=True``, RFC 7692), RSV1 on the first frame of a
+data message says that the message is compressed: its frames are collected (their wire size
+bounded like a message's) and inflated as one when it ends, bounded by ``max_message_size`` on
+the inflated size (1009 past it), then text is checked as UTF-8. Control frames and
+continuation frames never carry RSV1 (1002).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from __future__ import annotations
 import codecs
 import struct
 import sys
+import zlib
 from collections.abc import Callable
 from typing import Any
+
+from wsecho.core import deflate as _deflate
 
 TEXT, BINARY, PING, PONG, CLOSE, FAIL = "text", "binary", "ping", "pong", "close", "fail"
 
@@ -69,6 +78,7 @@ class FrameParser:
         "_budget",
         "_buf",
         "_checked",
+        "_compressed",
         "_decoder",
         "_failed",
         "_frag_count",
@@ -76,6 +86,7 @@ class FrameParser:
         "_frag_size",
         "_frags",
         "_unmask",
+        "deflate",
         "held",
         "max_fragments",
         "max_message_size",
@@ -89,8 +100,13 @@ class FrameParser:
         max_fragments: int = MAX_FRAGMENTS,
         pass_bytes: int | None = None,
         unmask: Callable[[bytes, bytes], bytes] = unmask,
+        deflate: bool = False,
     ) -> None:
         self.max_message_size = max_message_size
+        #: Whether permessage-deflate was negotiated: RSV1 then marks a compressed message.
+        self.deflate = deflate
+        #: Whether the fragmented message in progress is compressed.
+        self._compressed = False
         #: ``unmask(mask, data)``: the server passes a C routine (Tornado's) when there is one.
         self._unmask = unmask
         self.max_fragments = max_fragments
@@ -155,7 +171,7 @@ class FrameParser:
             start = pos + head + 4
             stop = start + length
             if stop > end:
-                if end > start + self._checked and self._text_frame(opcode):
+                if end > start + self._checked and self._text_frame(b0, opcode):
                     # Part of a text frame is here: check its UTF-8 now, so that invalid text
                     # fails the connection at the bad byte, not when the frame completes.
                     fail = self._check_partial(buf[pos + head : start], buf[start + self._checked : end])
@@ -174,7 +190,7 @@ class FrameParser:
                     continue
                 except UnicodeDecodeError:
                     return self._fail(events, 1007, "invalid UTF-8 in a text message")
-            if not self._frame(b0 & 0x80, opcode, payload, events):
+            if not self._frame(b0, opcode, payload, events):
                 return events
         self._buf = buf[pos:] if pos < end else b""
         self._budget = limit - pos
@@ -187,8 +203,11 @@ class FrameParser:
         self.held = False
         return self.feed(b"")
 
-    def _text_frame(self, opcode: int) -> bool:
-        return opcode == OP_TEXT or (opcode == OP_CONT and self._frag_op == OP_TEXT)
+    def _text_frame(self, b0: int, opcode: int) -> bool:
+        """Whether this frame is plain text (compressed text is checked once it is inflated)."""
+        if opcode == OP_TEXT:
+            return not b0 & 0x40
+        return opcode == OP_CONT and self._frag_op == OP_TEXT and not self._compressed
 
     def _check_partial(self, mask: bytes, chunk: bytes) -> tuple[int, str] | None:
         """Validate the next ``chunk`` of the frame in progress (``_checked`` bytes already were)."""
@@ -203,8 +222,12 @@ class FrameParser:
         return None
 
     def _check_header(self, b0: int, b1: int, opcode: int, length: int) -> tuple[int, str] | None:
-        if b0 & 0x70:
+        compressed = bool(b0 & 0x40)
+        if b0 & 0x70 and (b0 & 0x70 != 0x40 or not self.deflate):
             return 1002, "reserved bits set without a negotiated extension"
+        if compressed and opcode not in (OP_TEXT, OP_BINARY):
+            # RFC 7692 §6: only the first frame of a data message carries "Per-Message Compressed"
+            return 1002, f"RSV1 set on a frame with opcode {opcode:#x}"
         if not b1 & 0x80:
             return 1002, "client frames must be masked"
         if opcode & 0x08:
@@ -223,16 +246,23 @@ class FrameParser:
             if self._frag_count >= self.max_fragments:
                 return 1009, f"message in more than {self.max_fragments} fragments"
             total = self._frag_size + length
+            compressed = self._compressed
         else:
             if self._frag_op >= 0:
                 return 1002, "a new message started before the fragmented one ended"
             total = length
-        if total > self.max_message_size:
+        # Deflate can grow incompressible data a little (5 bytes per 16 KiB stored block): a
+        # message of max_message_size bytes is accepted compressed too.
+        limit = self.max_message_size
+        if compressed:
+            limit += (limit >> 10) + 64
+        if total > limit:
             return 1009, f"message of more than {self.max_message_size} bytes"
         return None
 
-    def _frame(self, fin: int, opcode: int, payload: bytes, events: list[tuple[str, Any]]) -> bool:
+    def _frame(self, b0: int, opcode: int, payload: bytes, events: list[tuple[str, Any]]) -> bool:
         """Handle one complete frame; False once nothing more is to be parsed (a failure or a Close)."""
+        fin = b0 & 0x80
         if opcode == OP_PING:
             events.append((PING, payload))
             return True
@@ -245,6 +275,8 @@ class FrameParser:
         if opcode != OP_CONT:  # the first frame of a message
             if fin:
                 self._decoder = None  # used only while the frame was arriving
+                if b0 & 0x40:
+                    return self._inflated(opcode, payload, events)
                 if opcode == OP_TEXT:
                     try:
                         events.append((TEXT, payload.decode("utf-8")))
@@ -258,7 +290,8 @@ class FrameParser:
             self._frags = []
             self._frag_size = 0
             self._frag_count = 0
-            if opcode == OP_TEXT and not checked:
+            self._compressed = bool(b0 & 0x40)
+            if opcode == OP_TEXT and not checked and not self._compressed:
                 self._decoder = _utf8_decoder()
         self._frags.append(payload)
         self._frag_size += len(payload)
@@ -271,14 +304,37 @@ class FrameParser:
                 return False
         if fin:
             whole = b"".join(self._frags)
-            if self._frag_op == OP_TEXT:
-                events.append((TEXT, whole.decode("utf-8")))
-            else:
-                events.append((BINARY, whole))
-            self._frag_op = -1
+            op, self._frag_op = self._frag_op, -1
             self._frags = []
             self._frag_size = 0
             self._decoder = None
+            if self._compressed:
+                self._compressed = False
+                return self._inflated(op, whole, events)
+            if op == OP_TEXT:
+                events.append((TEXT, whole.decode("utf-8")))
+            else:
+                events.append((BINARY, whole))
+        return True
+
+    def _inflated(self, opcode: int, data: bytes, events: list[tuple[str, Any]]) -> bool:
+        """A whole compressed message: inflated within the limit, then delivered like any."""
+        try:
+            payload = _deflate.inflate(data, self.max_message_size)
+        except zlib.error as exc:
+            self._fail(events, 1007, f"a compressed message that does not inflate ({exc})")
+            return False
+        if payload is None:
+            self._fail(events, 1009, f"message inflates to more than {self.max_message_size} bytes")
+            return False
+        if opcode == OP_BINARY:
+            events.append((BINARY, payload))
+            return True
+        try:
+            events.append((TEXT, payload.decode("utf-8")))
+        except UnicodeDecodeError:
+            self._fail(events, 1007, "invalid UTF-8 in a text message")
+            return False
         return True
 
     def _close(self, payload: bytes, events: list[tuple[str, Any]]) -> bool:

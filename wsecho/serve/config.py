@@ -338,6 +338,14 @@ OPTIONS = (
         "BYTES",
     ),
     Option(
+        "--compression",
+        _switch,
+        "off",
+        "permessage-deflate (RFC 7692) for WebSockets whose client offers it: on or off "
+        "(an application's 101 may decide per socket with Sec-WebSocket-Extensions)",
+        "on|off",
+    ),
+    Option(
         "--admin-host",
         _host,
         "127.0.0.1",
@@ -485,6 +493,7 @@ class Settings:
     ping_interval: float = DEFAULTS["ping_interval"]
     ping_timeout: float = DEFAULTS["ping_timeout"]
     max_outgoing_total: int = DEFAULTS["max_outgoing_total"]
+    compression: bool = DEFAULTS["compression"]
     admin_host: str = DEFAULTS["admin_host"]
     admin_port: int | None = DEFAULTS["admin_port"]
     drain_timeout: float = DEFAULTS["drain_timeout"]

@@ -24,6 +24,10 @@ connections are measured, in one :class:`SendQueues` ledger per server: a peer o
 ``max_outgoing`` is cut with 1008, and when all of them together pass ``max_outgoing_total``
 the ones with the most queued are cut with 1008 until the rest fit. A connection that keeps
 up costs nothing on its send path but one attribute test.
+
+Compression (permessage-deflate, RFC 7692) is a subclass, :class:`DeflateConnection`, chosen
+at the upgrade: a plain connection's send path does not test for it at all. Every message is
+compressed on its own (no context takeover), so no zlib object outlives a message.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from wsecho.core import frames
+from wsecho.core import deflate, frames
 from wsecho.core.lifecycle import WireEffect, WireInput, WireState, wire_transition
 
 if TYPE_CHECKING:
@@ -131,6 +135,7 @@ class ConnectionSettings:
 
     __slots__ = (
         "close_timeout",
+        "compression",
         "cut_log",
         "linger",
         "max_message_size",
@@ -150,8 +155,11 @@ class ConnectionSettings:
         close_timeout: float = 5.0,
         linger: float = 2.0,
         read_pass_bytes: int = READ_PASS_BYTES,
+        compression: bool = False,
     ) -> None:
         self.runtime = runtime
+        #: Whether upgrades negotiate permessage-deflate (--compression) unless the 101 says.
+        self.compression = compression
         self.max_message_size = max_message_size
         self.max_outgoing = max_outgoing
         self.queues = SendQueues(max_outgoing_total)
@@ -163,6 +171,9 @@ class ConnectionSettings:
 
 class Connection(asyncio.Protocol):
     """The server side of one WebSocket connection."""
+
+    #: The extensions the handshake agreed on (``WebSocket.extensions``): none on a plain one.
+    extensions = ""
 
     __slots__ = (
         "_settings",
@@ -239,7 +250,7 @@ class Connection(asyncio.Protocol):
         self.registry.add(self)
         self.last_seen = asyncio.get_running_loop().time()
         # Frames the object sent before the handshake finished go out now, first.
-        self._settings.runtime.socket_opened(self.link, self, self.url, self.protocol, "")
+        self._settings.runtime.socket_opened(self.link, self, self.url, self.protocol, self.extensions)
         leftover, self.leftover = self.leftover, b""
         if leftover:
             self.data_received(leftover)
@@ -471,3 +482,24 @@ class Connection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+class DeflateConnection(Connection):
+    """A connection with permessage-deflate: compressed messages in and out."""
+
+    __slots__ = ("extensions", "window_bits")
+
+    def __init__(self, *args: Any, extensions: str, window_bits: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parser.deflate = True
+        self.extensions = extensions
+        #: The largest window the client lets the server compress with (server_max_window_bits).
+        self.window_bits = window_bits
+
+    def send_message(self, message: str | bytes) -> None:
+        if isinstance(message, str):
+            data, opcode = message.encode("utf-8"), _TEXT_FRAME
+        else:
+            data, opcode = message, _BINARY_FRAME
+        # 0x40 in the first byte: RSV1, "Per-Message Compressed" (RFC 7692 §6)
+        self._write(frames.frame(opcode | 0x40, deflate.compress(data, self.window_bits)))

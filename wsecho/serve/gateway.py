@@ -26,13 +26,14 @@ from tornado.log import access_log
 
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
+from wsecho.core import deflate
 from wsecho.core.errors import BadRequestError
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
-from wsecho.serve.connection import Connection, ConnectionSettings
+from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
 from wsecho.serve.takeover import take_socket, take_tls_socket
 from wsecho.serve.tls import TLSTransport
 
@@ -355,6 +356,13 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         ]
         if protocol:
             lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+        # permessage-deflate: --compression decides, unless the application's 101 names the
+        # extensions it wants (like the subprotocol): without permessage-deflate there, none.
+        wanted = response.headers.get("Sec-WebSocket-Extensions")
+        compress = self.gateway.connections.compression if wanted is None else "permessage-deflate" in wanted.lower()
+        accepted = deflate.negotiate(",".join(headers.get_list("Sec-WebSocket-Extensions"))) if compress else None
+        if accepted is not None:
+            lines.append(f"Sec-WebSocket-Extensions: {accepted[0]}")
         for name, value in response.headers.items():
             if name.lower() in HANDSHAKE_HEADERS:
                 continue
@@ -371,7 +379,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             self.gateway.runtime.handshake_failed(server)
             return
         if isinstance(stream, SSLIOStream):
-            self._serve_tls(stream, server, url, protocol)
+            self._serve_tls(stream, server, url, protocol, accepted)
             return
         try:
             taken = take_socket(stream)
@@ -379,21 +387,42 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             stream.close()
             self.gateway.runtime.handshake_failed(server)
             return
-        connection = Connection(
-            server, self.gateway.connections, taken.leftover, self.gateway.registry, url=url, protocol=protocol
-        )
+        connection = self._connection(server, taken.leftover, url, protocol, accepted)
         try:
             await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
         except OSError:
             taken.sock.close()
             self.gateway.runtime.handshake_failed(server)
 
-    def _serve_tls(self, stream: SSLIOStream, server: SocketLink, url: str, protocol: str | None) -> None:
+    def _connection(
+        self, server: SocketLink, leftover: bytes, url: str, protocol: str | None, accepted: tuple[str, int] | None
+    ) -> Connection:
+        """The connection for the socket: compressing when permessage-deflate was agreed."""
+        settings, registry = self.gateway.connections, self.gateway.registry
+        if accepted is None:
+            return Connection(server, settings, leftover, registry, url=url, protocol=protocol)
+        return DeflateConnection(
+            server,
+            settings,
+            leftover,
+            registry,
+            url=url,
+            protocol=protocol,
+            extensions=accepted[0],
+            window_bits=accepted[1],
+        )
+
+    def _serve_tls(
+        self,
+        stream: SSLIOStream,
+        server: SocketLink,
+        url: str,
+        protocol: str | None,
+        accepted: tuple[str, int] | None,
+    ) -> None:
         """Serve the frames over the SSLSocket Tornado negotiated (see wsecho.serve.tls)."""
         sock, leftover = take_tls_socket(stream)
-        connection = Connection(
-            server, self.gateway.connections, leftover, self.gateway.registry, url=url, protocol=protocol
-        )
+        connection = self._connection(server, leftover, url, protocol, accepted)
         try:
             TLSTransport(sock, connection, asyncio.get_running_loop())
         except OSError:  # the client left between the 101 and now
@@ -451,6 +480,7 @@ def make_application(
     max_outgoing: int = MAX_OUTGOING_BYTES,
     max_outgoing_total: int = MAX_OUTGOING_TOTAL_BYTES,
     close_timeout: float = CLOSE_TIMEOUT,
+    compression: bool = False,
 ) -> Gateway:
     """The application's HTTP side (for ``HTTPServer``); ``registry`` collects the open connections.
 
@@ -463,6 +493,7 @@ def make_application(
         max_outgoing=max_outgoing,
         max_outgoing_total=max_outgoing_total,
         close_timeout=close_timeout,
+        compression=compression,
     )
     return Gateway(
         runtime,

@@ -155,6 +155,7 @@ class Server:
             trusted_proxies=settings.forwarded_allow_ips,
             max_body_memory=settings.max_body_memory,
             max_outgoing_total=settings.max_outgoing_total,
+            compression=settings.compression,
         )
         self._http: Listener | None = None
         self._admin: Listener | None = None
