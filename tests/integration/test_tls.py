@@ -310,10 +310,10 @@ def test_python_m_wsecho_serves_wss_and_rotates_on_sighup(certs, process):
         assert old.recv(timeout=5) == "[Durable Object]: after"
 
 
-def test_python_m_wsecho_with_a_missing_key_exits_1_naming_it(certs, process, tmp_path):
+def test_python_m_wsecho_with_a_missing_key_exits_2_naming_it(certs, process, tmp_path):
     missing = str(tmp_path / "nope.pem")
     server = process("--certfile", certs.certfile, "--keyfile", missing)
-    assert server.proc.wait(timeout=20) == 1
+    assert server.proc.wait(timeout=20) == 2  # bad configuration, like every bad setting
     server.wait_for(rf"cannot start: --keyfile {re.escape(missing)}: cannot read it: No such file or directory")
 
 

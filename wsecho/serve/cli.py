@@ -108,9 +108,13 @@ async def serve(
     server = Server(app, settings, notifier=notifier)
     try:
         addresses = await server.start()
-    except (StorageError, ConfigError, OSError) as exc:
-        # A run-time failure (the port is taken, the data directory is locked): exit status 1;
-        # bad settings never get this far (exit status 2); a bad certificate file is found here.
+    except ConfigError as exc:
+        # A certificate or key that cannot be read or does not match: bad configuration,
+        # found only when the listener is set up (exit status 2, like every bad setting).
+        log.error("cannot start: %s", exc)
+        return 2
+    except (StorageError, OSError) as exc:
+        # A run-time failure (the port is taken, the data directory is locked): exit status 1.
         log.error("cannot start: %s", exc)
         return 1
     for host, port in addresses:
