@@ -388,3 +388,27 @@ def test_compress_stays_within_the_window_and_inflates(window_bits):
     assert zlib.decompressobj(-max(window_bits, 9)).decompress(packed + b"\x00\x00\xff\xff") == data
     if window_bits >= 9:
         assert len(packed) < len(data) // 10
+
+
+class CountedChunk(bytes):
+    """A read whose bytes count every time the parser copies them into a bigger buffer."""
+
+    copied = 0
+
+    def __radd__(self, other):
+        CountedChunk.copied += len(other) + len(self)
+        return bytes(other) + bytes(self)
+
+
+def test_a_large_frame_in_many_reads_is_joined_once_not_copied_by_every_read():
+    # Each read of a frame larger than what has arrived used to copy everything before it
+    # again (buf + data): 16 MiB in 64 KiB reads copied about 2 GiB and held the loop.
+    payload = b"x" * (4 * 1024 * 1024)
+    wire = client_frame(2, payload)
+    parser = FrameParser(len(payload))
+    CountedChunk.copied = 0
+    events = []
+    for i in range(0, len(wire), 64 * 1024):
+        events += parser.feed(CountedChunk(wire[i : i + 64 * 1024]))
+    assert events == [(BINARY, payload)]
+    assert CountedChunk.copied < 2 * len(wire)

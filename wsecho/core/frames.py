@@ -85,6 +85,11 @@ class FrameParser:
         "_frag_op",
         "_frag_size",
         "_frags",
+        "_need",
+        "_partial_mask",
+        "_partial_text",
+        "_parts",
+        "_parts_size",
         "_unmask",
         "deflate",
         "held",
@@ -117,6 +122,14 @@ class FrameParser:
         self.held = False
         self._frag_count = 0
         self._buf = b""
+        #: A frame larger than what has arrived: its bytes so far (joined once, when it is
+        #: complete, instead of being copied again by every read), and how many it needs.
+        self._parts: list[bytes] = []
+        self._parts_size = 0
+        self._need = 0
+        #: That frame's mask, and whether its payload is text to check as it arrives.
+        self._partial_mask = b""
+        self._partial_text = False
         self._frag_op = -1  # opcode of the fragmented message in progress, -1 for none
         self._frags: list[bytes] = []
         self._frag_size = 0
@@ -129,7 +142,22 @@ class FrameParser:
         """The complete events in ``data`` (plus what earlier calls left unparsed), up to the budget."""
         if self._failed:
             return []
-        buf = self._buf + data if self._buf else data
+        if self._need:
+            if data:
+                if self._partial_text:
+                    # Check the new bytes of this frame's payload now (not those of the frames
+                    # behind it): invalid text fails the connection at the bad byte.
+                    fail = self._check_partial(self._partial_mask, data[: self._need - self._parts_size])
+                    if fail is not None:
+                        return self._fail([], *fail)
+                self._parts.append(data)
+                self._parts_size += len(data)
+            if self._parts_size < self._need:
+                return []
+            buf = b"".join(self._parts)
+            self._parts, self._parts_size, self._need = [], 0, 0
+        else:
+            buf = self._buf + data if self._buf else data
         events: list[tuple[str, Any]] = []
         pos = 0
         end = len(buf)
@@ -171,12 +199,22 @@ class FrameParser:
             start = pos + head + 4
             stop = start + length
             if stop > end:
-                if end > start + self._checked and self._text_frame(b0, opcode):
+                text = self._text_frame(b0, opcode)
+                if end > start + self._checked and text:
                     # Part of a text frame is here: check its UTF-8 now, so that invalid text
                     # fails the connection at the bad byte, not when the frame completes.
                     fail = self._check_partial(buf[pos + head : start], buf[start + self._checked : end])
                     if fail is not None:
                         return self._fail(events, *fail)
+                if end >= start and pos < limit:
+                    # The frame's header and mask are here, its payload not yet: keep what
+                    # came, and join it once when the frame is complete.
+                    self._parts, self._parts_size, self._need = [buf[pos:]], end - pos, stop - pos
+                    self._partial_mask, self._partial_text = buf[pos + head : start], text
+                    self._buf = b""
+                    self._budget = limit - pos
+                    self.held = False
+                    return events
                 break
             payload = unmask(buf[pos + head : start], buf[start:stop]) if length else b""
             pos = stop
@@ -363,6 +401,7 @@ class FrameParser:
         self._failed = True
         self._buf = b""
         self._frags = []
+        self._parts, self._parts_size, self._need = [], 0, 0
         return events
 
 
