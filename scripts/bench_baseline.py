@@ -55,15 +55,18 @@ def raise_nofile_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(host: str, port: int, tls: ssl.SSLContext | None, compression: bool) -> None:
-    handler = DeflateEcho if compression else Echo
-    app = tornado.web.Application([(r"/.*", handler)], websocket_max_message_size=MAX_MESSAGE_SIZE)
+async def serve_until_signal(
+    name: str, app: tornado.web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> None:
+    """Serve ``app``, print ``NAME serving on http://HOST:PORT`` on stderr once it listens, and
+    return after stopping the HTTP server on the first SIGTERM or SIGINT (scripts/bench_mounted.py
+    serves the same way)."""
     sockets = tornado.netutil.bind_sockets(port, host, backlog=4096)
     server = tornado.httpserver.HTTPServer(app, ssl_options=tls)
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
     print(
-        f"baseline serving on {'https' if tls else 'http'}://{host}:{bound} "
+        f"{name} serving on {'https' if tls else 'http'}://{host}:{bound} "
         f"({type(asyncio.get_running_loop()).__module__} loop)",
         file=sys.stderr,
         flush=True,
@@ -74,6 +77,12 @@ async def serve(host: str, port: int, tls: ssl.SSLContext | None, compression: b
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
+
+
+async def serve(host: str, port: int, tls: ssl.SSLContext | None, compression: bool) -> None:
+    handler = DeflateEcho if compression else Echo
+    app = tornado.web.Application([(r"/.*", handler)], websocket_max_message_size=MAX_MESSAGE_SIZE)
+    await serve_until_signal("baseline", app, host, port, tls)
 
 
 def main() -> int:

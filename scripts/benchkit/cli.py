@@ -11,8 +11,9 @@ binary); any error ends the benchmark with exit status 1.
     scripts/bench --quick              # shorter and smaller, a smoke check (< 1 minute)
     scripts/bench --only echo_100x32,wake_latency --duration 5
 
-Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop) and
-``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message).
+Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop),
+``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message) and
+scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount).
 The hibernation sweep is timed in a child process on a Runtime with a fake clock.
 """
 
@@ -51,6 +52,9 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "echo_deflate_4k_json": lambda cfg: bench_echo(
         cfg, "echo_deflate_4k_json", 100, 4096, compression=True, target=1.5
     ),
+    # wsecho.tornado.Mount in a Tornado application: the same IOStream and framing as the
+    # baseline, so the runtime's cost on that path (issue 14: at least 1.0x).
+    "echo_mounted_100x32": lambda cfg: bench_echo(cfg, "echo_mounted_100x32", 100, 32, target=1.0, kind="mounted"),
     "wake": bench_wake,
     "rss_per_socket": bench_memory,
     "rss_per_socket_deflate": bench_memory_deflate,

@@ -17,20 +17,22 @@ async def bench_echo(
     tls: bool = False,
     compression: bool = False,
     target: float = 4.0,
+    kind: str = "wsecho",
 ) -> list[Line]:
     """With ``tls``, both servers serve wss:// with a certificate from a CA the client trusts;
-    with ``compression`` both serve permessage-deflate (Tornado with its defaults)."""
+    with ``compression`` both serve permessage-deflate (Tornado with its defaults). ``kind`` is
+    the server measured against the baseline: ``wsecho`` or ``mounted`` (in a Tornado app)."""
     base: list[float] = []
     ws: list[float] = []
     for r in range(cfg.rounds):
-        for kind, out in (("baseline", base), ("wsecho", ws)):
-            server = await start_server(kind, cfg.tmp, tls=tls, compression=compression)
+        for server_kind, out in (("baseline", base), (kind, ws)):
+            server = await start_server(server_kind, cfg.tmp, tls=tls, compression=compression)
             try:
                 t = await traffic(server, connections, size, 1, cfg.warmup, cfg.duration)
             finally:
                 stop_server(server)
             out.append(t.msgs_per_s)
-            detail(f"[{name} run {r + 1}] {kind}: {describe(t)}")
+            detail(f"[{name} run {r + 1}] {server_kind}: {describe(t)}")
     b, w = med(base), med(ws)
     ratio = w / b
     return [

@@ -1,4 +1,5 @@
-"""The servers under test: the Tornado baseline, ``python -m wsecho`` and its wake-per-message app.
+"""The servers under test: the Tornado baseline, ``python -m wsecho``, its wake-per-message app,
+and wsecho mounted in a Tornado application (scripts/bench_mounted.py).
 
 Each is started on free ports, pinned to the server CPU, waited for (bounded), and stopped by
 PID; a server that died or logged an error fails the run.
@@ -27,7 +28,7 @@ START_TIMEOUT = 20.0
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho" or "wake"
+    kind: str  # "baseline", "wsecho", "wake" or "mounted"
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -115,6 +116,8 @@ async def start_server(
             argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port), *tls_flags]
             if compression:
                 argv.append("--compression")
+        elif kind == "mounted":  # ws:// and no compression only: the mounted echo figure
+            argv = [sys.executable, str(SCRIPTS / "bench_mounted.py"), "--port", str(port)]
         else:
             argv = [sys.executable, "-m", "wsecho"]
             if kind == "wake":
