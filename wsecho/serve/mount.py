@@ -25,11 +25,13 @@ from datetime import datetime
 from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
 from typing import TYPE_CHECKING, Any
 
+import tornado.iostream
 import tornado.web
 import tornado.websocket
 
 from wsecho.api.http import Headers, Request, Response
 from wsecho.api.websocket import SocketLink, accepted_peer
+from wsecho.core import frames
 from wsecho.core.handshake import HANDSHAKE_HEADERS, handshake_problem
 from wsecho.core.limits import Limits
 from wsecho.runtime.runtime import Runtime
@@ -119,6 +121,7 @@ class ObjectHandler(tornado.websocket.WebSocketHandler):
     SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
     mount: Mount
+    runtime: Runtime
     link: SocketLink | None
     opened: bool
     peer_closed: bool
@@ -127,9 +130,11 @@ class ObjectHandler(tornado.websocket.WebSocketHandler):
     failure: tuple[int, str] | None
     #: Whether the object (or the runtime for it) sent the Close: a 1009 then is the object's.
     object_closed: bool
+    plain_frames: bool
 
     def initialize(self, mount: Mount) -> None:
         self.mount = mount
+        self.runtime = mount.runtime
         self.link = None
         self.opened = False
         self.peer_closed = False
@@ -247,12 +252,13 @@ class ObjectHandler(tornado.websocket.WebSocketHandler):
     def open(self, *args: Any, **kwargs: Any) -> None:
         assert self.link is not None
         self.opened = True
+        #: Uncompressed: messages go onto the stream as frames of our own (see send_message).
+        self.plain_frames = self.get_compression_options() is None
         self.mount.runtime.socket_opened(self.link, self, self.request.full_url(), self.selected_subprotocol, "")
 
     def on_message(self, message: str | bytes) -> asyncio.Future[None] | None:
-        assert self.link is not None
         # A future means the object's queue is long: Tornado reads nothing more until it resolves.
-        return self.mount.runtime.message_received(self.link, message)
+        return self.runtime.message_received(self.link, message)  # type: ignore[arg-type]  # set in get()
 
     def on_peer_close(self, code: int | None, reason: str) -> None:
         assert self.link is not None
@@ -274,8 +280,29 @@ class ObjectHandler(tornado.websocket.WebSocketHandler):
     # -- wsecho.api.websocket.Transport --------------------------------------------------------
 
     def send_message(self, message: str | bytes) -> None:
-        with contextlib.suppress(tornado.websocket.WebSocketClosedError):  # gone: on_close says so
-            self.write_message(message, binary=isinstance(message, bytes))
+        conn = self.ws_connection
+        if conn is None:
+            return  # the peer is gone; on_close reports it
+        if not self.plain_frames:  # compressed: Tornado's own framing
+            with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+                self.write_message(message, binary=isinstance(message, bytes))
+            return
+        # The frame straight onto the stream: write_message() wraps every message in a task
+        # (about a fifth of this path's time, measured with scripts/bench echo_mounted_100x32).
+        if isinstance(message, str):
+            data = message.encode("utf-8")
+            n = len(data)
+            frame = bytes((0x81, n)) + data if n < 126 else frames.frame(frames.OP_TEXT, data)
+        else:
+            n = len(message)
+            frame = bytes((0x82, n)) + message if n < 126 else frames.frame(frames.OP_BINARY, message)
+        stream = conn.stream
+        if stream is None:
+            return
+        try:
+            stream.write(frame)
+        except tornado.iostream.StreamClosedError:
+            return  # the peer left meanwhile; on_close reports it
 
     def send_close(self, code: int | None, reason: str) -> None:
         self.object_closed = True
