@@ -1,8 +1,12 @@
 import asyncio
+import ssl
+import types
 from datetime import UTC, datetime
 
 import pytest
+import tornado.httpserver
 import tornado.web
+from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
 
 from tests.helpers import Recorder
@@ -57,7 +61,8 @@ def runtime(wsecho_app, clock):
 
 def pytest_generate_tests(metafunc):
     # The ways of serving a module's tests run over: the standalone server's gateway, and
-    # (where the module lists it in SERVINGS) the objects mounted in a Tornado application.
+    # (where the module lists them in SERVINGS) the objects mounted in a Tornado application
+    # and the standalone gateway over TLS (wss://, https://).
     if "serving" in metafunc.fixturenames:  # through app, which url and port name
         servings = getattr(metafunc.module, "SERVINGS", ("standalone",))
         if metafunc.definition.get_closest_marker("standalone_only"):
@@ -70,21 +75,75 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture
 def app(runtime, serving):
     """The Tornado application pytest-tornado serves on 127.0.0.1:http_port."""
-    if serving == "tornado":
+    if serving == "tornado":  # (the "tls" way serves the standalone gateway over TLS)
         mount = Mount(runtime.app, runtime=runtime, sweeper=False)
         return tornado.web.Application(mount.routes(), websocket_max_message_size=MAX_MESSAGE)
     return make_application(runtime, max_message_size=MAX_MESSAGE)
 
 
+class TLSPort(int):
+    """The test server's port, with the client context that trusts its certificate."""
+
+    tls: ssl.SSLContext | None = None
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory):
+    """A CA of the tests' own and a certificate for 127.0.0.1 (the "tls" way of serving)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return types.SimpleNamespace(server=server, client=client, path=str(path))
+
+
 @pytest.fixture
-def url(app, http_server, http_port):  # app: pytest-tornado asks for it dynamically; named here for SERVINGS
+def http_server(request, io_loop, _unused_port, app, serving, test_ca, monkeypatch):
+    """pytest-tornado's ``http_server`` (which this overrides), over TLS for the "tls" way.
+
+    Clients built with the default SSL context (websockets' ``connect("wss://...")``) trust
+    the test CA through ``SSL_CERT_FILE``, which OpenSSL reads when a context is made.
+    """
+    tls = serving == "tls"
+    if tls:
+        monkeypatch.setenv("SSL_CERT_FILE", test_ca.path)
+    server = tornado.httpserver.HTTPServer(app, ssl_options=test_ca.server if tls else None)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=request.config.option.async_test_timeout)
+
+
+@pytest.fixture
+def http_client(io_loop, serving, test_ca):
+    """pytest-tornado's ``http_client``, trusting the test CA for the "tls" way."""
+    defaults = {"ca_certs": test_ca.path} if serving == "tls" else None
+    client = AsyncHTTPClient(force_instance=True, defaults=defaults)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def url(app, http_server, http_port, serving):  # app: pytest-tornado asks for it dynamically
+    tls = serving == "tls"
+
     def make(path="/", scheme="http"):
+        if tls:
+            scheme = {"http": "https", "ws": "wss"}.get(scheme, scheme)
         return f"{scheme}://127.0.0.1:{http_port}{path}"
 
     return make
 
 
 @pytest.fixture
-def port(app, http_server, http_port):
-    """The port of the running test server."""
-    return http_port
+def port(app, http_server, http_port, serving, test_ca):
+    """The port of the running test server (RawClient.connect takes its TLS context from it)."""
+    port = TLSPort(http_port)
+    port.tls = test_ca.client if serving == "tls" else None
+    return port

@@ -161,6 +161,8 @@ class RawClient:
 
     @classmethod
     async def connect(cls, port: int, path: str = "/websocket", extra: str = "", ssl=None) -> RawClient:
+        if ssl is None:
+            ssl = getattr(port, "tls", None)  # the tests' port of a server that serves TLS
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write(

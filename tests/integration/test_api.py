@@ -24,8 +24,8 @@ from wsecho.core.lifecycle import ObjectState
 from wsecho.runtime.host import PIN_NON_HIBERNATABLE, PIN_WAIT_UNTIL
 from wsecho.runtime.runtime import Runtime
 
-#: Served by the standalone gateway and by objects mounted in a Tornado application.
-SERVINGS = ("standalone", "tornado")
+#: Served by the standalone gateway, by objects mounted in a Tornado application, and over TLS.
+SERVINGS = ("standalone", "tornado", "tls")
 
 
 @pytest.fixture

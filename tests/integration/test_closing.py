@@ -9,8 +9,8 @@ from tests.conftest import MAX_MESSAGE
 from tests.helpers import RawClient, probe_app
 from wsecho.core.lifecycle import ObjectState
 
-#: Served by the standalone gateway and by objects mounted in a Tornado application.
-SERVINGS = ("standalone", "tornado")
+#: Served by the standalone gateway, by objects mounted in a Tornado application, and over TLS.
+SERVINGS = ("standalone", "tornado", "tls")
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from websockets.asyncio.client import connect
 
 from tests.helpers import RawClient, until
 
-#: Served by the standalone gateway and by objects mounted in a Tornado application.
-SERVINGS = ("standalone", "tornado")
+#: Served by the standalone gateway, by objects mounted in a Tornado application, and over TLS.
+SERVINGS = ("standalone", "tornado", "tls")
 
 
 USAGE = (
@@ -49,7 +49,7 @@ async def test_upgrade_in_any_letter_case_is_accepted(port, upgrade, url, http_c
 
 
 async def _raw_upgrade(port, upgrade_value):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=getattr(port, "tls", None))
     writer.write(
         (
             f"GET /websocket HTTP/1.1\r\nHost: x\r\nUpgrade: {upgrade_value}\r\nConnection: Upgrade\r\n"

@@ -9,8 +9,8 @@ from tests.helpers import constructions, probe_app, until
 from wsecho.api.websocket import link_of
 from wsecho.core.lifecycle import ObjectState
 
-#: Served by the standalone gateway and by objects mounted in a Tornado application.
-SERVINGS = ("standalone", "tornado")
+#: Served by the standalone gateway, by objects mounted in a Tornado application, and over TLS.
+SERVINGS = ("standalone", "tornado", "tls")
 
 
 @pytest.fixture
