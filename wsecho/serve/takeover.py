@@ -228,11 +228,13 @@ class PeerCloseProtocol(tornado.websocket.WebSocketProtocol13):
         if self.client_terminated:
             return None
         if opcode == 0x1 and not self._frame_compressed:
+            # Decoded once, here (Tornado would abort on bad UTF-8 instead of Close 1007).
             try:
-                data.decode("utf-8")
+                text = data.decode("utf-8")
             except UnicodeDecodeError:
-                self._fail(1007, "invalid UTF-8 in a text message")  # Tornado would just abort
+                self._fail(1007, "invalid UTF-8 in a text message")
                 return None
+            return self._run_callback(self.handler.on_message, text)
         if opcode != 0x8:
             return super()._handle_message(opcode, data)
         self.client_terminated = True
@@ -291,6 +293,7 @@ def check_tornado(
                 ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
                 ("IOStream._state", hasattr(stream, "_state")),
                 ("WebSocketProtocol13._handle_message", callable(getattr(protocol, "_handle_message", None))),
+                ("WebSocketProtocol._run_callback", callable(getattr(protocol, "_run_callback", None))),
                 ("websocket._WebSocketParams", callable(getattr(tornado.websocket, "_WebSocketParams", None))),
             )
         finally:
