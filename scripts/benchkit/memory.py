@@ -73,60 +73,46 @@ async def memory_round(cfg: Config, kind: str, hibernate_after: float, compressi
     return per_socket
 
 
-async def bench_memory(cfg: Config) -> list[Line]:
+async def compare_memory(
+    cfg: Config, name: str, sides: tuple[tuple[str, str, bool], tuple[str, str, bool]], target: float
+) -> list[Line]:
+    """RSS per idle hibernated socket of ``sides[1]`` over ``sides[0]`` (each ``(label, server
+    kind, compression)``), at each of ``cfg.memory_sizes``, medians of ``cfg.rounds``."""
     limit = raise_nofile_limit()
     if max(cfg.memory_sizes) + 200 > limit:
         raise BenchError(f"RLIMIT_NOFILE is {limit}: too low to hold {max(cfg.memory_sizes)} client sockets")
     hibernate_after = 0.5
-    base: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
-    ws: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
+    results: list[dict[int, list[float]]] = [{n: [] for n in cfg.memory_sizes} for _ in sides]
     for r in range(cfg.rounds):
-        for kind, out in (("baseline", base), ("wsecho", ws)):
-            detail(f"[rss_per_socket run {r + 1}] {kind}")
-            for n, v in (await memory_round(cfg, kind, hibernate_after)).items():
+        for (label, kind, compression), out in zip(sides, results, strict=True):
+            detail(f"[{name} run {r + 1}] {label}")
+            for n, v in (await memory_round(cfg, kind, hibernate_after, compression)).items():
                 out[n].append(v)
     lines = []
     for n in cfg.memory_sizes:
-        b, w = med(base[n]), med(ws[n])
+        b, w = med(results[0][n]), med(results[1][n])
         ratio = w / b
         lines.append(
             Line(
-                f"rss_per_socket@{n}",
+                f"{name}@{n}",
                 f"{w:,.0f} B/socket",
-                f"baseline {b:,.0f} B/socket",
+                f"{sides[0][0]} {b:,.0f} B/socket",
                 ratio,
-                "<= 0.4x",
-                ratio <= 0.4,
+                f"<= {target}x",
+                ratio <= target,
             )
         )
     return lines
+
+
+async def bench_memory(cfg: Config) -> list[Line]:
+    """RSS per idle hibernated socket against bare Tornado's per idle socket (target <= 0.4x)."""
+    return await compare_memory(
+        cfg, "rss_per_socket", (("baseline", "baseline", False), ("wsecho", "wsecho", False)), 0.4
+    )
 
 
 async def bench_memory_deflate(cfg: Config) -> list[Line]:
     """RSS per idle hibernated socket with permessage-deflate over the same without (target <= 2x)."""
-    limit = raise_nofile_limit()
-    if max(cfg.memory_sizes) + 200 > limit:
-        raise BenchError(f"RLIMIT_NOFILE is {limit}: too low to hold {max(cfg.memory_sizes)} client sockets")
-    hibernate_after = 0.5
-    plain: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
-    packed: dict[int, list[float]] = {n: [] for n in cfg.memory_sizes}
-    for r in range(cfg.rounds):
-        for compression, out in ((False, plain), (True, packed)):
-            detail(f"[rss_per_socket_deflate run {r + 1}] wsecho, compression {'on' if compression else 'off'}")
-            for n, v in (await memory_round(cfg, "wsecho", hibernate_after, compression)).items():
-                out[n].append(v)
-    lines = []
-    for n in cfg.memory_sizes:
-        p, c = med(plain[n]), med(packed[n])
-        ratio = c / p
-        lines.append(
-            Line(
-                f"rss_per_socket_deflate@{n}",
-                f"{c:,.0f} B/socket",
-                f"plain {p:,.0f} B/socket",
-                ratio,
-                "<= 2.0x",
-                ratio <= 2.0,
-            )
-        )
-    return lines
+    sides = (("plain", "wsecho", False), ("wsecho, compression on", "wsecho", True))
+    return await compare_memory(cfg, "rss_per_socket_deflate", sides, 2.0)
