@@ -38,6 +38,39 @@ class Store(DurableObject):
 
         return await self.ctx.storage.transaction(body)
 
+    async def nested(self, inner_rollback):
+        """A transaction inside a transaction; then the outer one's txn used after it ended."""
+        storage = self.ctx.storage
+        kept = {}
+
+        async def inner(txn):
+            await txn.put("inner", 1)
+            if inner_rollback:
+                txn.rollback()
+
+        async def outer(txn):
+            await txn.put("outer", 1)
+            await storage.transaction(inner)
+            kept["txn"] = txn
+
+        await storage.transaction(outer)
+        try:
+            await kept["txn"].put("late", 1)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return "no error"
+
+    async def delete_all_rolled_back(self):
+        await self.ctx.storage.put("a", 1)
+
+        async def body(txn):
+            await txn.delete_all()
+            assert await txn.list() == {}
+            txn.rollback()
+
+        await self.ctx.storage.transaction(body)
+        return await self.ctx.storage.list()
+
     async def put_then_fail(self, key, value):
         await self.ctx.storage.put(key, value)
         raise RuntimeError("the handler failed after writing")

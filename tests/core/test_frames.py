@@ -1,6 +1,7 @@
 """The sans-IO frame parser: every rule of RFC 6455 a server enforces, and fuzzing."""
 
 import os
+import random
 import struct
 import tracemalloc
 import zlib
@@ -10,7 +11,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsecho.core import deflate
-from wsecho.core.frames import BINARY, CLOSE, FAIL, MAX_FRAGMENTS, PING, PONG, TEXT, FrameParser, frame, unmask
+from wsecho.core.frames import (
+    BINARY,
+    CLOSE,
+    FAIL,
+    MAX_FRAGMENTS,
+    PING,
+    PONG,
+    TEXT,
+    FrameParser,
+    frame,
+    unmask,
+    valid_close_code,
+)
 
 
 def client_frame(opcode, payload=b"", fin=True, masked=True, rsv=0, length=None):
@@ -412,3 +425,28 @@ def test_a_large_frame_in_many_reads_is_joined_once_not_copied_by_every_read():
         events += parser.feed(CountedChunk(wire[i : i + 64 * 1024]))
     assert events == [(BINARY, payload)]
     assert CountedChunk.copied < 2 * len(wire)
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1002, 1003, 1007, 1008, 1011, 1014, 3000, 3999, 4000, 4999])
+def test_close_codes_a_peer_may_send(code):
+    # RFC 6455 §7.4.1 and the IANA registry: each end of each range is valid ...
+    assert valid_close_code(code)
+
+
+@pytest.mark.parametrize("code", [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535])
+def test_close_codes_a_peer_may_not_send(code):
+    # ... and the code just past it is not (a range shifted by one fails here).
+    assert not valid_close_code(code)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 7, 8, 125, 126, 4096, 65537])
+def test_the_pure_python_unmasker_agrees_with_tornados_c_one(size):
+    # The parser's default unmasker is the standard-library one; the server passes Tornado's
+    # C routine. Both must give the same bytes, or the core's own tests prove nothing.
+    from tornado.speedups import websocket_mask
+
+    rng = random.Random(size)
+    mask = rng.randbytes(4)
+    data = rng.randbytes(size)
+    assert unmask(mask, data) == websocket_mask(mask, data)
+    assert unmask(mask, unmask(mask, data)) == data

@@ -635,3 +635,30 @@ async def test_a_full_disk_loses_no_acknowledged_write_and_makes_the_server_unre
     conn.close()
     assert set(acknowledged) <= stored  # every write a client was told about is on disk
     assert f"k{sent}" not in stored
+
+
+@pytest.mark.gen_test
+async def test_a_nested_transaction_rolls_back_alone_and_a_finished_one_refuses_use(rt):
+    s = stub(rt, "n1")
+    assert await s.nested(True) == "InvalidStateError: this transaction is over; use ctx.storage"
+    assert await s.do("list") == {"outer": 1}  # the inner rollback undid only the inner write
+    s2 = stub(rt, "n2")
+    await s2.nested(False)
+    assert await s2.do("list") == {"inner": 1, "outer": 1}
+
+
+@pytest.mark.gen_test
+async def test_delete_all_in_a_rolled_back_transaction_deletes_nothing(rt):
+    s = stub(rt, "d")
+    assert await s.delete_all_rolled_back() == {"a": 1}
+    assert await s.do("list") == {"a": 1}
+
+
+@pytest.mark.gen_test
+async def test_a_committed_batch_leaves_nothing_in_flight(rt):
+    s = stub(rt, "f")
+    await s.do("put", "k", 1)
+    await rt.barrier(rt.find("STORE", "f"))
+    storage = rt.find("STORE", "f").storage
+    assert not storage.in_flight()
+    assert not storage.busy()  # so the output gate opens and the object may hibernate
