@@ -54,3 +54,27 @@ def test_a_sweep_looks_only_at_the_due_objects():
     # ten due plus the first one that is not
     assert idx.last_scanned == 11
     assert len(idx) == 100_000 - 10
+
+
+def test_touching_the_last_key_again_moves_its_due_time():
+    # The fast path (the key is already last in its queue) must still record the new time.
+    index = IdleIndex()
+    index.touch("a", 10, since=0)
+    index.touch("a", 10, since=5)
+    assert index.pop_due(12) == []
+    assert index.pop_due(15) == ["a"]
+
+
+def test_a_key_that_changes_timeout_leaves_its_old_queue():
+    index = IdleIndex()
+    index.touch("a", 10, since=0)
+    index.touch("b", 10, since=0)
+    index.touch("a", 20, since=1)
+    assert index.pop_due(15) == ["b"]
+    assert index.pop_due(21) == ["a"]
+    assert len(index) == 0
+    assert index.last_scanned == 1
+
+
+def test_nothing_is_scanned_before_the_first_sweep():
+    assert IdleIndex().last_scanned == 0
