@@ -421,6 +421,18 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return _HEAD_LARGE.pack(b0, 127, n) + payload
 
 
+def message_frame(message: str | bytes) -> bytes:
+    """The server frame of one whole message: text for ``str``, binary for bytes.
+
+    The small message's header is built inline: this is the hot path of every echo."""
+    if isinstance(message, str):  # exact str in practice; isinstance narrows the type
+        data = message.encode("utf-8")
+        n = len(data)
+        return bytes((0x81, n)) + data if n < 126 else frame(OP_TEXT, data)
+    n = len(message)
+    return bytes((0x82, n)) + message if n < 126 else frame(OP_BINARY, message)
+
+
 def close_payload(code: int | None, reason: str) -> bytes:
     if code is None:
         return b""

@@ -58,6 +58,7 @@ _PONG = frames.OP_PONG
 _PING = frames.OP_PING
 _TEXT_FRAME = frames.OP_TEXT
 _BINARY_FRAME = frames.OP_BINARY
+_message_frame = frames.message_frame
 
 #: Bytes queued for a peer past which the transport pauses our writing (the connection joins
 #: the server's :class:`SendQueues`), and at or below which it resumes it. Set explicitly:
@@ -324,14 +325,7 @@ class Connection(asyncio.Protocol):
     # -- wsecho.api.websocket.Transport ------------------------------------------------------
 
     def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):  # exact str in practice; isinstance narrows the type
-            data = message.encode("utf-8")
-            n = len(data)
-            # frames.frame(), inlined for the small message: the hot path of every echo
-            self._write(bytes((0x81, n)) + data if n < 126 else frames.frame(_TEXT_FRAME, data))
-        else:
-            n = len(message)
-            self._write(bytes((0x82, n)) + message if n < 126 else frames.frame(_BINARY_FRAME, message))
+        self._write(_message_frame(message))
 
     def send_close(self, code: int | None, reason: str) -> None:
         self._write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))

@@ -304,11 +304,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         assert response.web_socket is not None
         server = accepted_peer(response.web_socket)
         if server is None:
-            log.error(
-                "fetch() answered 101 for %s but no object accepted the server end of its "
-                "WebSocketPair (call ctx.accept_web_socket(server))",
-                start_line.path,
-            )
+            log_unaccepted_101(start_line.path)
             self._plain(500, "Internal Server Error")
             return
         problem = handshake_problem(start_line.method, start_line.version, headers)
@@ -465,6 +461,15 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
 def _log_crash(task: asyncio.Future[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("a request failed inside the gateway", exc_info=task.exception())
+
+
+def log_unaccepted_101(path: str) -> None:
+    """The application answered 101 without an object accepting the pair's server end."""
+    log.error(
+        "fetch() answered 101 for %s but no object accepted the server end of its "
+        "WebSocketPair (call ctx.accept_web_socket(server))",
+        path,
+    )
 
 
 def make_application(
