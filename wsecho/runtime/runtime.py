@@ -25,7 +25,7 @@ from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
 from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
 from wsecho.api.storage import DurableObjectStorage
-from wsecho.api.websocket import CURRENT_OWNER, SocketLink
+from wsecho.api.websocket import CURRENT_OWNER, HeldFanout, SocketLink
 from wsecho.backends.base import Backend, MemoryBackend
 from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
 from wsecho.core.batches import Batch
@@ -376,8 +376,12 @@ class Runtime:
 
     def _open_gate(self, host: ObjectHost) -> None:
         held, host.gate = host.gate, None
-        for link, frame in held or ():
-            link.emit(frame)
+        for entry in held or ():
+            if isinstance(entry, HeldFanout):
+                entry.emit(host.stats)
+            else:
+                link, frame = entry
+                link.emit(frame)
 
     # -- alarms --------------------------------------------------------------------------
 

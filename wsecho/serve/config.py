@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import attrs
 
 from wsecho.core.errors import ConfigError
+from wsecho.core.fanout import MIN_QUEUE_BYTES
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.limits import Limits
 from wsecho.core.target import normalize_host
@@ -207,6 +208,15 @@ def _limit(
     """An option for the :class:`Limits` field ``field``, whose default (Cloudflare's) it keeps."""
     default = attrs.fields_dict(Limits)[field].default
     return Option(flag, parse, show(default), meaning, metavar, limit=field)
+
+
+def _fanout_queue(text: str) -> int:
+    """Bytes (see :func:`_bytes`), at least the send queue's high-water mark."""
+    value = _bytes(text)
+    if value >= MIN_QUEUE_BYTES:
+        return value
+    msg = f"must be at least {MIN_QUEUE_BYTES} bytes (64KiB, the send queue's high-water mark), got {value}"
+    raise ValueError(msg)
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -437,6 +447,16 @@ OPTIONS = (
         "(the API's unit); a larger one raises InvalidArgumentError",
         "MS",
     ),
+    _limit(
+        "--max-fanout-queue",
+        "fanout_queue_bytes",
+        _fanout_queue,
+        "bytes queued for one WebSocket past which ctx.broadcast() drops the message for it or closes "
+        "it with 1008 (its class's fanout_overflow), unless the class sets fanout_queue_bytes; "
+        f"at least {MIN_QUEUE_BYTES // 1024}KiB",
+        "BYTES",
+        show=_bytes_text,
+    ),
     Option(
         "--warn-blocked",
         _non_negative_seconds,
@@ -509,6 +529,7 @@ class Settings:
     max_attachment_bytes: int = DEFAULTS["max_attachment_bytes"]
     max_auto_response_bytes: int = DEFAULTS["max_auto_response_bytes"]
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
+    max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
     loop: str = DEFAULTS["loop"]
     log_level: str = DEFAULTS["log_level"]

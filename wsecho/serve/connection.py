@@ -38,11 +38,13 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from wsecho.core import deflate, frames
+from wsecho.core import frames
+from wsecho.core.fanout import Overflow
 from wsecho.core.lifecycle import WireEffect, WireInput, WireState, wire_transition
 
 if TYPE_CHECKING:
     from wsecho.api.websocket import SocketLink
+    from wsecho.core.fanout import Fanout
     from wsecho.runtime.runtime import Runtime
 
 try:  # Tornado's C routine for unmasking frames, when Tornado was built with it (it usually is)
@@ -56,8 +58,6 @@ _TEXT = frames.TEXT
 _BINARY = frames.BINARY
 _PONG = frames.OP_PONG
 _PING = frames.OP_PING
-_TEXT_FRAME = frames.OP_TEXT
-_BINARY_FRAME = frames.OP_BINARY
 _message_frame = frames.message_frame
 
 #: Bytes queued for a peer past which the transport pauses our writing (the connection joins
@@ -331,24 +331,56 @@ class Connection(asyncio.Protocol):
         self._write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
         self._carry_out(self._move(WireInput.WROTE_CLOSE))
 
+    def send_fanout(self, fanout: Fanout) -> bool:
+        frame = fanout.frame
+        if self.backed_up and self._over_fanout_limit(fanout, len(frame)):
+            return False
+        return self._write(frame)
+
     # -- internals ---------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Write ``data``; False when the peer is gone (connection_lost reports it) or the
+        connection failed, and nothing was written."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
-            return  # the peer is gone (connection_lost reports it) or the connection failed
+            return False
         transport.write(data)
         if self.backed_up:  # set by pause_writing, which write() itself calls past HIGH_WATER
             # A peer that stops reading must not grow our memory without bound.
             settings = self._settings
             queues = settings.queues
-            old = self.queued
-            size = self.look(len(data))
-            queues.total += size - old
+            size = self._measure(len(data))
             if size > settings.max_outgoing:
                 self.cut(1008, f"the peer read too slowly (over {settings.max_outgoing} bytes queued)")
             elif queues.limit and queues.total > queues.limit:
                 queues.over_budget()
+        return True
+
+    def _measure(self, written: int) -> int:
+        """Look at the queue of this backed-up connection and update the server's ledger."""
+        old = self.queued
+        size = self.look(written)
+        self._settings.queues.total += size - old
+        return size
+
+    def _over_fanout_limit(self, fanout: Fanout, size: int) -> bool:
+        """Whether a broadcast's ``size`` bytes would take this backed-up peer's queue past its
+        class's limit: then the message is dropped for it, or it is cut with 1008 (counted)."""
+        policy = fanout.policy
+        if self._measure(0) + size <= policy.queue_bytes:
+            return False
+        stats = self._settings.runtime.stats
+        if policy.overflow is Overflow.DROP:
+            stats.fanout_dropped += 1
+        else:
+            stats.fanout_closed += 1
+            self.cut(
+                1008,
+                f"the peer read too slowly for a broadcast (over its fan-out limit of {policy.queue_bytes} "
+                "bytes queued: fanout_queue_bytes)",
+            )
+        return True
 
     # -- slow readers (asyncio flow control) ---------------------------------------------
 
@@ -491,9 +523,12 @@ class DeflateConnection(Connection):
         self.window_bits = window_bits
 
     def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            data, opcode = message.encode("utf-8"), _TEXT_FRAME
-        else:
-            data, opcode = message, _BINARY_FRAME
-        # 0x40 in the first byte: RSV1, "Per-Message Compressed" (RFC 7692 §6)
-        self._write(frames.frame(opcode | 0x40, deflate.compress(data, self.window_bits)))
+        self._write(frames.deflated_frame(message, self.window_bits))
+
+    def send_fanout(self, fanout: Fanout) -> bool:
+        # Every message is compressed on its own (no context takeover), so sockets with the same
+        # window share the broadcast's compressed frame (see wsecho.core.fanout).
+        frame = fanout.deflated(self.window_bits)
+        if self.backed_up and self._over_fanout_limit(fanout, len(frame)):
+            return False
+        return self._write(frame)
