@@ -9,7 +9,9 @@ command:
 - ``others TEXT``: broadcast TEXT to everyone but the sender;
 - ``stored TEXT``: write TEXT to storage, then broadcast it (held by the output gate);
 - ``mix N``: N rounds of a broadcast ``bI`` and a ``sI`` to the sender alone;
-- ``bin TEXT``: broadcast TEXT as binary.
+- ``bin TEXT``: broadcast TEXT as binary;
+- ``burst N SIZE``: N broadcasts of SIZE characters in one turn, then ``closing``, then close
+  the sender with 4000 (its Close must come after them all).
 
 RPC: ``shout(text)`` broadcasts from outside a socket event and returns the count.
 """
@@ -53,6 +55,12 @@ class Room(DurableObject):
                 ws.send(f"s{i}")
         elif command == "bin":
             ctx.broadcast(arg.encode())
+        elif command == "burst":
+            count, size = map(int, arg.split())
+            for i in range(count):
+                ctx.broadcast(f"{i:06d}".ljust(size, "."))
+            ctx.broadcast("closing")
+            ws.close(4000, "after the burst")
 
     def shout(self, text):
         return self.ctx.broadcast(text)

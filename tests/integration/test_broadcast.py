@@ -61,6 +61,19 @@ async def test_broadcasts_and_sends_of_one_turn_keep_their_order(url):
 
 
 @pytest.mark.gen_test
+async def test_a_burst_of_one_turn_arrives_whole_in_order_before_the_close(url):
+    # 200 x 1,000 bytes: more than the server holds back for a peer before writing (64 KiB)
+    async with members(url, 2) as (sender, other):
+        await sender.send("burst 200 1000")
+        expected = [f"{i:06d}".ljust(1000, ".") for i in range(200)] + ["closing"]
+        assert await receive(other, 201) == expected
+        assert await receive(sender, 201) == expected
+        async with asyncio.timeout(5):
+            await sender.wait_closed()
+        assert sender.close_code == 4000
+
+
+@pytest.mark.gen_test
 async def test_binary_stays_binary(url):
     async with members(url, 2) as (sender, other):
         await sender.send("bin hello")

@@ -25,6 +25,11 @@ connections are measured, in one :class:`SendQueues` ledger per server: a peer o
 the ones with the most queued are cut with 1008 until the rest fit. A connection that keeps
 up costs nothing on its send path but one attribute test.
 
+Broadcasts (``ctx.broadcast``) are corked: the frames for one peer wait until the event loop's
+next pass (or ``CORK_BYTES``) and leave in one write, so a burst of broadcasts costs each peer
+one system call instead of one per message; any other frame for that peer writes them first,
+so the order is kept. The one frame is shared by every peer (see :mod:`wsecho.core.fanout`).
+
 Compression (permessage-deflate, RFC 7692) is a subclass, :class:`DeflateConnection`, chosen
 at the upgrade: a plain connection's send path does not test for it at all. Every message is
 compressed on its own (no context takeover), so no zlib object outlives a message.
@@ -69,6 +74,9 @@ LOW_WATER = 16 * 1024
 #: 10,000 of the smallest frames, under 10 ms of parsing (libuv otherwise hands a busy socket
 #: up to 32 reads of 256 KiB in a row).
 READ_PASS_BYTES = 64 * 1024
+#: Broadcast bytes held for one peer before they are written without waiting for the loop's
+#: next pass (see Connection._cork): a bound on what corking holds, not on what it saves.
+CORK_BYTES = 64 * 1024
 #: At most one warning a second about cut peers; the others are counted in the next one.
 LOG_EVERY = 1.0
 _PING_PAYLOAD = struct.Struct("!d")
@@ -137,6 +145,7 @@ class ConnectionSettings:
     __slots__ = (
         "close_timeout",
         "compression",
+        "corked",
         "cut_log",
         "linger",
         "max_message_size",
@@ -168,6 +177,14 @@ class ConnectionSettings:
         self.linger = linger
         self.read_pass_bytes = read_pass_bytes
         self.cut_log = CutLog()
+        #: Connections holding broadcast frames until the loop's next pass (see Connection.cork).
+        self.corked: list[Connection] = []
+
+    def uncork_all(self) -> None:
+        """Write every connection's corked broadcast frames (once per loop pass that broadcast)."""
+        corked, self.corked = self.corked, []
+        for conn in corked:
+            conn.uncork()
 
 
 class Connection(asyncio.Protocol):
@@ -181,6 +198,8 @@ class Connection(asyncio.Protocol):
         "_timer",
         "backed_up",
         "backlog",
+        "cork",
+        "cork_bytes",
         "drained",
         "failure",
         "heard",
@@ -239,6 +258,9 @@ class Connection(asyncio.Protocol):
         #: loop time since which none did (a peer whose queue does not drain is dead).
         self.backed_up = False
         self.queued = 0
+        #: Broadcast frames for this peer written together at the loop's next pass, and their size.
+        self.cork: list[bytes] | None = None
+        self.cork_bytes = 0
         self.drained = 0
         self.stalled_since: float | None = None
 
@@ -313,6 +335,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
+        self.cork = None
         self._leave_queues()
         self._cancel_timer()
         self.transport = None
@@ -332,16 +355,48 @@ class Connection(asyncio.Protocol):
         self._carry_out(self._move(WireInput.WROTE_CLOSE))
 
     def send_fanout(self, fanout: Fanout) -> bool:
-        frame = fanout.frame
-        if self.backed_up and self._over_fanout_limit(fanout, len(frame)):
-            return False
-        return self._write(frame)
+        return self._cork(fanout.frame, fanout)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _cork(self, frame: bytes, fanout: Fanout) -> bool:
+        """Hold a broadcast's frame for this peer until the loop's next pass (or ``CORK_BYTES``),
+        so that the broadcasts of one pass (a burst from one sender, a busy room) leave in one
+        write per peer instead of one system call per message; False when it was dropped or
+        the peer cut (its class's fan-out policy) or the peer is gone."""
+        if self.backed_up and self._over_fanout_limit(fanout, len(frame) + self.cork_bytes):
+            return False
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
+            return False
+        cork = self.cork
+        if cork is None:
+            self.cork = [frame]
+            self.cork_bytes = len(frame)
+            corked = self._settings.corked
+            if not corked:
+                asyncio.get_running_loop().call_soon(self._settings.uncork_all)
+            corked.append(self)
+        else:
+            cork.append(frame)
+            self.cork_bytes += len(frame)
+            if self.cork_bytes >= CORK_BYTES:
+                self.uncork()
+        return True
+
+    def uncork(self) -> None:
+        """Write the broadcast frames held for this peer (before anything else is written)."""
+        cork = self.cork
+        if cork is not None:
+            self.cork = None
+            self.cork_bytes = 0
+            self._write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def _write(self, data: bytes) -> bool:
         """Write ``data``; False when the peer is gone (connection_lost reports it) or the
         connection failed, and nothing was written."""
+        if self.cork is not None:
+            self.uncork()  # the broadcasts sent before this frame go first
         transport = self.transport
         if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
             return False
@@ -414,6 +469,7 @@ class Connection(asyncio.Protocol):
     def cut(self, code: int, reason: str) -> None:
         """End the connection at once (its queue is dropped); the object gets ``web_socket_error(code)``."""
         self.failure = (code, reason)
+        self.cork = None
         self._leave_queues()
         self._settings.cut_log.warn(self.link.ws.url, reason)
         self._carry_out(self._move(WireInput.CUT))
@@ -528,7 +584,4 @@ class DeflateConnection(Connection):
     def send_fanout(self, fanout: Fanout) -> bool:
         # Every message is compressed on its own (no context takeover), so sockets with the same
         # window share the broadcast's compressed frame (see wsecho.core.fanout).
-        frame = fanout.deflated(self.window_bits)
-        if self.backed_up and self._over_fanout_limit(fanout, len(frame)):
-            return False
-        return self._write(frame)
+        return self._cork(fanout.deflated(self.window_bits), fanout)
