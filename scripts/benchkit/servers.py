@@ -24,11 +24,19 @@ from benchkit.procs import HOST, PROCS, SCRIPTS, free_port
 
 #: Bounds on every wait.
 START_TIMEOUT = 20.0
+#: Servers of scripts/bench_fanout.py, by kind.
+FANOUT_BASELINES = {"fanout_tornado": "tornado", "fanout_websockets": "websockets"}
+#: Kinds that serve an application of scripts/benchapps.py instead of the default one.
+WSECHO_APPS = {
+    "wake": "benchapps:wake_app",
+    "fanout_broadcast": "benchapps:fanout_app",
+    "fanout_loop": "benchapps:fanout_loop_app",
+}
 
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake" or "mounted"
+    kind: str  # "baseline", "wsecho", "wake", "mounted", or one of the fan-out kinds
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -118,10 +126,15 @@ async def start_server(
                 argv.append("--compression")
         elif kind == "mounted":  # ws:// and no compression only: the mounted echo figure
             argv = [sys.executable, str(SCRIPTS / "bench_mounted.py"), "--port", str(port)]
+        elif kind in FANOUT_BASELINES:
+            argv = [sys.executable, str(SCRIPTS / "bench_fanout.py"), "--kind", FANOUT_BASELINES[kind]]
+            argv += ["--port", str(port)]
         else:
             argv = [sys.executable, "-m", "wsecho"]
-            if kind == "wake":
-                argv.append("benchapps:wake_app")
+            if kind in WSECHO_APPS:
+                argv.append(WSECHO_APPS[kind])
+            if kind.startswith("fanout_"):
+                argv += ["--ping-interval", "0"]  # a Ping frame would be counted as a delivery
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
             argv += ["--access-log", "off", "--drain-timeout", "1", *tls_flags]
             if hibernate_after is not None:
