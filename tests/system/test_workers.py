@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -190,6 +191,9 @@ def test_a_worker_killed_with_sigkill_loses_no_acknowledged_write_and_comes_back
     lines = [line.split() for line in probe.read_text().splitlines()]
     pids = [int(line[2]) for line in lines if line[0] == "ctor" and line[1] == doomed]
     assert pids == [old, new]  # rebuilt once, in the restarted worker
+    rebuilt = next(float(x[3]) for x in lines if x[0] == "ctor" and x[1] == doomed and int(x[2]) == new)
+    last_old_turn = max(float(x[4]) for x in lines if x[0] == "turn" and x[1] == doomed and int(x[2]) == old)
+    assert rebuilt > last_old_turn  # never two live instances: the new one began after the old one's last turn
     assert "wsecho_worker_restarts_total 1" in server.admin_get("/metrics")
 
 
@@ -239,3 +243,29 @@ def test_auto_is_the_usable_cpus():
     settings, _ = parse(["--workers", "auto"], {})
     assert settings.workers == usable_cpus() >= 1
     assert Settings().workers == 1
+
+
+def test_the_supervisor_alone_tells_systemd_ready_after_every_worker_and_stopping(workers, tmp_path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    try:
+        server = workers(env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        messages = []
+        while "READY=1" not in messages or not any(m.startswith("STATUS=") for m in messages):
+            data, _ = notify.recvfrom(4096)
+            messages.extend(data.decode().split("\n"))
+        ready_lines = [line for line in server.seen if re.search(r"worker \d ready", line)]
+        assert len(ready_lines) == 2  # both workers were ready before the supervisor said so
+        server.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            data, _ = notify.recvfrom(4096)
+            messages.extend(data.decode().split("\n"))
+        assert server.proc.wait(timeout=30) == 0
+        statuses = [m for m in messages if m.startswith("STATUS=")]
+        assert statuses
+        assert statuses[0].startswith("STATUS=ready: 2 workers of 2 ready; 0 WebSockets;")
+        # Only the supervisor notified: one READY, however many workers.
+        assert messages.count("READY=1") == 1
+    finally:
+        notify.close()
