@@ -254,7 +254,8 @@ class ServerProcess:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
         self.port = 0
 
     def ready(self):
@@ -288,4 +289,10 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        self.close_output()
+
+    def close_output(self):
+        """Close the output pipe once the reader thread has seen its end (bounded): closing it
+        under the thread would make it raise (children that inherited the pipe may still write)."""
+        self._pump_thread.join(timeout=5)
         self.proc.stdout.close()

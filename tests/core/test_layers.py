@@ -47,6 +47,7 @@ PRIVATE_ALLOWED = {
     ("wsecho.runtime.watchdog", "_current_frames"),
     # os._exit is public despite its name: the second SIGTERM exits at once.
     ("wsecho.serve.cli", "_exit"),
+    ("wsecho.serve.supervisor", "_exit"),
 }
 
 

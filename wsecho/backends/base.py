@@ -152,11 +152,36 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Create ``data_dir`` if needed and take its lock; return the descriptor that holds it.
+
+    The lock (``flock``) belongs to the open file: it is held while any process that
+    inherited the descriptor lives, so a new server cannot open the directory while a
+    worker of the old one still writes to it.
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create the data directory {data_dir}: {exc.strerror}"
+        raise StorageError(msg) from exc
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        msg = f"the data directory {data_dir} is in use by another wsecho process"
+        raise StorageError(msg) from None
+    return fd
+
+
 class SQLiteBackend:
     """SQLite in WAL mode in ``data_dir``, with a lock so that one server owns it."""
 
-    def __init__(self, data_dir: Path | str, synchronous: str = "FULL") -> None:
+    def __init__(self, data_dir: Path | str, synchronous: str = "FULL", *, lock: bool = True) -> None:
+        """``lock=False``: the caller holds the directory's lock already (the supervisor of
+        ``--workers N`` takes it with :func:`lock_data_dir` and its workers inherit it)."""
         self.data_dir = Path(data_dir)
+        self.lock = lock
         self.path = self.data_dir / DB_FILE
         self.synchronous = synchronous
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="wsecho-db-writer")
@@ -178,19 +203,8 @@ class SQLiteBackend:
         return conn
 
     def _open(self) -> list[AlarmRow]:
-        try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            msg = f"cannot create the data directory {self.data_dir}: {exc.strerror}"
-            raise StorageError(msg) from exc
-        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            msg = f"the data directory {self.data_dir} is in use by another wsecho process"
-            raise StorageError(msg) from None
-        self._lock_fd = fd
+        if self.lock:
+            self._lock_fd = lock_data_dir(self.data_dir)
         conn = self._wconn = self._connect()
         self._migrate(conn)
         self._rconn = self._connect()

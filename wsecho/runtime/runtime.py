@@ -19,7 +19,7 @@ import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
@@ -51,6 +51,7 @@ from wsecho.core.lifecycle import (
     SocketState,
 )
 from wsecho.core.limits import Limits
+from wsecho.core.placement import Placement
 from wsecho.core.stats import Stats
 from wsecho.core.wording import counted
 from wsecho.runtime.commits import GroupCommitter
@@ -92,8 +93,24 @@ QUOTA_LOG_INTERVAL = 60.0
 PROBE_OBJECT = "wsecho:probe"
 
 
+class Remote(Protocol):
+    """How a worker reaches the objects other workers own (``--workers N``; the serve layer's mesh)."""
+
+    async def fetch_object(self, owner: int, id: DurableObjectId, request: Request) -> Response: ...  # noqa: A002
+
+    async def call_object(
+        self,
+        owner: int,
+        id: DurableObjectId,  # noqa: A002 - Cloudflare's name
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any: ...
+
+
 class Runtime:
-    """All objects of one application in one process."""
+    """All objects of one application in one process (or, with ``placement``, the objects of
+    one worker's slots; ``remote`` reaches the others)."""
 
     def __init__(
         self,
@@ -104,8 +121,13 @@ class Runtime:
         hibernate_after: float = 10.0,
         limits: Limits | None = None,
         backend: Backend | None = None,
+        placement: Placement | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self.app = app
+        #: Which objects this process owns (None: all of them).
+        self.placement = placement
+        self.remote = remote
         self.clock = clock
         self.wall_clock = wall_clock
         self.hibernate_after = hibernate_after
@@ -129,6 +151,9 @@ class Runtime:
     async def start(self) -> None:
         """Open storage and schedule the stored alarms (those missed while down fire now)."""
         rows = await self.backend.open()
+        if self.placement is not None:
+            # The other workers fire their own objects' alarms.
+            rows = [row for row in rows if self.placement.is_local(row.id)]
         self.committer.stored_bytes = await self.backend.usage(None)
         for row in rows:
             self.alarms.set(row)
@@ -169,6 +194,10 @@ class Runtime:
         id: DurableObjectId,  # noqa: A002 - Cloudflare's name
         request: Request,
     ) -> Response:
+        owner = self._owner(id)
+        if owner is not None:
+            assert self.remote is not None
+            return await self.remote.fetch_object(owner, id, request)
         host = self._callable_host(id, cls, "fetch")
         reply: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
         self.submit(host, HttpEvent(reply, request))
@@ -185,10 +214,21 @@ class Runtime:
         kwargs: dict[str, Any],
     ) -> Any:
         """An RPC call through a stub, delivered in the object's turn."""
+        owner = self._owner(id)
+        if owner is not None:
+            assert self.remote is not None
+            return await self.remote.call_object(owner, id, method, args, kwargs)
         host = self._callable_host(id, cls, method)
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.submit(host, RpcEvent(reply, method, args, kwargs))
         return await reply
+
+    def _owner(self, id: DurableObjectId) -> int | None:  # noqa: A002
+        """The index of the worker that owns ``id`` when it is another worker, else None."""
+        placement = self.placement
+        if placement is None or self.remote is None or placement.is_local(id.hex):
+            return None
+        return placement.owner(id.hex)
 
     def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002
         host = self.host(id, cls)
@@ -204,6 +244,11 @@ class Runtime:
         """The host of object ``id``, created (hibernating, no instance) on first use."""
         host = self._hosts.get(id)
         if host is None:
+            if self.placement is not None and not self.placement.is_local(id.hex):
+                # One live instance per object: only the owning worker may ever build one.
+                owner = self.placement.owner(id.hex)
+                msg = f"{id!r} belongs to worker {owner}, not to this one ({self.placement.index})"
+                raise InvalidStateError(msg)
             after = cls.hibernate_after if cls.hibernate_after is not None else self.hibernate_after
             host = self._hosts[id] = ObjectHost(id, cls, self, float(after))
         return host

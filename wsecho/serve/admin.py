@@ -6,6 +6,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
@@ -15,24 +16,41 @@ import tornado.web
 from wsecho.core.errors import BadRequestError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.target import resolve
-from wsecho.serve.metrics import CONTENT_TYPE, render
+from wsecho.serve.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
     from wsecho.core.target import AllowedHosts
-    from wsecho.runtime.runtime import Runtime
 
 
 class AdminSource(Protocol):
-    """What the admin endpoints read (the Server; passed in, not imported)."""
+    """What the admin endpoints read (the Server, or the supervisor of ``--workers``, which
+    asks every worker; passed in, not imported)."""
 
-    phase: str
-    runtime: Runtime
-    registry: CollectorRegistry
     admin_hosts: AllowedHosts
 
-    def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]: ...
+    async def readiness(self) -> Readiness: ...
+
+    async def metrics_page(self) -> bytes: ...
+
+    async def objects_page(self, limit: int, state: ObjectState | None) -> dict[str, Any]: ...
+
+
+@attrs.frozen
+class Readiness:
+    """What /readyz answers: 200 ``ready``, or 503 and why; ``expected`` (starting, draining)
+    is logged at INFO, since a load balancer's probe sees it at every deploy."""
+
+    ready: bool
+    text: str
+    expected: bool = False
+
+
+def readiness_of(phase: str, storage_failure: str | None) -> Readiness:
+    """One process's readiness: its phase, and whether its storage writes fail."""
+    if phase == "ready" and storage_failure is not None:
+        # Writes fail (a full disk, an I/O error): new work would only be reset with 1011.
+        return Readiness(False, f"storage failing: {storage_failure}")
+    return Readiness(phase == "ready", phase, expected=phase != "ready")
 
 
 log = logging.getLogger(__name__)
@@ -111,28 +129,24 @@ class Healthz(AdminHandler):
 
 
 class Readyz(AdminHandler):
-    def get(self) -> None:
-        phase = self.server.phase
-        failure = self.server.runtime.storage_failure()
-        if phase == "ready" and failure is not None:
-            # Writes fail (a full disk, an I/O error): new work would only be reset with 1011.
-            self.text(503, f"storage failing: {failure}")
-            return
-        if phase != "ready":
+    async def get(self) -> None:
+        readiness = await self.server.readiness()
+        if readiness.expected:
             # Not ready while starting or draining is the answer a load balancer's probe
             # expects during every deploy, not an error: at ERROR each probe wrote an error line.
             self.access_log_level = logging.INFO
-        self.text(200 if phase == "ready" else 503, phase)
+        self.text(200 if readiness.ready else 503, readiness.text)
 
 
 class Metrics(AdminHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
+        page = await self.server.metrics_page()
         self.set_header("Content-Type", CONTENT_TYPE)
-        self.finish(render(self.server.registry))
+        self.finish(page)
 
 
 class Objects(AdminHandler):
-    def get(self) -> None:
+    async def get(self) -> None:
         limit_arg = self.get_argument("limit", "1000")
         state_arg = self.get_argument("state", None)
         # ASCII digits only: str.isdigit() accepts "²", which int() refuses; and a length
@@ -148,4 +162,4 @@ class Objects(AdminHandler):
             return
         state = None if state_arg is None else ObjectState(state_arg)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(self.server.describe_objects(int(limit_arg), state), indent=1))
+        self.finish(json.dumps(await self.server.objects_page(int(limit_arg), state), indent=1))

@@ -11,6 +11,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from wsecho.api.app import App
 from wsecho.core.errors import AppLoadError, ConfigError, StorageError
@@ -20,6 +21,19 @@ from wsecho.serve.logs import LogSetup
 from wsecho.serve.sdnotify import Notifier
 
 log = logging.getLogger("wsecho")
+
+if TYPE_CHECKING:
+    from wsecho.serve.server import Server
+
+
+class WorkerSetup(Protocol):
+    """How a worker of ``--workers N`` builds its server and joins the mesh (wsecho.serve.worker)."""
+
+    def server(self, app: App, settings: Settings, notifier: Notifier | None) -> Server: ...
+
+    async def started(self, server: Server) -> None: ...
+
+    async def stopped(self) -> None: ...
 
 
 def load_app(spec: str) -> App:
@@ -97,17 +111,22 @@ async def serve(
     reload: Callable[[], Settings] | None = None,
     logs: LogSetup | None = None,
     notifier: Notifier | None = None,
+    worker: WorkerSetup | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT, then drain (sockets closed with 1001, storage flushed).
 
     A second SIGTERM/SIGINT exits at once. SIGHUP re-opens the log file and, with
     ``reload``, re-reads the settings and applies those that can change live.
+    ``worker``: this process is one worker of ``--workers N`` (wsecho.serve.worker).
     """
     from wsecho.serve.server import Server  # Tornado loads only when serving
 
-    server = Server(app, settings, notifier=notifier)
+    server = Server(app, settings, notifier=notifier) if worker is None else worker.server(app, settings, notifier)
     try:
         addresses = await server.start()
+        if worker is not None:
+            await worker.started(server)
+            addresses = []  # the supervisor announces the listener
     except ConfigError as exc:
         # A certificate or key that cannot be read or does not match: bad configuration,
         # found only when the listener is set up (exit status 2, like every bad setting).
@@ -173,6 +192,8 @@ async def serve(
         server.settings.drain_timeout,
     )
     await server.stop()
+    if worker is not None:
+        await worker.stopped()
     log.info("stopped")
     return 0
 
@@ -200,6 +221,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         config_failure("--loop uvloop: uvloop is not installed (pip install uvloop)")
     log.debug("event loop: %s", loop_name)
+    if settings.workers > 1:
+        from wsecho.serve.supervisor import supervise
+
+        given = list(sys.argv[1:] if argv is None else argv)
+        try:
+            with asyncio.Runner() as runner:
+                return runner.run(
+                    supervise(
+                        settings, given, notifier=notifier, logs=logs, reload=lambda: settings_from(args, os.environ)
+                    )
+                )
+        finally:
+            notifier.close()
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(

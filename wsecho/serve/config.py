@@ -13,6 +13,7 @@ import argparse
 import importlib.metadata
 import logging
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -233,6 +234,28 @@ def _allowed_hosts(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("auto", ""):
         return ()
     return tuple(normalize_host(h) for h in text.split(",") if h.strip())
+
+
+#: The most worker processes --workers starts.
+MAX_WORKERS = 256
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a cgroup cpuset or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _workers(text: str) -> int:
+    if text.strip().lower() == "auto":
+        return min(usable_cpus(), MAX_WORKERS)
+    count = _integer(text)
+    if not 1 <= count <= MAX_WORKERS:
+        msg = f"must be auto or a whole number from 1 to {MAX_WORKERS}, got {text!r}"
+        raise ValueError(msg)
+    return count
 
 
 OPTIONS = (
@@ -465,6 +488,13 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--workers",
+        _workers,
+        "1",
+        "worker processes sharing the port, each owning a share of the objects (auto: one per usable CPU)",
+        "N",
+    ),
+    Option(
         "--loop",
         _choice("auto", "uvloop", "asyncio"),
         "auto",
@@ -531,6 +561,7 @@ class Settings:
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
+    workers: int = DEFAULTS["workers"]
     loop: str = DEFAULTS["loop"]
     log_level: str = DEFAULTS["log_level"]
     log_format: str = DEFAULTS["log_format"]
@@ -661,6 +692,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             raise ConfigError(source, str(exc)) from None
     check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
     check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
+    if values["workers"] > 1 and values["certfile"]:
+        msg = (
+            f"{values['workers']} with --certfile: a TLS connection cannot move to the worker that owns its "
+            "object; terminate TLS at a proxy in front of the workers (docs/deploying.md) or run one worker"
+        )
+        raise ConfigError("--workers", msg)
     return Settings(**values)
 
 

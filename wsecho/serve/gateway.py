@@ -5,13 +5,15 @@ is checked and answered and the socket handed to a Connection on the loop's tran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Iterable
 from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import tornado.httpserver
@@ -27,13 +29,14 @@ from tornado.log import access_log
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
 from wsecho.core import deflate
-from wsecho.core.errors import BadRequestError
+from wsecho.core.errors import BadRequestError, InvalidArgumentError
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
+from wsecho.serve.mesh import HANDED_OVER_FROM, UPGRADING, HandOver, MeshClient, RoutingError, WorkerUnavailableError
 from wsecho.serve.takeover import take_socket, take_tls_socket
 from wsecho.serve.tls import TLSTransport
 
@@ -97,6 +100,11 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.body_bytes = 0
         #: Connections and requests turned away, by reason (exported on /metrics).
         self.refused: Counter[str] = Counter()
+        #: With --workers: the other workers, for handing over connections (None: one process).
+        self.mesh: MeshClient | None = None
+        #: Connections handed to another worker, and received from one.
+        self.handed_over = 0
+        self.adopted = 0
 
     def start_request(self, server_conn: object, request_conn: HTTPConnection) -> Exchange:
         return Exchange(self, cast(HTTP1Connection, request_conn))
@@ -119,6 +127,104 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
             return False
         self.upgrading += 1
         return True
+
+    def connection(
+        self, server: SocketLink, leftover: bytes, url: str, protocol: str | None, accepted: tuple[str, int] | None
+    ) -> Connection:
+        """The connection for the socket: compressing when permessage-deflate was agreed."""
+        settings, registry = self.connections, self.registry
+        if accepted is None:
+            return Connection(server, settings, leftover, registry, url=url, protocol=protocol)
+        return DeflateConnection(
+            server,
+            settings,
+            leftover,
+            registry,
+            url=url,
+            protocol=protocol,
+            extensions=accepted[0],
+            window_bits=accepted[1],
+        )
+
+    async def serve_socket(
+        self,
+        sock: socket.socket,
+        server: SocketLink,
+        leftover: bytes,
+        url: str,
+        protocol: str | None,
+        accepted: tuple[str, int] | None,
+    ) -> None:
+        """Serve the frames of an upgraded plain socket on the loop's transport."""
+        connection = self.connection(server, leftover, url, protocol, accepted)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=sock)
+        except OSError:
+            sock.close()
+            self.runtime.handshake_failed(server)
+
+    async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """Serve a connection another worker handed over (``--workers``): run the request it
+        read through the application again, here where the object lives, and answer on the socket."""
+        self.adopted += 1
+        headers = tornado.httputil.HTTPHeaders()
+        for name, value in meta["headers"]:
+            headers.add(name, value)
+        method, path, version = meta["method"], meta["path"], meta["version"]
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+
+        async def answer(status: int, out: Iterable[tuple[str, str]], body: bytes) -> None:
+            _access_log(status, method, path, meta["client"], started)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, raw_response(status, out, body, head=method == "HEAD"))
+            sock.close()
+
+        if not self.take_slot():
+            limit = self.max_connections
+            text = f"The server is at its limit of {limit} WebSocket connections; try again later"
+            await answer(503, PLAIN, text.encode())
+            return
+        try:
+            request = Request(url=meta["url"], method=method, headers=Headers(meta["headers"]), body=meta["body"])
+            HANDED_OVER_FROM.set(meta["from"])
+            UPGRADING.set(True)
+            try:
+                response = await self.runtime.fetch(request)
+            except (Exception, HandOver) as exc:
+                if isinstance(exc, RoutingError | HandOver):
+                    log.error("%s %s: %s", method, path, exc if isinstance(exc, RoutingError) else "routed twice")
+                else:
+                    log.exception("the worker's fetch() raised for %s %s", method, path)
+                await answer(500, PLAIN, b"Internal Server Error")
+                return
+            if response.status != 101:
+                await answer(response.status, response.headers.items(), response.body or b"")
+                return
+            assert response.web_socket is not None
+            server = accepted_peer(response.web_socket)
+            if server is None:
+                log_unaccepted_101(path)
+                await answer(500, PLAIN, b"Internal Server Error")
+                return
+            problem = handshake_problem(method, version, headers)
+            if problem is not None:
+                status, text = problem
+                extra = [("Sec-WebSocket-Version", "13")] if status == 426 else []
+                await answer(status, [*PLAIN, *extra], text.encode())
+                self.runtime.handshake_failed(server)
+                return
+            head, protocol, accepted = handshake_head(headers, response, self.connections.compression)
+            _access_log(101, method, path, meta["client"], started)
+            try:
+                await loop.sock_sendall(sock, head)
+            except OSError:
+                sock.close()
+                self.runtime.handshake_failed(server)
+                return
+            await self.serve_socket(sock, server, meta["leftover"], request.url, protocol, accepted)
+        finally:
+            self.upgrading -= 1
 
     def take_body(self, size: int) -> bool:
         """Reserve ``size`` bytes of the request-body budget (--max-body-memory)."""
@@ -292,8 +398,16 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         # per client; it replaces whatever the client sent, which anyone could forge (and
         # X-Forwarded-For counts only from a proxy in --forwarded-allow-ips).
         request.headers.set(CLIENT_ADDRESS_HEADER, self.client()[0])
+        if gateway.mesh is not None and self.slot:
+            UPGRADING.set(True)  # this task's context: a stub fetch to another worker hands over
         try:
             response = await gateway.runtime.fetch(request)
+        except HandOver as move:
+            await self._hand_over(move.owner, request)
+            return
+        except WorkerUnavailableError as exc:
+            self._plain(503, str(exc), [("Retry-After", "1")])
+            return
         except Exception:
             log.exception("the worker's fetch() raised for %s %s", start_line.method, start_line.path)
             self._plain(500, "Internal Server Error")
@@ -315,6 +429,42 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             gateway.runtime.handshake_failed(server)
             return
         await self._upgrade(server, response, request.url)
+
+    async def _hand_over(self, owner: int, request: Request) -> None:
+        """Move the client's connection to worker ``owner``, with the request and the bytes
+        read past it; that worker answers it (``Gateway.adopt``)."""
+        mesh = self.gateway.mesh
+        assert mesh is not None
+        assert self.start_line is not None
+        stream = self.conn.detach()
+        try:
+            taken = take_socket(stream)
+        except OSError:  # the client left
+            stream.close()
+            return
+        meta = {
+            "method": self.start_line.method,
+            "path": self.start_line.path,
+            "version": self.start_line.version,
+            "url": request.url,
+            "headers": list(request.headers.items()),
+            "body": request.body,
+            "leftover": taken.leftover,
+            "client": self.client()[0],
+            "from": mesh.index,
+        }
+        try:
+            await mesh.hand_over(owner, taken.sock, meta)
+        except (WorkerUnavailableError, InvalidArgumentError) as exc:
+            status = 503 if isinstance(exc, WorkerUnavailableError) else 431
+            log.warning("%s %s: cannot hand the connection to worker %d: %s", meta["method"], meta["path"], owner, exc)
+            with contextlib.suppress(OSError):
+                taken.sock.setblocking(True)
+                taken.sock.settimeout(1.0)
+                taken.sock.sendall(raw_response(status, [*PLAIN, ("Retry-After", "1")], str(exc).encode()))
+        else:
+            self.gateway.handed_over += 1
+        taken.sock.close()  # ours; the owner received its own descriptor
 
     def _refuse_upgrade(self) -> tuple[int, str] | None:
         """Server-wide rules an upgrade request must pass before the application sees it."""
@@ -340,33 +490,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
     async def _upgrade(self, server: SocketLink, response: Response, url: str) -> None:
         headers = self.headers
         assert headers is not None
-        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        # Like Cloudflare: the application picks by setting the header on its 101 Response.
-        chosen = response.headers.get("Sec-WebSocket-Protocol")
-        protocol = chosen if chosen in offered else None
-        lines = [
-            "HTTP/1.1 101 Switching Protocols",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Accept: {accept_value(headers['Sec-WebSocket-Key'].strip())}",
-        ]
-        if protocol:
-            lines.append(f"Sec-WebSocket-Protocol: {protocol}")
-        # permessage-deflate: --compression decides, unless the application's 101 names the
-        # extensions it wants (like the subprotocol): without permessage-deflate there, none.
-        wanted = response.headers.get("Sec-WebSocket-Extensions")
-        compress = self.gateway.connections.compression if wanted is None else "permessage-deflate" in wanted.lower()
-        accepted = deflate.negotiate(",".join(headers.get_list("Sec-WebSocket-Extensions"))) if compress else None
-        if accepted is not None:
-            lines.append(f"Sec-WebSocket-Extensions: {accepted[0]}")
-        for name, value in response.headers.items():
-            if name.lower() in HANDSHAKE_HEADERS:
-                continue
-            if any(c in name + value for c in "\r\n\0"):
-                log.error("dropped response header %r: it contains a line break", name)
-                continue
-            lines.append(f"{name}: {value}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
+        head, protocol, accepted = handshake_head(headers, response, self.gateway.connections.compression)
         self._log(101)
         stream = self.conn.detach()
         try:
@@ -383,30 +507,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             stream.close()
             self.gateway.runtime.handshake_failed(server)
             return
-        connection = self._connection(server, taken.leftover, url, protocol, accepted)
-        try:
-            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, sock=taken.sock)
-        except OSError:
-            taken.sock.close()
-            self.gateway.runtime.handshake_failed(server)
-
-    def _connection(
-        self, server: SocketLink, leftover: bytes, url: str, protocol: str | None, accepted: tuple[str, int] | None
-    ) -> Connection:
-        """The connection for the socket: compressing when permessage-deflate was agreed."""
-        settings, registry = self.gateway.connections, self.gateway.registry
-        if accepted is None:
-            return Connection(server, settings, leftover, registry, url=url, protocol=protocol)
-        return DeflateConnection(
-            server,
-            settings,
-            leftover,
-            registry,
-            url=url,
-            protocol=protocol,
-            extensions=accepted[0],
-            window_bits=accepted[1],
-        )
+        await self.gateway.serve_socket(taken.sock, server, taken.leftover, url, protocol, accepted)
 
     def _serve_tls(
         self,
@@ -418,7 +519,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
     ) -> None:
         """Serve the frames over the SSLSocket Tornado negotiated (see wsecho.serve.tls)."""
         sock, leftover = take_tls_socket(stream)
-        connection = self._connection(server, leftover, url, protocol, accepted)
+        connection = self.gateway.connection(server, leftover, url, protocol, accepted)
         try:
             TLSTransport(sock, connection, asyncio.get_running_loop())
         except OSError:  # the client left between the 101 and now
@@ -448,14 +549,72 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         self._log(status)
 
     def _log(self, status: int) -> None:
-        # Tornado's access-log line, on Tornado's access logger (--access-log off silences it).
-        if not access_log.isEnabledFor(logging.INFO) or access_log.disabled:
-            return
         assert self.start_line is not None
-        method = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
-        remote = self.client()[0] or "?"
-        elapsed = (time.monotonic() - self.started) * 1000
-        method("%d %s %s (%s) %.2fms", status, self.start_line.method, self.start_line.path, remote, elapsed)
+        _access_log(status, self.start_line.method, self.start_line.path, self.client()[0], self.started)
+
+
+#: A plain-text answer's headers.
+PLAIN = (("Content-Type", TEXT_PLAIN),)
+
+
+def handshake_head(
+    headers: tornado.httputil.HTTPHeaders, response: Response, compression: bool
+) -> tuple[bytes, str | None, tuple[str, int] | None]:
+    """The 101 response for the application's ``response`` to the upgrade request ``headers``:
+    its bytes, the chosen subprotocol, and the agreed permessage-deflate (header, window bits)."""
+    offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    # Like Cloudflare: the application picks by setting the header on its 101 Response.
+    chosen = response.headers.get("Sec-WebSocket-Protocol")
+    protocol = chosen if chosen in offered else None
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_value(headers['Sec-WebSocket-Key'].strip())}",
+    ]
+    if protocol:
+        lines.append(f"Sec-WebSocket-Protocol: {protocol}")
+    # permessage-deflate: --compression decides, unless the application's 101 names the
+    # extensions it wants (like the subprotocol): without permessage-deflate there, none.
+    wanted = response.headers.get("Sec-WebSocket-Extensions")
+    compress = compression if wanted is None else "permessage-deflate" in wanted.lower()
+    accepted = deflate.negotiate(",".join(headers.get_list("Sec-WebSocket-Extensions"))) if compress else None
+    if accepted is not None:
+        lines.append(f"Sec-WebSocket-Extensions: {accepted[0]}")
+    lines.extend(_safe_headers(response.headers.items(), skip=HANDSHAKE_HEADERS))
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace"), protocol, accepted
+
+
+def _safe_headers(items: Iterable[tuple[str, str]], skip: Iterable[str] = ()) -> list[str]:
+    """``name: value`` lines, without the ``skip`` names and without any header holding a line break."""
+    lines = []
+    for name, value in items:
+        if name.lower() in skip:
+            continue
+        if any(c in name + value for c in "\r\n\0"):
+            log.error("dropped response header %r: it contains a line break", name)
+            continue
+        lines.append(f"{name}: {value}")
+    return lines
+
+
+def raw_response(status: int, headers: Iterable[tuple[str, str]], body: bytes, *, head: bool = False) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for a socket Tornado does not serve."""
+    lines = [f"HTTP/1.1 {status} {HTTP_REASONS.get(status, 'Unknown')}"]
+    lines.extend(_safe_headers(headers, skip=("content-length", "connection")))
+    lines.append(f"Date: {tornado.httputil.format_timestamp(time.time())}")
+    lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace") + (b"" if head else body)
+
+
+def _access_log(status: int, method: str, path: str, remote: str, started: float) -> None:
+    """Tornado's access-log line on Tornado's access logger (--access-log off silences it)."""
+    if not access_log.isEnabledFor(logging.INFO) or access_log.disabled:
+        return
+    level = access_log.info if status < 400 else access_log.warning if status < 500 else access_log.error
+    elapsed = (time.monotonic() - started) * 1000
+    level("%d %s %s (%s) %.2fms", status, method, path, remote or "?", elapsed)
 
 
 def _log_crash(task: asyncio.Future[None]) -> None:

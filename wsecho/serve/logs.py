@@ -13,15 +13,22 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and the traceback if any."""
+    """One JSON object per line: time, level, logger, message, and the traceback if any
+    (and, in a worker of ``--workers N``, the worker's index)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        data = {
+        data: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            data["worker"] = self.worker
         if record.exc_info:
             data["traceback"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)
@@ -30,7 +37,9 @@ class JsonFormatter(logging.Formatter):
 class LogSetup:
     """Owns the root handler so that SIGHUP can re-open the log file and apply new settings."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
+        """``worker``: this process is that worker of ``--workers N`` (its lines say so)."""
+        self.worker = worker
         self._handler: logging.Handler | None = None
         self._settings: Settings | None = None
 
@@ -44,7 +53,8 @@ class LogSetup:
             handler = logging.FileHandler(settings.log_file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter() if settings.log_format == "json" else logging.Formatter(TEXT_FORMAT))
+        text = TEXT_FORMAT if self.worker is None else TEXT_FORMAT.replace("%(name)s", f"worker {self.worker} %(name)s")
+        handler.setFormatter(JsonFormatter(self.worker) if settings.log_format == "json" else logging.Formatter(text))
         root.addHandler(handler)
         root.setLevel(settings.logging_level)
         # Tornado's one line per HTTP request; off with --access-log off.

@@ -9,7 +9,7 @@ process-wide one), so several servers can run in one process.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -153,6 +153,9 @@ class ListenerStats:
     accept_pauses: int
     #: Connections and requests turned away, by reason.
     refused: dict[str, int]
+    #: With --workers: connections handed to the worker that owns their object, and received.
+    handed_over: int = 0
+    adopted: int = 0
 
 
 #: Why the listener turns a connection or request away (the ``reason`` label).
@@ -180,6 +183,14 @@ class ListenerCollector(Collector):
         for reason in REFUSAL_REASONS:
             refused.add_metric([reason], stats.refused.get(reason, 0))
         yield refused
+        moved = CounterMetricFamily(
+            "wsecho_connections_moved",
+            "connections handed to the worker that owns their object (--workers), by direction",
+            labels=["direction"],
+        )
+        moved.add_metric(["out"], stats.handed_over)
+        moved.add_metric(["in"], stats.adopted)
+        yield moved
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -203,3 +214,39 @@ def make_registry(
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+def merge_pages(pages: Mapping[int, bytes], extra: bytes = b"") -> bytes:
+    """One exposition of every worker's page (``--workers N``): each sample gains a
+    ``worker`` label, each family's HELP and TYPE lines appear once, before all its samples
+    (the text format's rule); ``extra`` (the supervisor's own families) comes first."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for worker, page in sorted(pages.items()):
+        current: tuple[list[str], list[str]] | None = None
+        for line in page.decode("utf-8").splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                if len(parts) < 3:
+                    continue
+                name = parts[2]
+                current = families.setdefault(name, ([], []))
+                if line not in current[0]:
+                    current[0].append(line)
+            elif line and current is not None:
+                current[1].append(_with_label(line, f'worker="{worker}"'))
+    out = [extra.decode("utf-8").rstrip("\n")] if extra else []
+    for header, samples in families.values():
+        out.extend(header)
+        out.extend(samples)
+    return ("\n".join(out) + "\n").encode("utf-8")
+
+
+def _with_label(sample: str, label: str) -> str:
+    """``name{a="b"} 1`` -> ``name{a="b",worker="0"} 1``; ``name 1`` -> ``name{worker="0"} 1``."""
+    brace = sample.find("{")
+    space = sample.find(" ")
+    if brace != -1 and (space == -1 or brace < space):
+        end = sample.rindex("} ") if "} " in sample else sample.rindex("}")
+        inside = sample[brace + 1 : end]
+        return f"{sample[: brace + 1]}{inside + ',' if inside else ''}{label}{sample[end:]}"
+    return f"{sample[:space]}{{{label}}}{sample[space:]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import ssl
 import time
 from collections import Counter
@@ -26,16 +27,28 @@ from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
+from wsecho.core.placement import Placement
 from wsecho.core.target import AllowedHosts
 from wsecho.core.wording import counted
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
-from wsecho.serve.admin import Healthz, Metrics, NotFound, Objects, Readyz, log_admin_request
+from wsecho.serve.admin import (
+    AdminSource,
+    Healthz,
+    Metrics,
+    NotFound,
+    Objects,
+    Readiness,
+    Readyz,
+    log_admin_request,
+    readiness_of,
+)
 from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
-from wsecho.serve.metrics import ListenerStats, make_registry
+from wsecho.serve.mesh import MeshClient
+from wsecho.serve.metrics import ListenerStats, make_registry, render
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
 from wsecho.serve.tls import load_context
@@ -81,9 +94,9 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def backend_for(data_dir: str) -> Backend:
-    """SQLite in ``data_dir``, or memory for ``:memory:``."""
-    return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir)
+def backend_for(data_dir: str, *, lock: bool = True) -> Backend:
+    """SQLite in ``data_dir``, or memory for ``:memory:``; ``lock=False`` when a supervisor holds the lock."""
+    return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir, lock=lock)
 
 
 #: Which flags set each listener's address, for the message when it cannot be bound.
@@ -101,6 +114,33 @@ def bind(listener: str, host: str, port: int, **kwargs: Any) -> list[Any]:
         raise OSError(msg) from exc
 
 
+def start_admin(
+    source: AdminSource, settings: Settings, tls: ssl.SSLContext | None
+) -> tuple[Listener, list[tuple[str, int]]]:
+    """Bind and start the admin listener (/healthz, /readyz, /metrics, /objects) for ``source``."""
+    assert settings.admin_port is not None
+    handlers: list[Any] = [
+        (path, handler, {"server": source})
+        for path, handler in (
+            (r"/healthz", Healthz),
+            (r"/readyz", Readyz),
+            (r"/metrics", Metrics),
+            (r"/objects", Objects),
+        )
+    ]
+    admin_sockets = bind("admin", settings.admin_host, settings.admin_port)
+    admin = tornado.web.Application(
+        handlers,
+        default_handler_class=NotFound,
+        default_handler_args={"server": source},
+        log_function=log_admin_request,
+    )
+    listener = Listener(admin, ssl_options=tls if settings.admin_tls else None)
+    listener.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
+    listener.add_sockets(admin_sockets)
+    return listener, [s.getsockname()[:2] for s in admin_sockets]
+
+
 class Server:
     """An application served on one address: the HTTP server, the runtime, the sweeper,
     and (with ``admin_port``) the admin listener."""
@@ -116,6 +156,9 @@ class Server:
         wall_clock: Callable[[], datetime] = utc_now,
         sweeper: bool = True,
         limits: Limits | None = None,
+        placement: Placement | None = None,
+        mesh: MeshClient | None = None,
+        sockets: list[socket.socket] | None = None,
     ) -> None:
         """``clock`` (monotonic seconds: idle times, event timeouts) and ``wall_clock`` (alarms,
         auto-response timestamps) are the runtime's clocks. The default ``clock`` is the event
@@ -125,6 +168,9 @@ class Server:
         ``sweeper=False`` starts no periodic sweep, so nothing hibernates on its own: for a
         clock that moves only when its owner says so, who then calls ``runtime.sweep()``
         (``wsecho.testing`` does). ``limits`` replaces the limits built from ``settings``.
+
+        A worker of ``--workers N`` passes its ``placement`` (the objects it owns), the
+        ``mesh`` that reaches the other workers, and the listening ``sockets`` it inherited.
         """
         self.settings = settings
         self.runtime = Runtime(
@@ -133,7 +179,9 @@ class Server:
             wall_clock=wall_clock,
             hibernate_after=settings.hibernate_after,
             limits=limits if limits is not None else settings.limits,
-            backend=backend if backend is not None else backend_for(settings.data_dir),
+            backend=backend if backend is not None else backend_for(settings.data_dir, lock=placement is None),
+            placement=placement,
+            remote=mesh,
         )
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).
@@ -157,6 +205,8 @@ class Server:
             max_outgoing_total=settings.max_outgoing_total,
             compression=settings.compression,
         )
+        self._application.mesh = mesh
+        self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
         self._sweeper = Sweeper(self.runtime)
@@ -179,28 +229,11 @@ class Server:
             self.tls = load_context(settings.certfile, settings.keyfile)
         if self.settings.admin_port is not None:
             # The admin listener comes up first, so /readyz can say "starting".
-            handlers: list[Any] = [
-                (path, handler, {"server": self})
-                for path, handler in (
-                    (r"/healthz", Healthz),
-                    (r"/readyz", Readyz),
-                    (r"/metrics", Metrics),
-                    (r"/objects", Objects),
-                )
-            ]
-            admin_sockets = bind("admin", self.settings.admin_host, self.settings.admin_port)
-            admin = tornado.web.Application(
-                handlers,
-                default_handler_class=NotFound,
-                default_handler_args={"server": self},
-                log_function=log_admin_request,
-            )
-            self._admin = Listener(admin, ssl_options=self.tls if settings.admin_tls else None)
-            self._admin.configure_limits(None, max_http=0, fd_cap=None, backlog=ADMIN_BACKLOG)
-            self._admin.add_sockets(admin_sockets)
-            self.admin_addresses = [s.getsockname()[:2] for s in admin_sockets]
+            self._admin, self.admin_addresses = start_admin(self, settings, self.tls)
         await self.runtime.start()
-        sockets = bind("application", self.settings.host, self.settings.port, backlog=self.settings.backlog)
+        sockets = self._inherited or bind(
+            "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
+        )
         self._http = Listener(
             self._application,
             max_body_size=max(self.settings.max_message_size, 64 * 1024),
@@ -269,6 +302,8 @@ class Server:
             body_bytes=gateway.body_bytes,
             accept_pauses=sum(x.accept_pauses for x in listeners),
             refused=dict(gateway.refused),
+            handed_over=gateway.handed_over,
+            adopted=gateway.adopted,
         )
 
     def _loop_blocked(self) -> int:
@@ -353,6 +388,19 @@ class Server:
     @property
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
+
+    async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """Serve a connection another worker handed over (``--workers``)."""
+        await self._application.adopt(sock, meta)
+
+    async def readiness(self) -> Readiness:
+        return readiness_of(self.phase, self.runtime.storage_failure())
+
+    async def metrics_page(self) -> bytes:
+        return render(self.registry)
+
+    async def objects_page(self, limit: int, state: ObjectState | None) -> dict[str, Any]:
+        return self.describe_objects(limit, state)
 
     def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]:
         """What /objects shows: each object's id, class, state, sockets, idle time and blocker.

@@ -1,0 +1,113 @@
+"""The application of the ``--workers`` tests (real processes and the in-process mesh).
+
+``/room/NAME`` reaches the object NAME: an upgrade is accepted; a plain request answers
+``NAME PID COUNT SOCKETS``. On a socket, ``inc`` adds one to the stored count and answers
+``ack N`` (after the write is durable: the output gate); ``pid`` answers the process id.
+``/rpc/FROM/TO`` makes FROM call TO's methods and reports what came back.
+
+With ``WSECHO_TEST_PROBE_LOG`` set, every constructor run (``ctor NAME PID T``) and every
+turn (``turn NAME PID START END``, monotonic seconds, comparable across processes) is
+appended to that file, one line each (O_APPEND: lines of several processes do not mix).
+"""
+
+import json
+import os
+import time
+from urllib.parse import urlsplit
+
+from wsecho import App, DurableObject, Response, WebSocketPair
+from wsecho.core.errors import InvalidArgumentError
+
+LOG = os.environ.get("WSECHO_TEST_PROBE_LOG")
+
+
+def record(*fields) -> None:
+    if LOG:
+        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (" ".join(map(str, fields)) + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+class Room(DurableObject):
+    def __init__(self, ctx, env) -> None:
+        super().__init__(ctx, env)
+        record("ctor", ctx.id.name, os.getpid(), time.monotonic())
+
+    async def fetch(self, request):
+        start = time.monotonic()
+        try:
+            if (request.headers.get("Upgrade") or "").lower() == "websocket":
+                client, server = WebSocketPair()
+                self.ctx.accept_web_socket(server)
+                return Response(status=101, web_socket=client)
+            count = await self.ctx.storage.get("count") or 0
+            name = self.ctx.id.name
+            return Response(f"{name} {os.getpid()} {count} {len(self.ctx.get_web_sockets())}")
+        finally:
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic())
+
+    async def web_socket_message(self, ws, message):
+        start = time.monotonic()
+        try:
+            if message == "pid":
+                ws.send(f"pid {os.getpid()}")
+            elif message == "inc":
+                n = (await self.ctx.storage.get("count") or 0) + 1
+                await self.ctx.storage.put("count", n)
+                ws.send(f"ack {n}")
+            else:
+                ws.send(message)
+        finally:
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic())
+
+    # RPC methods
+    def add(self, numbers, blob=b""):
+        return {"sum": sum(numbers), "pid": os.getpid(), "blob": blob, "tuple": (1, 2)}
+
+    def fail(self):
+        raise LookupError("nothing under that name")
+
+    def echo(self, value):
+        return value
+
+    def leak(self):
+        return object()
+
+
+async def fetch(request, env):
+    parts = urlsplit(request.url).path.strip("/").split("/")
+    if parts[0] == "room" and len(parts) == 2:
+        return await env.ROOM.get_by_name(parts[1]).fetch(request)
+    if parts[0] == "rpc" and len(parts) == 3:
+        return await env.ROOM.get_by_name(parts[1]).fetch(f"https://rpc/{parts[2]}")
+    return Response("not found", status=404)
+
+
+class Caller(Room):
+    """A Room whose plain fetch to ``https://rpc/TO`` calls TO's methods."""
+
+    async def fetch(self, request):
+        url = urlsplit(request.url)
+        if url.netloc != "rpc":
+            return await super().fetch(request)
+        stub = self.env.ROOM.get_by_name(url.path.strip("/"))
+        report = {"add": await stub.add([1, 2, 3], blob=b"\x00\xff")}
+        report["add"]["blob"] = report["add"]["blob"].hex()
+        try:
+            await stub.fail()
+        except LookupError as exc:
+            report["fail"] = f"LookupError: {exc}"
+        try:
+            await stub.echo({1, 2})
+        except InvalidArgumentError as exc:
+            report["echo_set"] = str(exc)
+        try:
+            await stub.leak()
+        except InvalidArgumentError as exc:
+            report["leak"] = str(exc)
+        return Response(json.dumps(report), headers={"Content-Type": "application/json"})
+
+
+app = App(fetch=fetch, bindings={"ROOM": Caller})
