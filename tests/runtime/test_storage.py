@@ -1,4 +1,4 @@
-"""The storage contract, run against both backends, plus alarms, the output gate and restarts."""
+"""The storage contract through the runtime, run against every backend, plus alarms, the output gate and restarts."""
 
 import asyncio
 import contextlib
@@ -11,6 +11,7 @@ from tests.apps.store import store_app
 from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
+from wsecho.backends.postgres import PostgresBackend
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
 from wsecho.runtime.host import PIN_STORAGE
 from wsecho.runtime.runtime import Runtime
@@ -20,12 +21,15 @@ NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def backend_factory(request, tmp_path):
-    """Makes the backend under test; for SQLite, each call opens the same data directory."""
+    """Makes the backend under test; for SQLite and PostgreSQL, each call opens the same data."""
     if request.param == "memory":
         shared = MemoryBackend()
         return lambda: shared
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return lambda: PostgresBackend(url)
     return lambda: SQLiteBackend(tmp_path / "data")
 
 
