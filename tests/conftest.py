@@ -152,9 +152,8 @@ def port(app, http_server, http_port, serving, test_ca):
     return port
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
-    """A PostgreSQL server for the session (tests/pg.py), started on first use (about a second).
+def start_postgres():
+    """A PostgreSQL server of its own (tests/pg.py): yields it running, stops it and removes it.
 
     Without PostgreSQL's binaries: the test fails, asking for scripts/install-postgres, when
     root (who can install them); it skips with that reason otherwise."""
@@ -169,12 +168,24 @@ def postgres_server():
         pytest.skip(INSTALL_HINT)
     # Not under pytest's basetemp: that is private to root, and the server runs as postgres.
     base = Path(tempfile.mkdtemp(prefix="wsecho-pg-"))
+    server = PostgresServer(base, binaries)
     try:
-        server = PostgresServer(base, binaries).init().start()
-        yield server
-        server.stop()
+        yield server.init().start()
     finally:
+        server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server, started on first use (about a second)."""
+    yield from start_postgres()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server for this test alone: one it may stop and start."""
+    yield from start_postgres()
 
 
 @pytest.fixture

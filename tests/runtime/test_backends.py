@@ -12,7 +12,8 @@ import pytest
 
 from wsecho import StorageError
 from wsecho.backends.base import MemoryBackend, SQLiteBackend, entry_bytes, migrations
-from wsecho.backends.postgres import PostgresBackend, object_slot, redact
+from wsecho.backends.dsn import redact
+from wsecho.backends.postgres import PostgresBackend, object_slot
 from wsecho.core.alarms import AlarmRow
 from wsecho.core.batches import Batch
 from wsecho.core.placement import slot_of

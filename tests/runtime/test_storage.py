@@ -641,6 +641,49 @@ async def test_a_full_disk_loses_no_acknowledged_write_and_makes_the_server_unre
     assert f"k{sent}" not in stored
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_postgres_going_away_fails_the_turn_makes_the_server_unready_and_recovers(recorder, flags, own_postgres):
+    # pg_ctl stop -m immediate: the server ends every connection at once, as a crash would.
+    from tornado.httpclient import AsyncHTTPClient
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
+
+    url = own_postgres.fresh_url()
+    server = Server(store_app(recorder, flags), Settings(port=0, admin_port=0, storage=url))
+    server.runtime.storage_probe_interval = 0.05
+    await server.start()
+    http = AsyncHTTPClient()
+
+    async def readyz():
+        return await http.fetch(f"http://127.0.0.1:{server.admin_port}/readyz", raise_error=False)
+
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/pg/ws") as ws:
+            await ws.send("put before 1")
+            assert await asyncio.wait_for(ws.recv(), 10) == "ok before"
+            await asyncio.to_thread(own_postgres.stop, "immediate")
+            await ws.send("put during 2")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 20)
+            assert ws.close_code == 1011
+        answer = await readyz()
+        assert answer.code == 503
+        assert b"storage failing: writing to the PostgreSQL database postgresql://wsecho@127.0.0.1:" in answer.body
+        await asyncio.to_thread(own_postgres.start)
+        await until(lambda: server.runtime.storage_failure() is None, timeout=30)
+        assert (await readyz()).code == 200
+        async with connect(f"ws://127.0.0.1:{server.port}/store/pg/ws") as ws:
+            await ws.send("get before")
+            assert await asyncio.wait_for(ws.recv(), 10) == "'1'"
+            await ws.send("get during")
+            assert await asyncio.wait_for(ws.recv(), 10) == "None"  # never acknowledged, never stored
+    finally:
+        await server.stop()
+
+
 @pytest.mark.gen_test
 async def test_a_nested_transaction_rolls_back_alone_and_a_finished_one_refuses_use(rt):
     s = stub(rt, "n1")

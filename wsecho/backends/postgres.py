@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,6 +29,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from wsecho.backends.base import migrations, scan_query
+from wsecho.backends.dsn import redact
 from wsecho.core.alarms import AlarmRow
 from wsecho.core.batches import Batch
 from wsecho.core.errors import StorageError
@@ -37,12 +37,14 @@ from wsecho.core.placement import slot_of
 
 log = logging.getLogger(__name__)
 
-#: The URL schemes ``--storage`` takes for PostgreSQL (libpq's two).
-SCHEMES = ("postgresql", "postgres")
 #: Connections per process (per worker with ``--workers N``): one for the writer, the rest for reads.
 POOL_SIZE = 4
 #: How long an operation waits for a connection (and so for the server to come back) before it fails.
 POOL_TIMEOUT = 5.0
+#: The pool retries a lost connection with back-off (1, 2, 4, 8 s) for this long, then starts
+#: over at the next operation (the storage probe's): so a server that comes back is noticed
+#: within about 10 s, however long it was away.
+RECONNECT_TIMEOUT = 15.0
 #: How long making one connection may take (libpq's connect_timeout).
 CONNECT_TIMEOUT = 5
 #: The advisory lock that serialises schema migrations (b"wsecho" as a number).
@@ -63,24 +65,6 @@ CONNECTION: dict[str, Any] = {
 Fence = Callable[[psycopg.AsyncConnection[Any], list[Batch]], Awaitable[None]]
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
-
-
-def is_postgres_url(value: str) -> bool:
-    return value.partition("://")[0].lower() in SCHEMES and "://" in value
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (in the authority or a ``password=`` parameter): for logs and errors."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}@{hostport}" if user else hostport
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    kept = urllib.parse.urlencode([(k, v) for k, v in query if k.lower() != "password"], safe="/:,=")
-    # (Not urlunsplit: it drops the empty authority of postgresql:///db?host=/run/postgresql.)
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{kept}" if kept else "")
 
 
 def object_slot(obj: str) -> int | None:
@@ -130,6 +114,7 @@ class PostgresBackend:
             kwargs=CONNECTION,
             configure=_configure,
             timeout=POOL_TIMEOUT,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             name="wsecho",
         )
         await self._pool.open(wait=False)
