@@ -14,7 +14,8 @@ binary); any error ends the benchmark with exit status 1.
 Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop),
 ``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message) and
 scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount).
-The hibernation sweep is timed in a child process on a Runtime with a fake clock.
+The hibernation sweep is timed in a child process on a Runtime with a fake clock. Storage turns
+(``storage_turns``) compare ``--storage postgresql://`` with SQLite instead of a baseline.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from benchkit.interrupt import INTERRUPT
 from benchkit.memory import bench_memory, bench_memory_deflate
 from benchkit.procs import CLIENT_CPU, PIN, PROCS, SERVER_CPU, raise_nofile_limit
 from benchkit.report import Line
+from benchkit.storage import bench_storage
 from benchkit.sweep import bench_sweep
 from benchkit.wake import bench_wake
 
@@ -61,6 +63,8 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "handshakes": bench_handshakes,
     "fairness": bench_fairness,
     "sweep": bench_sweep,
+    # PostgreSQL storage against SQLite (issue 16): put + reply turns per second.
+    "storage_turns": bench_storage,
 }
 
 #: What --only accepts: each group's name, and the names of the lines it prints.

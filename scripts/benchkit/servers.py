@@ -28,7 +28,7 @@ START_TIMEOUT = 20.0
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake" or "mounted"
+    kind: str  # "baseline", "wsecho", "wake", "storage" or "mounted"
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -102,9 +102,11 @@ async def start_server(
     admin: bool = False,
     tls: bool = False,
     compression: bool = False,
+    flags: tuple[str, ...] = (),
 ) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
-    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho)."""
+    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho;
+    ``flags``: more of wsecho's, which win over the defaults here, like ``--data-dir``)."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
@@ -120,8 +122,8 @@ async def start_server(
             argv = [sys.executable, str(SCRIPTS / "bench_mounted.py"), "--port", str(port)]
         else:
             argv = [sys.executable, "-m", "wsecho"]
-            if kind == "wake":
-                argv.append("benchapps:wake_app")
+            if kind in ("wake", "storage"):
+                argv.append(f"benchapps:{kind}_app")
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
             argv += ["--access-log", "off", "--drain-timeout", "1", *tls_flags]
             if hibernate_after is not None:
@@ -130,6 +132,7 @@ async def start_server(
                 argv += ["--admin-port", str(admin_port)]
             if compression:
                 argv += ["--compression", "on"]
+            argv += flags
         proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)

@@ -220,7 +220,9 @@ class PostgresBackend:
 
     async def commit(self, batches: list[Batch]) -> dict[str, int]:
         objects = list(dict.fromkeys(batch.object for batch in batches))
-        async with self._connection("writing to") as conn, conn.transaction():
+        # Pipeline mode: the statements of every batch go out without waiting for each answer,
+        # so a commit of many objects costs a few round trips, not one per statement.
+        async with self._connection("writing to") as conn, conn.pipeline(), conn.transaction():
             if self.fence is not None:
                 await self.fence(conn, batches)  # first: a refused commit writes nothing
             before = await _usage_of(conn, objects)
