@@ -15,10 +15,10 @@ import tempfile
 from pathlib import Path
 
 from benchkit.config import Config
+from benchkit.echo import one_load_run
 from benchkit.errors import BenchError
-from benchkit.load import describe, traffic
+from benchkit.load import describe
 from benchkit.report import Line, detail, fmt_rate, med
-from benchkit.servers import start_server, stop_server
 
 #: Connections (one object each) and message size of the figure.
 CONNECTIONS = 100
@@ -42,11 +42,7 @@ async def bench_storage(cfg: Config) -> list[Line]:
                 ("sqlite", ("--data-dir", str(cfg.tmp / f"storage-{r}")), sqlite),
                 ("postgres", ("--storage", postgres.fresh_url()), pg),
             ):
-                server = await start_server("storage", cfg.tmp, flags=flags)
-                try:
-                    t = await traffic(server, CONNECTIONS, SIZE, 1, cfg.warmup, cfg.duration)
-                finally:
-                    stop_server(server)
+                t = await one_load_run(cfg, "storage", CONNECTIONS, SIZE, flags=flags)
                 out.append(t.msgs_per_s)
                 detail(f"[storage_turns run {r + 1}] {label}: {describe(t)}")
     finally:
