@@ -248,7 +248,9 @@ async def test_a_fence_runs_first_in_the_commits_transaction(postgres_url):
     seen = []
 
     async def fence(conn, batches):
-        seen.append([b.object for b in batches])
+        # it runs before the commit's own writes: it sees what the earlier commits left
+        cur = await conn.execute("SELECT value FROM kv WHERE object = %s", (A,))
+        seen.append(([b.object for b in batches], [bytes(v) for (v,) in await cur.fetchall()]))
         await conn.execute("CREATE TABLE IF NOT EXISTS fenced (n integer)")
         await conn.execute("INSERT INTO fenced VALUES (1)")
         if len(seen) == 2:
@@ -265,6 +267,6 @@ async def test_a_fence_runs_first_in_the_commits_transaction(postgres_url):
         assert await backend.read(B, ["k"]) == {}
     finally:
         await backend.close()
-    assert seen == [[A], [A, B]]
+    assert seen == [([A], []), ([A, B], [b"j1"])]
     with psycopg.connect(postgres_url) as conn:  # the refused commit's own writes went too
         assert conn.execute("SELECT count(*) FROM fenced").fetchone() == (1,)
