@@ -187,6 +187,9 @@ def test_redact_removes_the_password_only():
     )
     assert redact("postgresql://:pw@host/db") == "postgresql://host/db"
     assert redact("postgresql:///wsecho?host=/run/postgresql") == "postgresql:///wsecho?host=/run/postgresql"
+    assert (
+        redact("postgresql://h/d?options=-csearch_path%3Dx&PASSWORD=p") == "postgresql://h/d?options=-csearch_path%3Dx"
+    )
 
 
 def test_object_slot():

@@ -25,7 +25,8 @@ def redact(url: str) -> str:
         userinfo, _, hostport = netloc.rpartition("@")
         user = userinfo.partition(":")[0]
         netloc = f"{user}@{hostport}" if user else hostport
-    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    kept = urllib.parse.urlencode([(k, v) for k, v in query if k.lower() != "password"], safe="/:,=")
+    # The other parameters stay as they were written (percent-encoding and all).
+    params = [p for p in parts.query.split("&") if p]
+    kept = "&".join(p for p in params if urllib.parse.unquote(p.partition("=")[0]).lower() != "password")
     # (Not urlunsplit: it drops the empty authority of postgresql:///db?host=/run/postgresql.)
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{kept}" if kept else "")
