@@ -486,6 +486,41 @@ async def test_outputs_wait_until_the_writes_are_durable(recorder, flags):
 
 
 @pytest.mark.gen_test
+async def test_on_postgres_outputs_wait_until_the_transaction_commits(recorder, flags, postgres_url):
+    # The fencing hook holds the commit's transaction open, as a slow server would.
+    import psycopg
+    from websockets.asyncio.client import connect
+
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
+
+    gate, held = asyncio.Event(), asyncio.Event()
+
+    async def fence(conn, batches):
+        held.set()
+        await gate.wait()
+
+    def stored():
+        with psycopg.connect(postgres_url) as conn:
+            return [bytes(v) for (v,) in conn.execute("SELECT value FROM kv")]
+
+    server = Server(store_app(recorder, flags), Settings(port=0), backend=PostgresBackend(postgres_url, fence=fence))
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/g/ws") as ws:
+            await ws.send("put k v")
+            await asyncio.wait_for(held.wait(), 10)
+            host = server.runtime.find("STORE", "g")
+            assert [frame for _, frame in host.gate] == ["ok k"]  # written, held back
+            assert await asyncio.to_thread(stored) == []
+            gate.set()
+            assert await asyncio.wait_for(ws.recv(), 10) == "ok k"
+            assert await asyncio.to_thread(stored) == [b'j"v"']
+    finally:
+        await server.stop()
+
+
+@pytest.mark.gen_test
 async def test_a_failed_commit_discards_outputs_and_resets_the_object(recorder, flags):
     from websockets.asyncio.client import connect
 
