@@ -54,3 +54,19 @@ async def _room(request: Request, env: Any) -> Response:
 
 fanout_app = App(fetch=_room, bindings={"ROOMS": BroadcastRoom})
 fanout_loop_app = App(fetch=_room, bindings={"ROOMS": LoopRoom})
+
+
+class StoreThenEcho(echo.WebSocketHibernationServer):
+    """The echo object, storing each message first: the reply waits for the commit."""
+
+    async def web_socket_message(self, ws: WebSocket, message: str | bytes) -> None:
+        await self.ctx.storage.put("last", message)
+        await super().web_socket_message(ws, message)
+
+
+async def _fetch_own_object(request: Request, env: object) -> Response:
+    namespace = env.WEBSOCKET_HIBERNATION_SERVER  # type: ignore[attr-defined]
+    return await namespace.get(namespace.new_unique_id()).fetch(request)  # type: ignore[no-any-return]
+
+
+storage_app = App(fetch=_fetch_own_object, bindings={"WEBSOCKET_HIBERNATION_SERVER": StoreThenEcho})

@@ -16,7 +16,8 @@ Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop)
 scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount).
 The fan-out figures add benchapps:fanout_app and fanout_loop_app and scripts/bench_fanout.py (a
 Tornado room and a websockets room); their client is raw asyncio sockets (benchkit/fanout.py).
-The hibernation sweep is timed in a child process on a Runtime with a fake clock.
+The hibernation sweep is timed in a child process on a Runtime with a fake clock. Storage turns
+(``storage_turns``) compare ``--storage postgresql://`` with SQLite instead of a baseline.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from benchkit.interrupt import INTERRUPT
 from benchkit.memory import bench_memory, bench_memory_deflate
 from benchkit.procs import CLIENT_CPU, PIN, PROCS, SERVER_CPU, raise_nofile_limit
 from benchkit.report import Line
+from benchkit.storage import bench_storage
 from benchkit.sweep import bench_sweep
 from benchkit.wake import bench_wake
 
@@ -71,6 +73,8 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "fanout_1000": lambda cfg: bench_fanout(cfg, 1000),
     "fanout_10000": lambda cfg: bench_fanout(cfg, 10_000),
     "fanout_rss": bench_fanout_rss,
+    # PostgreSQL storage against SQLite (issue 16): put + reply turns per second.
+    "storage_turns": bench_storage,
 }
 
 #: What --only accepts: each group's name, and the names of the lines it prints.

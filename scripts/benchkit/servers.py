@@ -29,6 +29,7 @@ FANOUT_BASELINES = {"fanout_tornado": "tornado", "fanout_websockets": "websocket
 #: Kinds that serve an application of scripts/benchapps.py instead of the default one.
 WSECHO_APPS = {
     "wake": "benchapps:wake_app",
+    "storage": "benchapps:storage_app",
     "fanout_broadcast": "benchapps:fanout_app",
     "fanout_loop": "benchapps:fanout_loop_app",
 }
@@ -36,7 +37,7 @@ WSECHO_APPS = {
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake", "mounted", or one of the fan-out kinds
+    kind: str  # "baseline", "wsecho", "wake", "storage", "mounted", or one of the fan-out kinds
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -110,9 +111,11 @@ async def start_server(
     admin: bool = False,
     tls: bool = False,
     compression: bool = False,
+    flags: tuple[str, ...] = (),
 ) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
-    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho)."""
+    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho;
+    ``flags``: more of wsecho's, which win over the defaults here, like ``--data-dir``)."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
@@ -143,6 +146,7 @@ async def start_server(
                 argv += ["--admin-port", str(admin_port)]
             if compression:
                 argv += ["--compression", "on"]
+            argv += flags
         proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)

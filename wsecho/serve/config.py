@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from wsecho.backends.dsn import is_postgres_url, redact
 from wsecho.core.errors import ConfigError
 from wsecho.core.fanout import MIN_QUEUE_BYTES
 from wsecho.core.forwarded import TrustedProxies
@@ -85,6 +87,19 @@ def _log_level(text: str) -> str:
 def _data_dir(text: str) -> str:
     if not text:
         msg = "must not be empty (use :memory: for storage that does not survive a restart)"
+        raise ValueError(msg)
+    return text
+
+
+def _storage(text: str) -> str:
+    if text == "sqlite":
+        return text
+    if not is_postgres_url(text):
+        shown = redact(text) if "://" in text else text
+        msg = f"must be sqlite or a postgresql:// (or postgres://) URL, got {shown!r}"
+        raise ValueError(msg)
+    if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
+        msg = "a PostgreSQL URL needs psycopg and psycopg-pool: pip install 'wsecho[postgres]'"
         raise ValueError(msg)
     return text
 
@@ -282,6 +297,14 @@ OPTIONS = (
         "where objects' storage lives (SQLite); under systemd the default is $STATE_DIRECTORY; "
         ":memory: keeps it in memory only",
         "DIR",
+    ),
+    Option(
+        "--storage",
+        _storage,
+        "sqlite",
+        "where objects' storage lives: sqlite (in --data-dir) or a PostgreSQL URL, "
+        "postgresql://USER@HOST:PORT/DATABASE (put the password in ~/.pgpass or PGPASSFILE, not here)",
+        "sqlite|URL",
     ),
     Option(
         "--max-connections",
@@ -531,6 +554,8 @@ class Settings:
     hibernate_after: float = DEFAULTS["hibernate_after"]
     max_message_size: int = DEFAULTS["max_message_size"]
     data_dir: str = DEFAULTS["data_dir"]
+    #: "sqlite", or a PostgreSQL URL (which may hold a password: show it through ``redact``).
+    storage: str = DEFAULTS["storage"]
     max_connections: int = DEFAULTS["max_connections"]
     max_http_connections: int = DEFAULTS["max_http_connections"]
     max_body_memory: int = DEFAULTS["max_body_memory"]

@@ -24,6 +24,7 @@ import tornado.web
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
+from wsecho.backends.dsn import is_postgres_url, redact
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
@@ -94,9 +95,19 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def backend_for(data_dir: str, *, lock: bool = True) -> Backend:
-    """SQLite in ``data_dir``, or memory for ``:memory:``; ``lock=False`` when a supervisor holds the lock."""
+def backend_for(data_dir: str, storage: str = "sqlite", *, lock: bool = True) -> Backend:
+    """The backend ``--storage`` names: PostgreSQL for a URL; else SQLite in ``data_dir``, or
+    memory for ``:memory:`` (``lock=False`` when a supervisor holds the directory's lock)."""
+    if is_postgres_url(storage):
+        from wsecho.backends.postgres import PostgresBackend  # psycopg loads only when used
+
+        return PostgresBackend(storage)
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir, lock=lock)
+
+
+def storage_label(settings: Settings) -> str:
+    """Where the data is, for logs: the data directory, or the database's URL without its password."""
+    return redact(settings.storage) if is_postgres_url(settings.storage) else settings.data_dir
 
 
 #: Which flags set each listener's address, for the message when it cannot be bound.
@@ -173,13 +184,15 @@ class Server:
         ``mesh`` that reaches the other workers, and the listening ``sockets`` it inherited.
         """
         self.settings = settings
+        if backend is None:
+            backend = backend_for(settings.data_dir, settings.storage, lock=placement is None)
         self.runtime = Runtime(
             app,
             clock=clock,
             wall_clock=wall_clock,
             hibernate_after=settings.hibernate_after,
             limits=limits if limits is not None else settings.limits,
-            backend=backend if backend is not None else backend_for(settings.data_dir, lock=placement is None),
+            backend=backend,
             placement=placement,
             remote=mesh,
         )
