@@ -71,6 +71,42 @@ class Store(DurableObject):
         await self.ctx.storage.transaction(body)
         return await self.ctx.storage.list()
 
+    async def write_later(self, entries, transaction=None):
+        """A wait_until task puts ``entries`` once the test resolves flags["gate"] (this turn is
+        over by then): plainly, or in a transaction that pauses and then "commit"s or "rollback"s."""
+        storage = self.ctx.storage
+        gate = self.flags["gate"]
+
+        async def body(txn):
+            await txn.put(entries)
+            for _ in range(3):
+                await asyncio.sleep(0)  # nothing may commit while the transaction is open
+            if transaction == "rollback":
+                txn.rollback()
+
+        async def later():
+            await gate
+            if transaction is None:
+                await storage.put(entries)
+            else:
+                await storage.transaction(body)
+            self.flags["written"].set_result(None)
+
+        self.ctx.wait_until(later())
+
+    async def put_with_pauses(self, entries):
+        """One put per entry, letting the event loop run between them, in one turn."""
+        for key, value in entries.items():
+            await self.ctx.storage.put(key, value)
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    async def put_and_sync(self, key, value):
+        """put(), sync(), then what the test's flags["after_sync"]() finds durable."""
+        await self.ctx.storage.put(key, value)
+        await self.ctx.storage.sync()
+        return await self.flags["after_sync"]()
+
     async def put_then_fail(self, key, value):
         await self.ctx.storage.put(key, value)
         raise RuntimeError("the handler failed after writing")

@@ -10,6 +10,9 @@ import pytest
 from tests.apps.store import store_app
 from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
+from wsecho.api import codec
+from wsecho.api.ids import DurableObjectId
+from wsecho.api.storage import CACHE_ENTRIES, DurableObjectStorage
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
 from wsecho.runtime.host import PIN_STORAGE
@@ -662,3 +665,143 @@ async def test_a_committed_batch_leaves_nothing_in_flight(rt):
     storage = rt.find("STORE", "f").storage
     assert not storage.in_flight()
     assert not storage.busy()  # so the output gate opens and the object may hibernate
+
+
+# -- writes outside a turn, the quota's view of a turn, sync, the cache (issue 20) ----------------
+
+
+async def durable(rt, name, keys):
+    """What the backend holds for object ``name``: what a crash now would keep."""
+    rows = await rt.backend.read("STORE:" + rt.env.STORE.id_from_name(name).hex, keys)
+    return {key: codec.decode(value) for key, value in rows.items()}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prefix": 5}, "storage keys must be str, got int"),
+        ({"end": "k" * 2049}, "is 2049 UTF-8 bytes; the limit is 2048"),
+        ({"limit": 0}, "limit must be a positive integer, got 0"),
+        ({"limit": True}, "limit must be a positive integer, got True"),
+        ({"limit": "3"}, "limit must be a positive integer, got '3'"),
+    ],
+)
+@pytest.mark.gen_test
+async def test_list_refuses_bad_bounds_and_limits_with_clear_errors(rt, options, message):
+    with pytest.raises(InvalidArgumentError) as info:
+        await stub(rt).do("list", **options)
+    assert message in str(info.value)
+
+
+@pytest.mark.gen_test
+async def test_a_write_outside_a_turn_commits_on_its_own(rt, flags):
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1})
+    before = rt.committer.commits
+    flags["gate"].set_result(None)  # the wait_until task writes now, with no turn running
+    await asyncio.wait_for(flags["written"], 5)
+    await until(lambda: rt.committer.commits > before)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["a"]) == {"a": 1}
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+@pytest.mark.gen_test
+async def test_a_transaction_outside_a_turn_commits_when_it_ends_and_never_before(rt, flags, ending):
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1}, transaction=ending)
+    before = rt.committer.commits
+    flags["gate"].set_result(None)
+    await asyncio.wait_for(flags["written"], 5)
+    if ending == "commit":
+        await until(lambda: rt.committer.commits > before)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["a"]) == ({"a": 1} if ending == "commit" else {})
+    if ending == "rollback":
+        assert rt.committer.commits == before  # the rolled back write was never committed
+        await until(lambda: not rt.find("STORE", "later").background)
+        assert rt.sweep(now=rt.clock() + 10) == 1  # and nothing is left that keeps it awake
+
+
+@pytest.mark.gen_test
+async def test_a_turns_writes_are_one_commit_even_with_awaits_between_them(rt):
+    s = stub(rt)
+    before = (rt.committer.commits, rt.committer.batches)
+    await s.put_with_pauses({"a": 1, "b": 2, "c": 3})
+    assert (rt.committer.commits, rt.committer.batches) == (before[0] + 1, before[1] + 1)
+    assert await durable(rt, "s", ["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
+
+
+@pytest.mark.gen_test
+async def test_a_turn_whose_writes_were_all_rolled_back_commits_nothing(rt):
+    s = stub(rt)
+    before = rt.committer.commits
+    assert await s.txn({"d": 4}, rollback=True) == {"d": 4}
+    assert rt.committer.commits == before
+
+
+@pytest.mark.gen_test
+async def test_sync_returns_once_the_writes_so_far_are_durable(rt, flags):
+    flags["after_sync"] = lambda: durable(rt, "s", ["k"])
+    assert await stub(rt).put_and_sync("k", 1) == {"k": 1}
+
+
+@pytest.mark.gen_test
+async def test_get_alarm_sees_the_turns_own_alarm_changes(rt):
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS + 1000)
+    steps = [
+        ("delete_alarm", (), {}),
+        ("get_alarm", (), {}),
+        ("set_alarm", (NOW_MS + 2000,), {}),
+        ("get_alarm", (), {}),
+    ]
+    assert await s.script(steps) == [None, None, None, NOW_MS + 2000]
+
+
+@pytest.mark.gen_test
+async def test_the_quota_counts_what_the_turn_already_wrote_deleted_or_cleared(make_runtime):
+    rt = await make_runtime(Limits(object_storage_bytes=1000))
+    try:
+        s = stub(rt)
+        # two puts of one turn that pass the quota together: the second is refused
+        with pytest.raises(QuotaExceededError):
+            await s.script([("put", ("a", "x" * 600), {}), ("put", ("b", "y" * 600), {})])
+        assert await s.do("list") == {"a": "x" * 600}  # the first put returned: it stays
+        # what the turn deleted makes room at once
+        await s.script([("delete", ("a",), {}), ("put", ("c", "z" * 900), {})])
+        await s.do("delete", "c")
+        # and delete_all makes room for everything, whatever the turn wrote before it
+        await s.script([("put", ("d", "w" * 600), {}), ("delete_all", (), {}), ("put", ("e", "v" * 900), {})])
+        assert await s.do("list") == {"e": "v" * 900}
+        assert rt.stats.quota_refusals["object"] == 1
+    finally:
+        await rt.close()
+
+
+class ReadCountingHost:
+    """Just enough of a StoragePort for reads: it stores nothing and counts what is asked."""
+
+    def __init__(self):
+        self.id = DurableObjectId("T", "00" * 32, None)
+        self.reads = []
+
+    async def read(self, obj, keys):
+        self.reads.extend(keys)
+        return {}
+
+
+@pytest.mark.gen_test
+async def test_an_awake_object_remembers_at_most_cache_entries_values_oldest_out_first():
+    host = ReadCountingHost()
+    storage = DurableObjectStorage(host)
+    keys = [f"k{i}" for i in range(CACHE_ENTRIES)]
+    for i in range(0, len(keys), 128):
+        await storage.get(keys[i : i + 128])
+    await storage.get("k0")
+    assert len(host.reads) == CACHE_ENTRIES  # every one is remembered (as absent)
+    await storage.get("one more")
+    await storage.get(["k0", "k1"])
+    assert host.reads[-2:] == ["one more", "k0"]  # k0 was forgotten for it, k1 not

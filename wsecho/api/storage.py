@@ -444,7 +444,9 @@ class DurableObjectStorage:
         return bool(self._in_flight)
 
     def has_unflushed(self) -> bool:
-        return self._pending is not None and not self._pending.empty()
+        """Whether a batch was started and not yet taken for a commit. An emptied one counts
+        (all of a transaction's writes rolled back): its flush releases what it held back."""
+        return self._pending is not None
 
     def busy(self) -> bool:
         return self._pending is not None or bool(self._in_flight)
