@@ -284,6 +284,9 @@ def main() -> int:
     )
     parser.add_argument("-j", "--jobs", type=int, choices=(1, 2), default=1, help="mutants tested at once (default 1)")
     parser.add_argument("--lines", default="", help="only mutants of these lines, like 40-75")
+    parser.add_argument(
+        "--rerun", type=Path, help="only the mutants an earlier run's output lists as survived (same module text)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="stop after this many mutants (0: all)")
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the list of known equivalents")
     args = parser.parse_args()
@@ -305,9 +308,15 @@ def main() -> int:
         return 2
     print(f"mutate: {name}: the tests pass unmutated in {time.monotonic() - baseline_started:.1f} s", flush=True)
     low, _, high = args.lines.partition("-")
+    again = None
+    if args.rerun:
+        found = re.findall(r"^ *\d+ survived +(line \d+: .*)$", args.rerun.read_text(encoding="utf-8"), re.MULTILINE)
+        again = set(found)
     mutants: list[Mutant] = []
     for line, mutation, tree in mutations(ast.parse(original)):
         if args.lines and not int(low) <= line <= int(high or low):
+            continue
+        if again is not None and f"line {line}: {mutation}" not in again:
             continue
         mutants.append(Mutant(len(mutants) + 1, line, mutation, ast.unparse(tree)))
         if args.limit and len(mutants) == args.limit:
@@ -334,7 +343,9 @@ def main() -> int:
         change = difflib.unified_diff(baseline, mutant.source.splitlines(), lineterm="", n=1)
         print(f"-- survived: {mutant.describe()}: {code}\n" + "\n".join(list(change)[2:]) + "\n")
     for entry in equivalents:
-        if not any(explained(m, str(path), lines, [entry]) for m in survivors) and not (args.lines or args.limit):
+        if not any(explained(m, str(path), lines, [entry]) for m in survivors) and not (
+            args.lines or args.limit or args.rerun
+        ):
             print(f"-- listed as equivalent, not a survivor (killed, or line changed): {entry.code} / {entry.mutation}")
     total = sum(counts.values())
     not_run = len(mutants) - total
@@ -345,6 +356,7 @@ def main() -> int:
         f"{counts['survived']} survived ({len(known)} of them listed as equivalent): "
         f"score {raw:.1f}%, {with_known:.1f}% with the equivalents explained"
         + (f"; {not_run} not run (budget spent)" if not_run else "")
+        + ("; a subset (--lines, --limit or --rerun)" if args.lines or args.limit or args.rerun else "")
         + f" ({time.monotonic() - started:.0f} s)"
     )
     return 0

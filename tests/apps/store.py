@@ -71,9 +71,10 @@ class Store(DurableObject):
         await self.ctx.storage.transaction(body)
         return await self.ctx.storage.list()
 
-    async def write_later(self, entries, transaction=None):
+    async def write_later(self, entries, transaction=None, first=None):
         """A wait_until task puts ``entries`` once the test resolves flags["gate"] (this turn is
-        over by then): plainly, or in a transaction that pauses and then "commit"s or "rollback"s."""
+        over by then): plainly, or in a transaction that pauses and then "commit"s or "rollback"s;
+        ``first`` is put plainly just before that transaction starts."""
         storage = self.ctx.storage
         gate = self.flags["gate"]
 
@@ -89,10 +90,25 @@ class Store(DurableObject):
             if transaction is None:
                 await storage.put(entries)
             else:
+                if first:
+                    await storage.put(first)
                 await storage.transaction(body)
             self.flags["written"].set_result(None)
 
         self.ctx.wait_until(later())
+
+    async def txn_api(self, at_ms):
+        """Every call of a transaction's txn, in one transaction: what each one saw."""
+
+        async def body(txn):
+            await txn.put({"a": 1, "b": 2})
+            deleted = await txn.delete("a")
+            await txn.set_alarm(at_ms)
+            alarm = await txn.get_alarm()
+            await txn.delete_alarm()
+            return deleted, alarm, await txn.get_alarm(), await txn.list()
+
+        return await self.ctx.storage.transaction(body)
 
     async def put_with_pauses(self, entries):
         """One put per entry, letting the event loop run between them, in one turn."""

@@ -16,11 +16,14 @@ from wsecho.core.frames import (
     CLOSE,
     FAIL,
     MAX_FRAGMENTS,
+    OP_PING,
     PING,
     PONG,
     TEXT,
     FrameParser,
+    close_payload,
     frame,
+    message_frame,
     unmask,
     valid_close_code,
 )
@@ -148,6 +151,33 @@ def test_server_frames():
     assert frame(2, b"x" * 70_000)[:2] == b"\x82\x7f"
 
 
+@pytest.mark.parametrize(
+    ("size", "head"),
+    [
+        (0, b"\x00"),
+        (125, b"\x7d"),
+        (126, b"\x7e\x00\x7e"),
+        (65535, b"\x7e\xff\xff"),
+        (65536, b"\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    ],
+)
+def test_server_message_frames_use_the_shortest_length_at_each_boundary(size, head):
+    # RFC 6455 §5.2: 7 bits up to 125, then 16, then 64; a text message of str, binary of bytes.
+    assert (
+        message_frame("é" * (size // 2) + "x" * (size % 2))
+        == bytes([0x81]) + head + ("é" * (size // 2) + "x" * (size % 2)).encode()
+    )
+    assert message_frame(b"b" * size) == bytes([0x82]) + head + b"b" * size
+    assert frame(OP_PING, b"p" * size) == bytes([0x89]) + head + b"p" * size
+
+
+def test_a_close_payload_is_the_code_then_the_utf8_reason_or_nothing():
+    assert close_payload(None, "") == b""
+    assert close_payload(1000, "") == b"\x03\xe8"
+    assert close_payload(4999, "bye ✓") == b"\x13\x87" + "bye ✓".encode()
+    assert parse(client_frame(8, close_payload(3000, "é"))) == [(CLOSE, (3000, "é"))]
+
+
 @given(st.binary(max_size=2048))
 @settings(max_examples=300, deadline=None)
 def test_fuzz_any_bytes_never_crash_the_parser(data):
@@ -195,6 +225,25 @@ def test_invalid_utf8_inside_one_frame_fails_before_the_frame_is_complete():
     assert parser.feed(whole[10:20]) == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
 
 
+def test_invalid_utf8_in_a_continuation_frame_fails_before_that_frame_is_complete():
+    parser = FrameParser(1 << 20)
+    continuation = client_frame(0, b"\xff" + b"x" * 100)
+    events = parser.feed(client_frame(1, b"ok", fin=False) + continuation[:10])
+    assert events == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_the_parser_unmasks_with_the_routine_it_is_given():
+    # The server passes Tornado's C routine; a parser that ignored it would be slower, silently.
+    unmasked = []
+
+    def recording(mask, data):
+        unmasked.append(len(data))
+        return unmask(mask, data)
+
+    assert FrameParser(1000, unmask=recording).feed(client_frame(2, b"abc")) == [(BINARY, b"abc")]
+    assert unmasked == [3]
+
+
 def test_valid_text_checked_in_chops_is_not_checked_twice():
     text = "κόσμε €" * 10
     data = client_frame(1, text.encode()[:30], fin=False) + client_frame(0, text.encode()[30:])
@@ -225,11 +274,13 @@ def test_autobahn_9_3_1_as_the_real_wstest_sends_it_is_within_the_fragment_limit
     assert FrameParser(1 << 23).feed(full + client_frame(0, b"", fin=True)) == [(TEXT, "x" * 64 * 2**16)]
 
 
-def test_the_fragment_limit_holds_for_empty_fragments_too():
-    # Empty continuation frames never grow the message: only the count stops them.
-    data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * MAX_FRAGMENTS
-    assert FrameParser(1000).feed(data) == [(FAIL, (1009, f"message in more than {MAX_FRAGMENTS} fragments"))]
-    assert FrameParser(1 << 20).feed(fragmented(MAX_FRAGMENTS, opcode=1)) == [(TEXT, "a" * MAX_FRAGMENTS)]
+def test_the_default_fragment_limit_of_2_17_holds_for_empty_fragments_too():
+    # Empty continuation frames never grow the message: only the count stops them. The
+    # default is 2**17, twice what the real Autobahn wstest sends (see MAX_FRAGMENTS).
+    assert MAX_FRAGMENTS == 2**17
+    data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * 2**17
+    assert FrameParser(1000).feed(data) == [(FAIL, (1009, "message in more than 131072 fragments"))]
+    assert FrameParser(1 << 20).feed(fragmented(2**17, opcode=1)) == [(TEXT, "a" * 2**17)]
 
 
 def test_a_pass_consumes_at_most_its_budget_then_resume_goes_on():

@@ -726,6 +726,26 @@ async def test_a_transaction_outside_a_turn_commits_when_it_ends_and_never_befor
 
 
 @pytest.mark.gen_test
+async def test_a_write_just_before_an_out_of_turn_transaction_commits_without_the_transactions(rt, flags):
+    # The first put asks for a commit soon; by then the transaction is open: nothing is
+    # committed until it ends, and then only what it did not roll back.
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1}, transaction="rollback", first={"before": 0})
+    flags["gate"].set_result(None)
+    await asyncio.wait_for(flags["written"], 5)
+    await until(lambda: not rt.find("STORE", "later").background)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["before", "a"]) == {"before": 0}
+
+
+@pytest.mark.gen_test
+async def test_a_transactions_txn_offers_the_whole_storage_api(rt):
+    assert await stub(rt).txn_api(NOW_MS + 5000) == (True, NOW_MS + 5000, None, {"b": 2})
+    assert await stub(rt).do("list") == {"b": 2}
+
+
+@pytest.mark.gen_test
 async def test_a_turns_writes_are_one_commit_even_with_awaits_between_them(rt):
     s = stub(rt)
     before = (rt.committer.commits, rt.committer.batches)
