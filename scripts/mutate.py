@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import difflib
 import importlib.abc
@@ -215,6 +216,7 @@ def start(name: str, filename: str, source: str | None, tests: Sequence[str]) ->
         return pid
     try:
         os.setpgid(0, 0)  # its own group, so that a timeout stops what the tests started too
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
@@ -247,8 +249,27 @@ def run_all(
     started = time.monotonic()
     pending = list(reversed(jobs))
     running: dict[int, tuple[int, float]] = {}
+    try:
+        yield from _run(name, filename, pending, running, tests, parallel, timeout, started + budget)
+    finally:
+        for pid in running:  # interrupted (or SIGTERM, see main): stop what still runs
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _run(
+    name: str,
+    filename: str,
+    pending: list[tuple[int, str | None]],
+    running: dict[int, tuple[int, float]],
+    tests: Sequence[str],
+    parallel: int,
+    timeout: float,
+    deadline: float,
+) -> Iterator[tuple[int, str]]:
     while pending or running:
-        while pending and len(running) < parallel and time.monotonic() - started < budget:
+        while pending and len(running) < parallel and time.monotonic() < deadline:
             number, source = pending.pop()
             running[start(name, filename, source, tests)] = (number, time.monotonic())
         if not running:
@@ -290,6 +311,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="stop after this many mutants (0: all)")
     parser.add_argument("--equivalents", type=Path, default=EQUIVALENTS, help="the list of known equivalents")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))  # runs the cleanup above
     path: Path = args.module
     name = module_name(path)
     if any(m == "wsecho" or m.startswith("wsecho.") for m in sys.modules):
