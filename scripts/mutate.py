@@ -64,11 +64,31 @@ PRELOAD = ("pytest", "tornado.web", "tornado.websocket", "websockets", "attrs", 
 class Mutant:
     number: int
     line: int
+    scope: str  # the innermost class or function around the line, like "IdleIndex.touch"
     mutation: str  # "Lt -> GtE", "delete", "3 -> 4", "and -> or", "True -> False"
     source: str
 
     def describe(self) -> str:
         return f"line {self.line}: {self.mutation}"
+
+
+def scopes(tree: ast.Module) -> dict[int, str]:
+    """Line -> the qualified name of the innermost class or function it is in (none: module)."""
+    found: dict[int, str] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = f"{prefix}{child.name}"
+                first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                for line in range(first, (child.end_lineno or child.lineno) + 1):
+                    found[line] = name
+                visit(child, f"{name}.")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
 
 
 def mutations(tree: ast.Module) -> Iterator[tuple[int, str, ast.Module]]:
@@ -145,6 +165,7 @@ def _apply(node: ast.AST, kind: str) -> tuple[int, str] | None:
 @attrs.frozen
 class Equivalent:
     module: str
+    scope: str
     code: str  # the mutated line's text, stripped
     mutation: str
     reason: str
@@ -153,8 +174,8 @@ class Equivalent:
 def read_equivalents(document: Path) -> list[Equivalent]:
     """The rows of the table under the "Equivalent mutants" heading of ``document``.
 
-    A row is ``| `module` | `code` | mutation | reason |``; a ``|`` inside the code is
-    written ``\\|``.
+    A row is ``| `module` | `scope` | `code` | mutation | reason |``; a ``|`` inside the code
+    is written ``\\|``.
     """
     if not document.exists():
         return []
@@ -167,16 +188,18 @@ def read_equivalents(document: Path) -> list[Equivalent]:
         if not inside or not line.startswith("|"):
             continue
         cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-        if len(cells) != 4 or not cells[0].startswith("`"):
+        if len(cells) != 5 or not cells[0].startswith("`"):
             continue  # the header and its rule
-        module, code, mutation, reason = (cell.strip("`") if i < 3 else cell for i, cell in enumerate(cells))
-        found.append(Equivalent(module, code, mutation, reason))
+        module, scope, code, mutation, reason = (cell.strip("`") if i < 4 else cell for i, cell in enumerate(cells))
+        found.append(Equivalent(module, scope, code, mutation, reason))
     return found
 
 
 def explained(mutant: Mutant, module: str, lines: Sequence[str], equivalents: Sequence[Equivalent]) -> bool:
     code = lines[mutant.line - 1].strip() if 0 < mutant.line <= len(lines) else ""
-    return any(e.module == module and e.code == code and e.mutation == mutant.mutation for e in equivalents)
+    return any(
+        (e.module, e.scope, e.code, e.mutation) == (module, mutant.scope, code, mutant.mutation) for e in equivalents
+    )
 
 
 # -- running the tests against a mutant in a forked process --------------------------------------
@@ -335,12 +358,14 @@ def main() -> int:
         found = re.findall(r"^ *\d+ survived +(line \d+: .*)$", args.rerun.read_text(encoding="utf-8"), re.MULTILINE)
         again = set(found)
     mutants: list[Mutant] = []
+    scope_of = scopes(ast.parse(original))
     for line, mutation, tree in mutations(ast.parse(original)):
         if args.lines and not int(low) <= line <= int(high or low):
             continue
         if again is not None and f"line {line}: {mutation}" not in again:
             continue
-        mutants.append(Mutant(len(mutants) + 1, line, mutation, ast.unparse(tree)))
+        scope = scope_of.get(line, "<module>")
+        mutants.append(Mutant(len(mutants) + 1, line, scope, mutation, ast.unparse(tree)))
         if args.limit and len(mutants) == args.limit:
             break
     by_number = {m.number: m for m in mutants}
@@ -358,17 +383,18 @@ def main() -> int:
     known = [m for m in survivors if explained(m, str(path), lines, equivalents)]
     print()
     for mutant in sorted(survivors, key=lambda m: m.number):
-        code = lines[mutant.line - 1].strip()
+        where = f"{mutant.describe()} in {mutant.scope}: {lines[mutant.line - 1].strip()}"
         if mutant in known:
-            print(f"-- survived, listed as equivalent: {mutant.describe()}: {code}")
+            print(f"-- survived, listed as equivalent: {where}")
             continue
         change = difflib.unified_diff(baseline, mutant.source.splitlines(), lineterm="", n=1)
-        print(f"-- survived: {mutant.describe()}: {code}\n" + "\n".join(list(change)[2:]) + "\n")
+        print(f"-- survived: {where}\n" + "\n".join(list(change)[2:]) + "\n")
     for entry in equivalents:
-        if not any(explained(m, str(path), lines, [entry]) for m in survivors) and not (
-            args.lines or args.limit or args.rerun
-        ):
-            print(f"-- listed as equivalent, not a survivor (killed, or line changed): {entry.code} / {entry.mutation}")
+        matched = sum(explained(m, str(path), lines, [entry]) for m in survivors)
+        if matched > 1:
+            print(f"-- one listed equivalent explains {matched} survivors (check each): {entry.scope}: {entry.code}")
+        elif not matched and not (args.lines or args.limit or args.rerun):
+            print(f"-- listed as equivalent, not a survivor (killed, or changed): {entry.scope}: {entry.code}")
     total = sum(counts.values())
     not_run = len(mutants) - total
     raw = 100 * (counts["killed"] + counts["timed out"]) / total if total else 100.0

@@ -694,6 +694,14 @@ async def test_list_refuses_bad_bounds_and_limits_with_clear_errors(rt, options,
 
 
 @pytest.mark.gen_test
+async def test_list_by_a_prefix_that_ends_in_the_last_code_point(rt):
+    s = stub(rt)
+    await s.do("put", {"a\U0010ffff": 1, "a\U0010ffffz": 2, "b": 3, "a": 4})
+    assert await s.do("list", prefix="a\U0010ffff") == {"a\U0010ffff": 1, "a\U0010ffffz": 2}
+    assert await s.do("list", prefix="\U0010ffff") == {}
+
+
+@pytest.mark.gen_test
 async def test_a_write_outside_a_turn_commits_on_its_own(rt, flags):
     loop = asyncio.get_running_loop()
     flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
