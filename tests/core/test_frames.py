@@ -217,6 +217,30 @@ def test_nothing_after_a_close_is_parsed():
     assert parser.feed(client_frame(1, b"late")) == []
 
 
+def test_nothing_after_a_close_without_a_payload_is_parsed_either():
+    parser = FrameParser(1000)
+    assert parser.feed(client_frame(8) + client_frame(9, b"p")) == [(CLOSE, (None, ""))]
+    assert parser.feed(client_frame(1, b"late")) == []
+
+
+def test_each_fragmented_message_starts_afresh():
+    # The fragment count, the size and the UTF-8 check belong to one message: a second
+    # fragmented message (binary, not UTF-8, after a text one) is held to the limits alone.
+    parser = FrameParser(1000, max_fragments=3)
+    text = client_frame(1, b"t" * 200, fin=False) + client_frame(0, b"t" * 200, fin=False) + client_frame(0, b"t" * 200)
+    binary = client_frame(2, b"\xff" * 200, fin=False) + client_frame(0, b"\xfe" * 200, fin=False)
+    events = parser.feed(text + binary + client_frame(0, b"\xfd" * 200))
+    assert events == [(TEXT, "t" * 600), (BINARY, b"\xff" * 200 + b"\xfe" * 200 + b"\xfd" * 200)]
+
+
+def test_a_parser_that_fails_on_resume_is_not_held():
+    parser = FrameParser(1000, pass_bytes=10)
+    assert parser.feed(client_frame(2, b"x" * 20) + client_frame(3)) == [(BINARY, b"x" * 20)]
+    assert parser.held
+    assert parser.resume() == [(FAIL, (1002, "unknown data opcode 0x3"))]
+    assert not parser.held
+
+
 def test_invalid_utf8_inside_one_frame_fails_before_the_frame_is_complete():
     # Autobahn 6.4.3/6.4.4: the frame arrives in chops; the bad byte is in the second one
     whole = client_frame(1, "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited")
@@ -406,6 +430,11 @@ def test_the_inflated_size_counts_and_a_message_of_the_limit_passes():
     # incompressible data grows a little when deflated: a message of the limit is accepted
     noise = os.urandom(limit)
     assert inflating(limit).feed(client_frame(2, deflated(noise), rsv=0x40)) == [(BINARY, noise)]
+    # and in fragments too: the allowance holds for the whole compressed message
+    wire = deflated(noise)
+    assert len(wire) > limit
+    fragments = client_frame(2, wire[:500], fin=False, rsv=0x40) + client_frame(0, wire[500:])
+    assert inflating(limit).feed(fragments) == [(BINARY, noise)]
 
 
 def test_compressed_text_is_validated_after_inflating_and_garbage_fails_1007():
