@@ -233,12 +233,21 @@ def test_each_fragmented_message_starts_afresh():
     assert events == [(TEXT, "t" * 600), (BINARY, b"\xff" * 200 + b"\xfe" * 200 + b"\xfd" * 200)]
 
 
+def test_a_fragmented_message_of_exactly_the_limit_passes():
+    assert FrameParser(10).feed(client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 5)) == [
+        (BINARY, b"x" * 5 + b"y" * 5)
+    ]
+
+
 def test_a_parser_that_fails_on_resume_is_not_held():
     parser = FrameParser(1000, pass_bytes=10)
     assert parser.feed(client_frame(2, b"x" * 20) + client_frame(3)) == [(BINARY, b"x" * 20)]
     assert parser.held
     assert parser.resume() == [(FAIL, (1002, "unknown data opcode 0x3"))]
     assert not parser.held
+    fresh = FrameParser(1000)
+    assert fresh.feed(client_frame(3)) == [(FAIL, (1002, "unknown data opcode 0x3"))]
+    assert not fresh.held
 
 
 def test_invalid_utf8_inside_one_frame_fails_before_the_frame_is_complete():
