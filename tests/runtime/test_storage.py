@@ -702,6 +702,32 @@ async def test_list_by_a_prefix_that_ends_in_the_last_code_point(rt):
 
 
 @pytest.mark.gen_test
+async def test_list_by_prefix_with_a_limit_skips_the_keys_before_the_prefix(rt):
+    s = stub(rt)
+    await s.do("put", {"a1": 1, "a2": 2, "b1": 3, "b2": 4, "c1": 5})
+    assert await s.do("list", prefix="b", limit=1) == {"b1": 3}
+    assert await s.do("list", prefix="b", limit=1, reverse=True) == {"b2": 4}
+    assert await s.do("list", prefix="b", end="z", limit=1, reverse=True) == {"b2": 4}
+    assert await s.do("list", prefix="\U0010ffff", end="z") == {}
+
+
+@pytest.mark.gen_test
+async def test_a_spent_alarm_does_not_fire_again_after_a_restart(make_runtime, recorder):
+    first = await make_runtime()
+    await stub(first).do("set_alarm", NOW_MS + 1000)
+    assert first.fire_due_alarms(NOW_MS + 1000) == 1
+    await recorder.wait_for(lambda r: r.of("alarm"))
+    await until(lambda: first.find("STORE", "s").lifecycle.current is None)
+    await first.close()
+    second = await make_runtime()
+    try:
+        assert await stub(second).do("get_alarm") is None
+        assert second.fire_due_alarms(NOW_MS + 10_000) == 0
+    finally:
+        await second.close()
+
+
+@pytest.mark.gen_test
 async def test_a_write_outside_a_turn_commits_on_its_own(rt, flags):
     loop = asyncio.get_running_loop()
     flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
@@ -810,15 +836,41 @@ async def test_the_quota_counts_what_the_turn_already_wrote_deleted_or_cleared(m
 
 
 class ReadCountingHost:
-    """Just enough of a StoragePort for reads: it stores nothing and counts what is asked."""
+    """Just enough of a StoragePort for reads and writes in a turn: it stores nothing, counts
+    what is read, and holds each read until ``hold`` (a future) is resolved, if one is set."""
+
+    limits = Limits(object_storage_bytes=None, storage_bytes=None)
 
     def __init__(self):
         self.id = DurableObjectId("T", "00" * 32, None)
         self.reads = []
+        self.hold = None
+
+    def batch_started(self):
+        pass
+
+    def in_own_turn(self):
+        return True
 
     async def read(self, obj, keys):
         self.reads.extend(keys)
+        if self.hold is not None:
+            await self.hold
         return {}
+
+
+@pytest.mark.gen_test
+async def test_a_read_that_raced_a_commit_does_not_hide_the_committed_value_afterwards():
+    host = ReadCountingHost()
+    storage = DurableObjectStorage(host)
+    host.hold = asyncio.get_running_loop().create_future()
+    racing = asyncio.ensure_future(storage.get("k"))  # asks the backend, which answers late
+    await until(lambda: host.reads)
+    await storage.put("k", 1)  # meanwhile a write of k is committed
+    storage.committed(storage.take_pending(), 0)
+    host.hold.set_result(None)  # the read answers what the backend held before: nothing
+    assert await racing is None
+    assert await storage.get("k") == 1  # the stale answer was not remembered
 
 
 @pytest.mark.gen_test
