@@ -175,6 +175,8 @@ async def test_a_handler_that_raises_after_writing_still_commits(rt):
         (("k", float("inf")), "must be finite"),
         (("k", object()), "cannot store a object"),
         (({f"k{i}": i for i in range(129)},), "put() of 129 keys; the limit is 128"),
+        (("k",), "put(key, value) needs a value; put(entries) takes a dict"),
+        (({"k": 1}, 2), "put(entries) takes a dict and no value"),
         # red team L6: a lone surrogate was a UnicodeEncodeError with a traceback
         (("k", "a\ud800"), "a stored string contains a lone surrogate (\\ud800 at index"),
         (("k\udfff", 1), "a storage key contains a lone surrogate (\\udfff at index 1)"),
@@ -709,6 +711,26 @@ async def test_list_by_prefix_with_a_limit_skips_the_keys_before_the_prefix(rt):
     assert await s.do("list", prefix="b", limit=1, reverse=True) == {"b2": 4}
     assert await s.do("list", prefix="b", end="z", limit=1, reverse=True) == {"b2": 4}
     assert await s.do("list", prefix="\U0010ffff", end="z") == {}
+    await s.do("put", {"a\U0010fffe1": 6, "a\U0010ffff": 7})
+    assert await s.do("list", prefix="a\U0010fffe", limit=1, reverse=True) == {"a\U0010fffe1": 6}
+    # the turn's own writes outside the range are not listed either
+    steps = [("put", ("zz", 8), {}), ("put", ("b0", 9), {}), ("list", (), {"start": "b", "end": "b2"})]
+    assert (await s.script(steps))[-1] == {"b0": 9, "b1": 3}
+
+
+@pytest.mark.parametrize("quota_off_by", [0, -1])
+@pytest.mark.gen_test
+async def test_an_object_quota_alone_is_enforced_to_the_byte(make_runtime, quota_off_by):
+    size = entry_bytes("a", codec.encode("x" * 600))
+    rt = await make_runtime(Limits(object_storage_bytes=size + quota_off_by, storage_bytes=None))
+    try:
+        if quota_off_by == 0:
+            await stub(rt).do("put", "a", "x" * 600)  # exactly the quota
+        else:
+            with pytest.raises(QuotaExceededError):
+                await stub(rt).do("put", "a", "x" * 600)  # one byte over
+    finally:
+        await rt.close()
 
 
 @pytest.mark.gen_test
