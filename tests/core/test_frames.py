@@ -233,10 +233,29 @@ def test_each_fragmented_message_starts_afresh():
     assert events == [(TEXT, "t" * 600), (BINARY, b"\xff" * 200 + b"\xfe" * 200 + b"\xfd" * 200)]
 
 
-def test_a_fragmented_message_of_exactly_the_limit_passes():
-    assert FrameParser(10).feed(client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 5)) == [
-        (BINARY, b"x" * 5 + b"y" * 5)
-    ]
+def test_a_fragmented_message_of_exactly_the_limit_passes_every_time_and_one_byte_more_fails():
+    parser = FrameParser(10)
+    exactly = client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 5)
+    assert parser.feed(exactly + exactly) == [(BINARY, b"x" * 5 + b"y" * 5)] * 2
+    over = client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 6)
+    assert parser.feed(over) == [(FAIL, (1009, "message of more than 10 bytes"))]
+
+
+def test_an_unmasked_empty_frame_fails_at_once():
+    assert FrameParser(10).feed(b"\x82\x00") == [(FAIL, (1002, "client frames must be masked"))]
+
+
+def test_frames_after_a_pong_in_the_same_read_are_parsed():
+    assert parse(client_frame(10, b"p") + client_frame(2, b"m")) == [(PONG, b"p"), (BINARY, b"m")]
+
+
+def test_a_text_frame_checked_in_pieces_leaves_no_utf8_check_behind():
+    # The next message, fragmented binary that is not UTF-8, is not checked as text.
+    parser = FrameParser(1000)
+    text = client_frame(1, "é".encode() * 20)
+    assert parser.feed(text[:10]) == []
+    binary = client_frame(2, b"\xff", fin=False) + client_frame(0, b"\xfe")
+    assert parser.feed(text[10:] + binary) == [(TEXT, "é" * 20), (BINARY, b"\xff\xfe")]
 
 
 def test_a_parser_that_fails_on_resume_is_not_held():
@@ -439,6 +458,12 @@ def test_the_inflated_size_counts_and_a_message_of_the_limit_passes():
     # incompressible data grows a little when deflated: a message of the limit is accepted
     noise = os.urandom(limit)
     assert inflating(limit).feed(client_frame(2, deflated(noise), rsv=0x40)) == [(BINARY, noise)]
+    # frames after a compressed message are parsed; after one that inflates too far, none is
+    ping = client_frame(9, b"p")
+    compressed = client_frame(2, deflated(b"a" * limit), rsv=0x40)
+    assert inflating(limit).feed(compressed + ping) == [(BINARY, b"a" * limit), (PING, b"p")]
+    too_big = client_frame(2, deflated(b"a" * (limit + 1)), rsv=0x40)
+    assert inflating(limit).feed(too_big + ping) == [(FAIL, (1009, "message inflates to more than 1000 bytes"))]
     # and in fragments too: the allowance holds for the whole compressed message
     wire = deflated(noise)
     assert len(wire) > limit
