@@ -128,12 +128,40 @@ def test_violations_fail_the_connection(data, code, reason):
 def test_too_big_fails_on_the_header_before_the_payload_arrives():
     header_only = client_frame(2, b"", length=1 << 30)[:10]
     assert parse(header_only, limit=1024)[0][0] == FAIL
+    # as soon as each length form is complete: 2 + 2 bytes for 16 bits (not before: 9 of 10)
+    assert parse(client_frame(2, b"", length=2000)[:4], limit=1024)[0][0] == FAIL
+    assert parse(header_only[:9], limit=1024) == []
 
 
 def test_invalid_utf8_fails_at_the_first_bad_fragment():
     # "fail fast" (Autobahn 6.4.x): no need to wait for the end of the message
-    events = parse(client_frame(1, "κόσμε".encode(), fin=False), client_frame(0, b"\xf4\x90\x80\x80", fin=False))
+    events = parse(
+        client_frame(1, "κόσμε".encode(), fin=False),
+        client_frame(0, b"\xf4\x90\x80\x80", fin=False),
+        client_frame(0, b"more"),
+    )
     assert events == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_a_text_frame_that_ends_inside_a_code_point_fails_when_it_is_complete():
+    # Checked in pieces as it arrives, the text is valid until its last byte; nothing after
+    # the failure is parsed.
+    parser = FrameParser(1000)
+    text = client_frame(1, b"ok" * 20 + "€".encode()[:2])
+    assert parser.feed(text[:10]) == []
+    assert parser.feed(text[10:] + client_frame(9, b"p")) == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_a_control_frame_may_carry_125_bytes():
+    assert parse(client_frame(9, b"p" * 125)) == [(PING, b"p" * 125)]
+
+
+def test_a_read_that_completes_a_frame_and_starts_the_next_one_loses_nothing():
+    big, small = client_frame(2, b"x" * 100), client_frame(2, b"y")
+    parser = FrameParser(1000)
+    assert parser.feed(big[:50]) == []
+    assert parser.feed(big[50:] + small[:1]) == [(BINARY, b"x" * 100)]
+    assert parser.feed(small[1:]) == [(BINARY, b"y")]
 
 
 def test_a_code_point_split_across_fragments_is_fine():
@@ -239,6 +267,7 @@ def test_a_fragmented_message_of_exactly_the_limit_passes_every_time_and_one_byt
     assert parser.feed(exactly + exactly) == [(BINARY, b"x" * 5 + b"y" * 5)] * 2
     over = client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 6)
     assert parser.feed(over) == [(FAIL, (1009, "message of more than 10 bytes"))]
+    assert FrameParser(10).feed(over) == [(FAIL, (1009, "message of more than 10 bytes"))]
 
 
 def test_an_unmasked_empty_frame_fails_at_once():
@@ -475,9 +504,13 @@ def test_compressed_text_is_validated_after_inflating_and_garbage_fails_1007():
     assert inflating().feed(client_frame(1, deflated(b"\xff\xfe" * 40), rsv=0x40)) == [
         (FAIL, (1007, "invalid UTF-8 in a text message"))
     ]
-    (kind, (code, reason)), *_ = inflating().feed(client_frame(2, b"\xff" * 20, rsv=0x40))
-    assert (kind, code) == (FAIL, 1007)
+    ping = client_frame(9, b"p")
+    (kind, (code, reason)), *after = inflating().feed(client_frame(2, b"\xff" * 20, rsv=0x40) + ping)
+    assert (kind, code, after) == (FAIL, 1007, [])
     assert reason.startswith("a compressed message that does not inflate")
+    assert inflating().feed(client_frame(1, deflated(b"\xff\xfe" * 40), rsv=0x40) + ping) == [
+        (FAIL, (1007, "invalid UTF-8 in a text message"))
+    ]
 
 
 # -- negotiation and the sending side ------------------------------------------------------------
