@@ -110,6 +110,16 @@ class Store(DurableObject):
 
         return await self.ctx.storage.transaction(body)
 
+    async def rollback_then_put(self, key, value):
+        """In one turn: a transaction that puts a small ``key`` and rolls back, then put(key, value)."""
+
+        async def body(txn):
+            await txn.put(key, 1)
+            txn.rollback()
+
+        await self.ctx.storage.transaction(body)
+        await self.ctx.storage.put(key, value)
+
     async def put_with_pauses(self, entries):
         """One put per entry, letting the event loop run between them, in one turn."""
         for key, value in entries.items():

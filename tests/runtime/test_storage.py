@@ -724,17 +724,36 @@ async def test_list_by_prefix_with_a_limit_skips_the_keys_before_the_prefix(rt):
     assert (await s.script(steps))[-1] == {"b0": 9, "b1": 3}
 
 
+@pytest.mark.parametrize("how", ["put", "after delete_all", "after a rollback"])
 @pytest.mark.parametrize("quota_off_by", [0, -1])
 @pytest.mark.gen_test
-async def test_an_object_quota_alone_is_enforced_to_the_byte(make_runtime, quota_off_by):
+async def test_an_object_quota_alone_is_enforced_to_the_byte(make_runtime, quota_off_by, how):
+    # A put of exactly the quota passes, one byte more is refused: alone, and in a turn that
+    # first cleared everything or rolled back a transaction (both count from nothing).
     size = entry_bytes("a", codec.encode("x" * 600))
     rt = await make_runtime(Limits(object_storage_bytes=size + quota_off_by, storage_bytes=None))
+    s = stub(rt, how)
     try:
-        if quota_off_by == 0:
-            await stub(rt).do("put", "a", "x" * 600)  # exactly the quota
-        else:
-            with pytest.raises(QuotaExceededError):
-                await stub(rt).do("put", "a", "x" * 600)  # one byte over
+        with pytest.raises(QuotaExceededError) if quota_off_by else contextlib.nullcontext():
+            if how == "put":
+                await s.do("put", "a", "x" * 600)
+            elif how == "after delete_all":
+                await s.script([("delete_all", (), {}), ("put", ("a", "x" * 600), {})])
+            else:
+                await s.rollback_then_put("a", "x" * 600)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
+async def test_an_overwrite_one_byte_longer_at_the_quota_is_refused(make_runtime):
+    size = entry_bytes("a", codec.encode("x" * 600))
+    assert entry_bytes("a", codec.encode("x" * 601)) == size + 1
+    rt = await make_runtime(Limits(object_storage_bytes=size, storage_bytes=None))
+    try:
+        await stub(rt).do("put", "a", "x" * 600)
+        with pytest.raises(QuotaExceededError):
+            await stub(rt).do("put", "a", "x" * 601)
     finally:
         await rt.close()
 
