@@ -71,6 +71,68 @@ class Store(DurableObject):
         await self.ctx.storage.transaction(body)
         return await self.ctx.storage.list()
 
+    async def write_later(self, entries, transaction=None, first=None):
+        """A wait_until task puts ``entries`` once the test resolves flags["gate"] (this turn is
+        over by then): plainly, or in a transaction that pauses and then "commit"s or "rollback"s;
+        ``first`` is put plainly just before that transaction starts."""
+        storage = self.ctx.storage
+        gate = self.flags["gate"]
+
+        async def body(txn):
+            await txn.put(entries)
+            for _ in range(3):
+                await asyncio.sleep(0)  # nothing may commit while the transaction is open
+            if transaction == "rollback":
+                txn.rollback()
+
+        async def later():
+            await gate
+            if transaction is None:
+                await storage.put(entries)
+            else:
+                if first:
+                    await storage.put(first)
+                await storage.transaction(body)
+            self.flags["written"].set_result(None)
+
+        self.ctx.wait_until(later())
+
+    async def txn_api(self, at_ms):
+        """Every call of a transaction's txn, in one transaction: what each one saw."""
+
+        async def body(txn):
+            await txn.put({"a": 1, "b": 2})
+            deleted = await txn.delete("a")
+            await txn.set_alarm(at_ms)
+            alarm = await txn.get_alarm()
+            await txn.delete_alarm()
+            return deleted, alarm, await txn.get_alarm(), await txn.list()
+
+        return await self.ctx.storage.transaction(body)
+
+    async def rollback_then_put(self, key, value):
+        """In one turn: a transaction that puts a small ``key`` and rolls back, then put(key, value)."""
+
+        async def body(txn):
+            await txn.put(key, 1)
+            txn.rollback()
+
+        await self.ctx.storage.transaction(body)
+        await self.ctx.storage.put(key, value)
+
+    async def put_with_pauses(self, entries):
+        """One put per entry, letting the event loop run between them, in one turn."""
+        for key, value in entries.items():
+            await self.ctx.storage.put(key, value)
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    async def put_and_sync(self, key, value):
+        """put(), sync(), then what the test's flags["after_sync"]() finds durable."""
+        await self.ctx.storage.put(key, value)
+        await self.ctx.storage.sync()
+        return await self.flags["after_sync"]()
+
     async def put_then_fail(self, key, value):
         await self.ctx.storage.put(key, value)
         raise RuntimeError("the handler failed after writing")

@@ -16,11 +16,14 @@ from wsecho.core.frames import (
     CLOSE,
     FAIL,
     MAX_FRAGMENTS,
+    OP_PING,
     PING,
     PONG,
     TEXT,
     FrameParser,
+    close_payload,
     frame,
+    message_frame,
     unmask,
     valid_close_code,
 )
@@ -125,12 +128,40 @@ def test_violations_fail_the_connection(data, code, reason):
 def test_too_big_fails_on_the_header_before_the_payload_arrives():
     header_only = client_frame(2, b"", length=1 << 30)[:10]
     assert parse(header_only, limit=1024)[0][0] == FAIL
+    # as soon as each length form is complete: 2 + 2 bytes for 16 bits (not before: 9 of 10)
+    assert parse(client_frame(2, b"", length=2000)[:4], limit=1024)[0][0] == FAIL
+    assert parse(header_only[:9], limit=1024) == []
 
 
 def test_invalid_utf8_fails_at_the_first_bad_fragment():
     # "fail fast" (Autobahn 6.4.x): no need to wait for the end of the message
-    events = parse(client_frame(1, "κόσμε".encode(), fin=False), client_frame(0, b"\xf4\x90\x80\x80", fin=False))
+    events = parse(
+        client_frame(1, "κόσμε".encode(), fin=False),
+        client_frame(0, b"\xf4\x90\x80\x80", fin=False),
+        client_frame(0, b"more"),
+    )
     assert events == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_a_text_frame_that_ends_inside_a_code_point_fails_when_it_is_complete():
+    # Checked in pieces as it arrives, the text is valid until its last byte; nothing after
+    # the failure is parsed.
+    parser = FrameParser(1000)
+    text = client_frame(1, b"ok" * 20 + "€".encode()[:2])
+    assert parser.feed(text[:10]) == []
+    assert parser.feed(text[10:] + client_frame(9, b"p")) == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_a_control_frame_may_carry_125_bytes():
+    assert parse(client_frame(9, b"p" * 125)) == [(PING, b"p" * 125)]
+
+
+def test_a_read_that_completes_a_frame_and_starts_the_next_one_loses_nothing():
+    big, small = client_frame(2, b"x" * 100), client_frame(2, b"y")
+    parser = FrameParser(1000)
+    assert parser.feed(big[:50]) == []
+    assert parser.feed(big[50:] + small[:1]) == [(BINARY, b"x" * 100)]
+    assert parser.feed(small[1:]) == [(BINARY, b"y")]
 
 
 def test_a_code_point_split_across_fragments_is_fine():
@@ -146,6 +177,33 @@ def test_server_frames():
     assert frame(1, b"hi") == b"\x81\x02hi"
     assert frame(2, b"x" * 200)[:4] == b"\x82\x7e\x00\xc8"
     assert frame(2, b"x" * 70_000)[:2] == b"\x82\x7f"
+
+
+@pytest.mark.parametrize(
+    ("size", "head"),
+    [
+        (0, b"\x00"),
+        (125, b"\x7d"),
+        (126, b"\x7e\x00\x7e"),
+        (65535, b"\x7e\xff\xff"),
+        (65536, b"\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+    ],
+)
+def test_server_message_frames_use_the_shortest_length_at_each_boundary(size, head):
+    # RFC 6455 §5.2: 7 bits up to 125, then 16, then 64; a text message of str, binary of bytes.
+    assert (
+        message_frame("é" * (size // 2) + "x" * (size % 2))
+        == bytes([0x81]) + head + ("é" * (size // 2) + "x" * (size % 2)).encode()
+    )
+    assert message_frame(b"b" * size) == bytes([0x82]) + head + b"b" * size
+    assert frame(OP_PING, b"p" * size) == bytes([0x89]) + head + b"p" * size
+
+
+def test_a_close_payload_is_the_code_then_the_utf8_reason_or_nothing():
+    assert close_payload(None, "") == b""
+    assert close_payload(1000, "") == b"\x03\xe8"
+    assert close_payload(4999, "bye ✓") == b"\x13\x87" + "bye ✓".encode()
+    assert parse(client_frame(8, close_payload(3000, "é"))) == [(CLOSE, (3000, "é"))]
 
 
 @given(st.binary(max_size=2048))
@@ -187,12 +245,84 @@ def test_nothing_after_a_close_is_parsed():
     assert parser.feed(client_frame(1, b"late")) == []
 
 
+def test_nothing_after_a_close_without_a_payload_is_parsed_either():
+    parser = FrameParser(1000)
+    assert parser.feed(client_frame(8) + client_frame(9, b"p")) == [(CLOSE, (None, ""))]
+    assert parser.feed(client_frame(1, b"late")) == []
+
+
+def test_each_fragmented_message_starts_afresh():
+    # The fragment count, the size and the UTF-8 check belong to one message: a second
+    # fragmented message (binary, not UTF-8, after a text one) is held to the limits alone.
+    parser = FrameParser(1000, max_fragments=3)
+    text = client_frame(1, b"t" * 200, fin=False) + client_frame(0, b"t" * 200, fin=False) + client_frame(0, b"t" * 200)
+    binary = client_frame(2, b"\xff" * 200, fin=False) + client_frame(0, b"\xfe" * 200, fin=False)
+    events = parser.feed(text + binary + client_frame(0, b"\xfd" * 200))
+    assert events == [(TEXT, "t" * 600), (BINARY, b"\xff" * 200 + b"\xfe" * 200 + b"\xfd" * 200)]
+
+
+def test_a_fragmented_message_of_exactly_the_limit_passes_every_time_and_one_byte_more_fails():
+    parser = FrameParser(10)
+    exactly = client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 5)
+    assert parser.feed(exactly + exactly) == [(BINARY, b"x" * 5 + b"y" * 5)] * 2
+    over = client_frame(2, b"x" * 5, fin=False) + client_frame(0, b"y" * 6)
+    assert parser.feed(over) == [(FAIL, (1009, "message of more than 10 bytes"))]
+    assert FrameParser(10).feed(over) == [(FAIL, (1009, "message of more than 10 bytes"))]
+
+
+def test_an_unmasked_empty_frame_fails_at_once():
+    assert FrameParser(10).feed(b"\x82\x00") == [(FAIL, (1002, "client frames must be masked"))]
+
+
+def test_frames_after_a_pong_in_the_same_read_are_parsed():
+    assert parse(client_frame(10, b"p") + client_frame(2, b"m")) == [(PONG, b"p"), (BINARY, b"m")]
+
+
+def test_a_text_frame_checked_in_pieces_leaves_no_utf8_check_behind():
+    # The next message, fragmented binary that is not UTF-8, is not checked as text.
+    parser = FrameParser(1000)
+    text = client_frame(1, "é".encode() * 20)
+    assert parser.feed(text[:10]) == []
+    binary = client_frame(2, b"\xff", fin=False) + client_frame(0, b"\xfe")
+    assert parser.feed(text[10:] + binary) == [(TEXT, "é" * 20), (BINARY, b"\xff\xfe")]
+
+
+def test_a_parser_that_fails_on_resume_is_not_held():
+    parser = FrameParser(1000, pass_bytes=10)
+    assert parser.feed(client_frame(2, b"x" * 20) + client_frame(3)) == [(BINARY, b"x" * 20)]
+    assert parser.held
+    assert parser.resume() == [(FAIL, (1002, "unknown data opcode 0x3"))]
+    assert not parser.held
+    fresh = FrameParser(1000)
+    assert fresh.feed(client_frame(3)) == [(FAIL, (1002, "unknown data opcode 0x3"))]
+    assert not fresh.held
+
+
 def test_invalid_utf8_inside_one_frame_fails_before_the_frame_is_complete():
     # Autobahn 6.4.3/6.4.4: the frame arrives in chops; the bad byte is in the second one
     whole = client_frame(1, "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"edited")
     parser = FrameParser(1000)
     assert parser.feed(whole[:10]) == []
     assert parser.feed(whole[10:20]) == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_invalid_utf8_in_a_continuation_frame_fails_before_that_frame_is_complete():
+    parser = FrameParser(1 << 20)
+    continuation = client_frame(0, b"\xff" + b"x" * 100)
+    events = parser.feed(client_frame(1, b"ok", fin=False) + continuation[:10])
+    assert events == [(FAIL, (1007, "invalid UTF-8 in a text message"))]
+
+
+def test_the_parser_unmasks_with_the_routine_it_is_given():
+    # The server passes Tornado's C routine; a parser that ignored it would be slower, silently.
+    unmasked = []
+
+    def recording(mask, data):
+        unmasked.append(len(data))
+        return unmask(mask, data)
+
+    assert FrameParser(1000, unmask=recording).feed(client_frame(2, b"abc")) == [(BINARY, b"abc")]
+    assert unmasked == [3]
 
 
 def test_valid_text_checked_in_chops_is_not_checked_twice():
@@ -225,11 +355,13 @@ def test_autobahn_9_3_1_as_the_real_wstest_sends_it_is_within_the_fragment_limit
     assert FrameParser(1 << 23).feed(full + client_frame(0, b"", fin=True)) == [(TEXT, "x" * 64 * 2**16)]
 
 
-def test_the_fragment_limit_holds_for_empty_fragments_too():
-    # Empty continuation frames never grow the message: only the count stops them.
-    data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * MAX_FRAGMENTS
-    assert FrameParser(1000).feed(data) == [(FAIL, (1009, f"message in more than {MAX_FRAGMENTS} fragments"))]
-    assert FrameParser(1 << 20).feed(fragmented(MAX_FRAGMENTS, opcode=1)) == [(TEXT, "a" * MAX_FRAGMENTS)]
+def test_the_default_fragment_limit_of_2_17_holds_for_empty_fragments_too():
+    # Empty continuation frames never grow the message: only the count stops them. The
+    # default is 2**17, twice what the real Autobahn wstest sends (see MAX_FRAGMENTS).
+    assert MAX_FRAGMENTS == 2**17
+    data = client_frame(1, b"", fin=False) + client_frame(0, b"", fin=False) * 2**17
+    assert FrameParser(1000).feed(data) == [(FAIL, (1009, "message in more than 131072 fragments"))]
+    assert FrameParser(1 << 20).feed(fragmented(2**17, opcode=1)) == [(TEXT, "a" * 2**17)]
 
 
 def test_a_pass_consumes_at_most_its_budget_then_resume_goes_on():
@@ -355,15 +487,30 @@ def test_the_inflated_size_counts_and_a_message_of_the_limit_passes():
     # incompressible data grows a little when deflated: a message of the limit is accepted
     noise = os.urandom(limit)
     assert inflating(limit).feed(client_frame(2, deflated(noise), rsv=0x40)) == [(BINARY, noise)]
+    # frames after a compressed message are parsed; after one that inflates too far, none is
+    ping = client_frame(9, b"p")
+    compressed = client_frame(2, deflated(b"a" * limit), rsv=0x40)
+    assert inflating(limit).feed(compressed + ping) == [(BINARY, b"a" * limit), (PING, b"p")]
+    too_big = client_frame(2, deflated(b"a" * (limit + 1)), rsv=0x40)
+    assert inflating(limit).feed(too_big + ping) == [(FAIL, (1009, "message inflates to more than 1000 bytes"))]
+    # and in fragments too: the allowance holds for the whole compressed message
+    wire = deflated(noise)
+    assert len(wire) > limit
+    fragments = client_frame(2, wire[:500], fin=False, rsv=0x40) + client_frame(0, wire[500:])
+    assert inflating(limit).feed(fragments) == [(BINARY, noise)]
 
 
 def test_compressed_text_is_validated_after_inflating_and_garbage_fails_1007():
     assert inflating().feed(client_frame(1, deflated(b"\xff\xfe" * 40), rsv=0x40)) == [
         (FAIL, (1007, "invalid UTF-8 in a text message"))
     ]
-    (kind, (code, reason)), *_ = inflating().feed(client_frame(2, b"\xff" * 20, rsv=0x40))
-    assert (kind, code) == (FAIL, 1007)
+    ping = client_frame(9, b"p")
+    (kind, (code, reason)), *after = inflating().feed(client_frame(2, b"\xff" * 20, rsv=0x40) + ping)
+    assert (kind, code, after) == (FAIL, 1007, [])
     assert reason.startswith("a compressed message that does not inflate")
+    assert inflating().feed(client_frame(1, deflated(b"\xff\xfe" * 40), rsv=0x40) + ping) == [
+        (FAIL, (1007, "invalid UTF-8 in a text message"))
+    ]
 
 
 # -- negotiation and the sending side ------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The idle index: due objects come out oldest first, at a cost set by the due ones."""
 
+import tracemalloc
+
 from wsecho.core.idle import IdleIndex
 
 
@@ -78,3 +80,25 @@ def test_a_key_that_changes_timeout_leaves_its_old_queue():
 
 def test_nothing_is_scanned_before_the_first_sweep():
     assert IdleIndex().last_scanned == 0
+
+
+def test_an_index_emptied_of_many_timeouts_keeps_no_memory_for_them():
+    # Every distinct timeout gets a queue; a queue that empties must go too, or an index that
+    # saw many timeouts come and go (objects with per-class timeouts, reconfigured) grows forever.
+    index = IdleIndex()
+    index.touch("warm-up", 1, since=0)
+    index.discard("warm-up")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for timeout in range(10_000):
+            index.touch(timeout, timeout, since=0)
+        index.pop_due(10_000)
+        for timeout in range(10_000, 20_000):
+            index.touch(timeout, timeout, since=0)
+            index.discard(timeout)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(index) == 0
+    assert kept < 100_000  # 20,000 empty queues left behind hold megabytes

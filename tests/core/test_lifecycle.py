@@ -1,6 +1,7 @@
 """The sans-IO lifecycle core: every legal row and every illegal pair of both tables."""
 
 import itertools
+from collections import deque
 
 import pytest
 
@@ -267,6 +268,73 @@ def test_the_fast_paths_do_what_the_table_says(queued, busy):
     if busy:
         assert fast.turn_ended(2.0) == slow._fire(ObjectInput.TURN_ENDED, 2.0)
         assert snapshot(fast) == snapshot(slow)
+    if busy:
+        # and a turn that ends with nothing behind it: the table's row says "idle since now" too
+        fast, slow = make(), make()
+        assert fast.turn_ended(2.0) == slow._fire(ObjectInput.TURN_ENDED, 2.0)
+        assert snapshot(fast) == snapshot(slow)
+
+
+def test_try_start_starts_a_turn_only_for_an_awake_object_with_nothing_to_do():
+    # The runtime delivers at once when try_start() says True, and asks the table otherwise.
+    lc = ObjectLifecycle(state=A, idle_since=1.0)
+    assert lc.try_start("e")
+    assert (lc.current, lc.idle_since) == ("e", None)
+    for lc in (
+        ObjectLifecycle(state=A, current="running"),
+        ObjectLifecycle(state=A, queue=deque(["queued"])),
+        ObjectLifecycle(state=W),
+        ObjectLifecycle(state=H),
+    ):
+        before = snapshot(lc)
+        assert not lc.try_start("e")
+        assert snapshot(lc) == before
+
+
+def test_try_end_ends_a_turn_only_when_nothing_is_queued_or_pinned():
+    lc = ObjectLifecycle(state=A, current="e")
+    assert lc.try_end(3.0)
+    assert (lc.current, lc.idle_since) == (None, 3.0)
+    for lc in (
+        ObjectLifecycle(state=A),
+        ObjectLifecycle(state=A, current="e", queue=deque(["queued"])),
+        ObjectLifecycle(state=A, current="e", pins={"wait_until": 1}),
+        ObjectLifecycle(state=W, current="e"),
+    ):
+        before = snapshot(lc)
+        assert not lc.try_end(3.0)
+        assert snapshot(lc) == before
+
+
+def test_busy_means_an_event_handled_or_queued_or_a_wake_under_way():
+    assert ObjectLifecycle(state=A, current="e").busy()
+    assert ObjectLifecycle(state=A, queue=deque(["e"])).busy()
+    assert ObjectLifecycle(state=W).busy()
+    # idle, hibernated or only pinned (wait_until work) is not busy: the runtime's barrier
+    # and wsecho.testing wait for busy objects only
+    assert not ObjectLifecycle(state=A).busy()
+    assert not ObjectLifecycle(state=H).busy()
+    assert not ObjectLifecycle(state=A, pins={"wait_until": 1}).busy()
+
+
+def test_an_object_reset_during_a_turn_wakes_again_and_gets_its_next_event():
+    lc = ObjectLifecycle(state=A)
+    lc.event_arrived("running", 1.0)
+    lc.event_arrived("queued", 1.0)
+    assert lc.reset(2.0) == [DropInstance(), CloseSockets(1011, "Durable Object reset"), DropEvents(("queued",))]
+    assert not lc.busy()
+    assert lc.event_arrived("next", 3.0) == [RunConstructor()]
+    assert lc.constructed(3.0) == [Deliver("next")]
+
+
+def test_a_hibernated_object_is_no_longer_idle_since_anything():
+    # idle_since is what the admin listing shows as idle_seconds; a hibernated object has none.
+    lc = ObjectLifecycle(state=A)
+    lc.event_arrived("e", 1.0)
+    lc.turn_ended(2.0)
+    assert lc.idle_since == 2.0
+    lc.evict(12.0)
+    assert lc.idle_since is None
 
 
 def test_every_wire_state_and_input_has_a_row_or_is_refused():

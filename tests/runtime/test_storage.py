@@ -10,6 +10,9 @@ import pytest
 from tests.apps.store import store_app
 from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
+from wsecho.api import codec
+from wsecho.api.ids import DurableObjectId
+from wsecho.api.storage import CACHE_ENTRIES, DurableObjectStorage
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
 from wsecho.backends.postgres import PostgresBackend
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
@@ -167,7 +170,10 @@ async def test_a_handler_that_raises_after_writing_still_commits(rt):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("k" * 2049, 1), "is 2049 UTF-8 bytes; the limit is 2048"),
+        (
+            ("k" * 2049, 1),
+            "storage key 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk'… is 2049 UTF-8 bytes; the limit is 2048",
+        ),
         (("k", "x" * (128 * 1024)), "bytes encoded; the limit is 131072"),
         ((5, 1), "put() takes a str key and a value, or a dict, not int"),
         (({5: 1},), "storage keys must be str, got int"),
@@ -176,6 +182,8 @@ async def test_a_handler_that_raises_after_writing_still_commits(rt):
         (("k", float("inf")), "must be finite"),
         (("k", object()), "cannot store a object"),
         (({f"k{i}": i for i in range(129)},), "put() of 129 keys; the limit is 128"),
+        (("k",), "put(key, value) needs a value; put(entries) takes a dict"),
+        (({"k": 1}, 2), "put(entries) takes a dict and no value"),
         # red team L6: a lone surrogate was a UnicodeEncodeError with a traceback
         (("k", "a\ud800"), "a stored string contains a lone surrogate (\\ud800 at index"),
         (("k\udfff", 1), "a storage key contains a lone surrogate (\\udfff at index 1)"),
@@ -744,3 +752,265 @@ async def test_a_committed_batch_leaves_nothing_in_flight(rt):
     storage = rt.find("STORE", "f").storage
     assert not storage.in_flight()
     assert not storage.busy()  # so the output gate opens and the object may hibernate
+
+
+# -- writes outside a turn, the quota's view of a turn, sync, the cache (issue 20) ----------------
+
+
+async def durable(rt, name, keys):
+    """What the backend holds for object ``name``: what a crash now would keep."""
+    rows = await rt.backend.read("STORE:" + rt.env.STORE.id_from_name(name).hex, keys)
+    return {key: codec.decode(value) for key, value in rows.items()}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prefix": 5}, "storage keys must be str, got int"),
+        ({"end": "k" * 2049}, "is 2049 UTF-8 bytes; the limit is 2048"),
+        ({"limit": 0}, "limit must be a positive integer, got 0"),
+        ({"limit": True}, "limit must be a positive integer, got True"),
+        ({"limit": "3"}, "limit must be a positive integer, got '3'"),
+    ],
+)
+@pytest.mark.gen_test
+async def test_list_refuses_bad_bounds_and_limits_with_clear_errors(rt, options, message):
+    with pytest.raises(InvalidArgumentError) as info:
+        await stub(rt).do("list", **options)
+    assert message in str(info.value)
+
+
+@pytest.mark.gen_test
+async def test_list_by_a_prefix_that_ends_in_the_last_code_point(rt):
+    s = stub(rt)
+    await s.do("put", {"a\U0010ffff": 1, "a\U0010ffffz": 2, "b": 3, "a": 4})
+    assert await s.do("list", prefix="a\U0010ffff") == {"a\U0010ffff": 1, "a\U0010ffffz": 2}
+    assert await s.do("list", prefix="a\U0010ffff", limit=1, reverse=True) == {"a\U0010ffffz": 2}
+    assert await s.do("list", prefix="\U0010ffff") == {}
+
+
+@pytest.mark.gen_test
+async def test_list_by_prefix_with_a_limit_skips_the_keys_before_the_prefix(rt):
+    s = stub(rt)
+    await s.do("put", {"a1": 1, "a2": 2, "b1": 3, "b2": 4, "c1": 5})
+    assert await s.do("list", prefix="b", limit=1) == {"b1": 3}
+    assert await s.do("list", prefix="b", limit=1, reverse=True) == {"b2": 4}
+    assert await s.do("list", prefix="b", end="z", limit=1, reverse=True) == {"b2": 4}
+    assert await s.do("list", prefix="\U0010ffff", end="z") == {}
+    await s.do("put", {"a\U0010fffe1": 6, "a\U0010ffff": 7})
+    assert await s.do("list", prefix="a\U0010fffe", limit=1, reverse=True) == {"a\U0010fffe1": 6}
+    # a deletion of this turn hides a row: list() asks the backend for one more
+    assert (await s.script([("delete", ("a1",), {}), ("list", (), {"limit": 1})]))[-1] == {"a2": 2}
+    # the turn's own writes outside the range are not listed either
+    steps = [("put", ("zz", 8), {}), ("put", ("b0", 9), {}), ("list", (), {"start": "b", "end": "b2"})]
+    assert (await s.script(steps))[-1] == {"b0": 9, "b1": 3}
+
+
+@pytest.mark.parametrize("how", ["put", "after delete_all", "after a rollback"])
+@pytest.mark.parametrize("quota_off_by", [0, -1])
+@pytest.mark.gen_test
+async def test_an_object_quota_alone_is_enforced_to_the_byte(make_runtime, quota_off_by, how):
+    # A put of exactly the quota passes, one byte more is refused: alone, and in a turn that
+    # first cleared everything or rolled back a transaction (both count from nothing).
+    size = entry_bytes("a", codec.encode("x" * 600))
+    rt = await make_runtime(Limits(object_storage_bytes=size + quota_off_by, storage_bytes=None))
+    s = stub(rt, how)
+    try:
+        with pytest.raises(QuotaExceededError) if quota_off_by else contextlib.nullcontext():
+            if how == "put":
+                await s.do("put", "a", "x" * 600)
+            elif how == "after delete_all":
+                await s.script([("delete_all", (), {}), ("put", ("a", "x" * 600), {})])
+            else:
+                await s.rollback_then_put("a", "x" * 600)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
+async def test_an_overwrite_one_byte_longer_at_the_quota_is_refused(make_runtime):
+    size = entry_bytes("a", codec.encode("x" * 600))
+    assert entry_bytes("a", codec.encode("x" * 601)) == size + 1
+    rt = await make_runtime(Limits(object_storage_bytes=size, storage_bytes=None))
+    try:
+        await stub(rt).do("put", "a", "x" * 600)
+        with pytest.raises(QuotaExceededError):
+            await stub(rt).do("put", "a", "x" * 601)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
+async def test_a_spent_alarm_does_not_fire_again_after_a_restart(make_runtime, recorder):
+    first = await make_runtime()
+    await stub(first).do("set_alarm", NOW_MS + 1000)
+    assert first.fire_due_alarms(NOW_MS + 1000) == 1
+    await recorder.wait_for(lambda r: r.of("alarm"))
+    await until(lambda: first.find("STORE", "s").lifecycle.current is None)
+    await first.close()
+    second = await make_runtime()
+    try:
+        assert await stub(second).do("get_alarm") is None
+        assert second.fire_due_alarms(NOW_MS + 10_000) == 0
+    finally:
+        await second.close()
+
+
+@pytest.mark.gen_test
+async def test_a_write_outside_a_turn_commits_on_its_own(rt, flags):
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1})
+    before = rt.committer.commits
+    flags["gate"].set_result(None)  # the wait_until task writes now, with no turn running
+    await asyncio.wait_for(flags["written"], 5)
+    await until(lambda: rt.committer.commits > before)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["a"]) == {"a": 1}
+
+
+@pytest.mark.parametrize("ending", ["commit", "rollback"])
+@pytest.mark.gen_test
+async def test_a_transaction_outside_a_turn_commits_when_it_ends_and_never_before(rt, flags, ending):
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1}, transaction=ending)
+    before = rt.committer.commits
+    flags["gate"].set_result(None)
+    await asyncio.wait_for(flags["written"], 5)
+    if ending == "commit":
+        await until(lambda: rt.committer.commits > before)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["a"]) == ({"a": 1} if ending == "commit" else {})
+    if ending == "rollback":
+        assert rt.committer.commits == before  # the rolled back write was never committed
+        await until(lambda: not rt.find("STORE", "later").background)
+        assert rt.sweep(now=rt.clock() + 10) == 1  # and nothing is left that keeps it awake
+
+
+@pytest.mark.gen_test
+async def test_a_write_just_before_an_out_of_turn_transaction_commits_without_the_transactions(rt, flags):
+    # The first put asks for a commit soon; by then the transaction is open: nothing is
+    # committed until it ends, and then only what it did not roll back.
+    loop = asyncio.get_running_loop()
+    flags["gate"], flags["written"] = loop.create_future(), loop.create_future()
+    await stub(rt, "later").write_later({"a": 1}, transaction="rollback", first={"before": 0})
+    flags["gate"].set_result(None)
+    await asyncio.wait_for(flags["written"], 5)
+    await until(lambda: not rt.find("STORE", "later").background)
+    await rt.committer.idle()
+    assert await durable(rt, "later", ["before", "a"]) == {"before": 0}
+
+
+@pytest.mark.gen_test
+async def test_a_transactions_txn_offers_the_whole_storage_api(rt):
+    assert await stub(rt).txn_api(NOW_MS + 5000) == (True, NOW_MS + 5000, None, {"b": 2})
+    assert await stub(rt).do("list") == {"b": 2}
+
+
+@pytest.mark.gen_test
+async def test_a_turns_writes_are_one_commit_even_with_awaits_between_them(rt):
+    s = stub(rt)
+    before = (rt.committer.commits, rt.committer.batches)
+    await s.put_with_pauses({"a": 1, "b": 2, "c": 3})
+    assert (rt.committer.commits, rt.committer.batches) == (before[0] + 1, before[1] + 1)
+    assert await durable(rt, "s", ["a", "b", "c"]) == {"a": 1, "b": 2, "c": 3}
+
+
+@pytest.mark.gen_test
+async def test_a_turn_whose_writes_were_all_rolled_back_commits_nothing(rt):
+    s = stub(rt)
+    before = rt.committer.commits
+    assert await s.txn({"d": 4}, rollback=True) == {"d": 4}
+    assert rt.committer.commits == before
+
+
+@pytest.mark.gen_test
+async def test_sync_returns_once_the_writes_so_far_are_durable(rt, flags):
+    flags["after_sync"] = lambda: durable(rt, "s", ["k"])
+    assert await stub(rt).put_and_sync("k", 1) == {"k": 1}
+
+
+@pytest.mark.gen_test
+async def test_get_alarm_sees_the_turns_own_alarm_changes(rt):
+    s = stub(rt)
+    await s.do("set_alarm", NOW_MS + 1000)
+    steps = [
+        ("delete_alarm", (), {}),
+        ("get_alarm", (), {}),
+        ("set_alarm", (NOW_MS + 2000,), {}),
+        ("get_alarm", (), {}),
+    ]
+    assert await s.script(steps) == [None, None, None, NOW_MS + 2000]
+
+
+@pytest.mark.gen_test
+async def test_the_quota_counts_what_the_turn_already_wrote_deleted_or_cleared(make_runtime):
+    rt = await make_runtime(Limits(object_storage_bytes=1000))
+    try:
+        s = stub(rt)
+        # two puts of one turn that pass the quota together: the second is refused
+        with pytest.raises(QuotaExceededError):
+            await s.script([("put", ("a", "x" * 600), {}), ("put", ("b", "y" * 600), {})])
+        assert await s.do("list") == {"a": "x" * 600}  # the first put returned: it stays
+        # what the turn deleted makes room at once
+        await s.script([("delete", ("a",), {}), ("put", ("c", "z" * 900), {})])
+        await s.do("delete", "c")
+        # and delete_all makes room for everything, whatever the turn wrote before it
+        await s.script([("put", ("d", "w" * 600), {}), ("delete_all", (), {}), ("put", ("e", "v" * 900), {})])
+        assert await s.do("list") == {"e": "v" * 900}
+        assert rt.stats.quota_refusals["object"] == 1
+    finally:
+        await rt.close()
+
+
+class ReadCountingHost:
+    """Just enough of a StoragePort for reads and writes in a turn: it stores nothing, counts
+    what is read, and holds each read until ``hold`` (a future) is resolved, if one is set."""
+
+    limits = Limits(object_storage_bytes=None, storage_bytes=None)
+
+    def __init__(self):
+        self.id = DurableObjectId("T", "00" * 32, None)
+        self.reads = []
+        self.hold = None
+
+    def batch_started(self):
+        pass
+
+    def in_own_turn(self):
+        return True
+
+    async def read(self, obj, keys):
+        self.reads.extend(keys)
+        if self.hold is not None:
+            await self.hold
+        return {}
+
+
+@pytest.mark.gen_test
+async def test_a_read_that_raced_a_commit_does_not_hide_the_committed_value_afterwards():
+    host = ReadCountingHost()
+    storage = DurableObjectStorage(host)
+    host.hold = asyncio.get_running_loop().create_future()
+    racing = asyncio.ensure_future(storage.get("k"))  # asks the backend, which answers late
+    await until(lambda: host.reads)
+    await storage.put("k", 1)  # meanwhile a write of k is committed
+    storage.committed(storage.take_pending(), 0)
+    host.hold.set_result(None)  # the read answers what the backend held before: nothing
+    assert await racing is None
+    assert await storage.get("k") == 1  # the stale answer was not remembered
+
+
+@pytest.mark.gen_test
+async def test_an_awake_object_remembers_at_most_cache_entries_values_oldest_out_first():
+    host = ReadCountingHost()
+    storage = DurableObjectStorage(host)
+    keys = [f"k{i}" for i in range(CACHE_ENTRIES)]
+    for i in range(0, len(keys), 128):
+        await storage.get(keys[i : i + 128])
+    await storage.get("k0")
+    assert len(host.reads) == CACHE_ENTRIES  # every one is remembered (as absent)
+    await storage.get("one more")
+    await storage.get(["k0", "k1"])
+    assert host.reads[-2:] == ["one more", "k0"]  # k0 was forgotten for it, k1 not

@@ -57,6 +57,9 @@ NOT_RUN = {
     ("performance.md", "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' picows"): (
         "benchmarks are not tests: minutes of load on a pinned CPU; scripts/bench is run by hand"
     ),
+    ("mutation-testing.md", ".venv/bin/python scripts/mutate.py wsecho/core/idle.py tests/core/test_idle.py"): (
+        "mutation testing is not a test: it runs the module's tests once per mutant, minutes of CPU; run by hand"
+    ),
 }
 
 

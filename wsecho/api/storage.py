@@ -159,7 +159,6 @@ class DurableObjectStorage:
         #: Bumped by every commit, so a read that raced one does not fill the cache.
         self._generation = 0
         self._transactions = 0
-        self._flush_after_transaction = False
         #: Committed bytes of this object (for the quotas), once read from the backend.
         self._usage: int | None = None
 
@@ -282,9 +281,7 @@ class DurableObjectStorage:
         inside a transaction, once it ends (it may still roll them back)."""
         if self._host.in_own_turn():
             return  # the turn's end commits them
-        if self._transactions:
-            self._flush_after_transaction = True
-        else:
+        if not self._transactions:
             self._host.flush_soon(self)
 
     async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
@@ -349,8 +346,9 @@ class DurableObjectStorage:
             txn._closed = True
         if txn._rolled_back:
             self._restore(saved)
-        if self._transactions == 0 and self._flush_after_transaction:
-            self._flush_after_transaction = False
+        if self._transactions == 0 and self._pending is not None:
+            # What waited for the transaction (its writes, or writes made just before it whose
+            # commit found it open) commits now; an emptied batch too, to release its pin.
             self._commit_outside_a_turn()
         return result
 
@@ -444,7 +442,9 @@ class DurableObjectStorage:
         return bool(self._in_flight)
 
     def has_unflushed(self) -> bool:
-        return self._pending is not None and not self._pending.empty()
+        """Whether a batch was started and not yet taken for a commit. An emptied one counts
+        (all of a transaction's writes rolled back): its flush releases what it held back."""
+        return self._pending is not None
 
     def busy(self) -> bool:
         return self._pending is not None or bool(self._in_flight)

@@ -324,9 +324,7 @@ class FrameParser:
                 else:
                     events.append((BINARY, payload))
                 return True
-            self._frag_op = opcode
-            self._frags = []
-            self._frag_size = 0
+            self._frag_op = opcode  # (_frags and _frag_size are empty: the last message's end or _fail emptied them)
             self._frag_count = 0
             self._compressed = bool(b0 & 0x40)
             if opcode == OP_TEXT and not checked and not self._compressed:

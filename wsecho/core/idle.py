@@ -47,8 +47,8 @@ class IdleIndex(Generic[K]):
                 del queue[key]  # an object idle again moves to the end
                 queue[key] = since
             return
+        # discard() can only empty the key's queue of another timeout: ``queue`` is still current
         self.discard(key)
-        queue = self._queues.get(timeout)
         if queue is None:
             queue = self._queues[timeout] = {}
         queue[key] = since

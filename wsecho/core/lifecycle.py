@@ -246,8 +246,9 @@ class ObjectLifecycle(Generic[E]):
             self.current = None
         for action in actions:
             if action is Action.ENQUEUE:
+                # (idle_since is None already: an event waits only behind a turn or a wake,
+                # and an idle object's event starts its turn through try_start)
                 self.queue.append(event)  # type: ignore[arg-type]
-                self.idle_since = None
             elif action is Action.RUN_CONSTRUCTOR:
                 effects.append(RunConstructor())
             elif action is Action.NEXT_TURN:
