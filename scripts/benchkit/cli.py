@@ -15,7 +15,7 @@ Each figure is the median of 3 runs (1 with --quick). Every echo is checked byte
 Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop),
 ``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message) and
 scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount);
-``python -m wsecho benchapps:rooms_app --workers N`` for the ``workers_*`` figures.
+``python -m wsecho benchapps:rooms_app --workers N`` (or busy_rooms_app) for the ``workers_*`` figures.
 The hibernation sweep is timed in a child process on a Runtime with a fake clock.
 """
 
@@ -43,7 +43,7 @@ from benchkit.procs import CLIENT_CPU, PIN, PROCS, SERVER_CPU, raise_nofile_limi
 from benchkit.report import Line
 from benchkit.sweep import bench_sweep
 from benchkit.wake import bench_wake
-from benchkit.workers import bench_workers_handover, bench_workers_scaling
+from benchkit.workers import bench_workers_handover, bench_workers_scaling, bench_workers_scaling_work
 
 #: Each measurement family, in the order a full run measures them.
 GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
@@ -66,6 +66,9 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "sweep": bench_sweep,
     # --workers 2 against --workers 1, 1,000 connections over 200 rooms (issue 15: at least 1.7x).
     "workers_scaling": bench_workers_scaling,
+    # The same with handlers that do real work (0.1 ms of CPU per message): the client's
+    # share of the two CPUs is then small, so what 2 workers add shows.
+    "workers_scaling_work": bench_workers_scaling_work,
     "workers_handover": bench_workers_handover,
 }
 

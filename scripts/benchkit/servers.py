@@ -1,6 +1,6 @@
 """The servers under test: the Tornado baseline, ``python -m wsecho``, its wake-per-message app,
 wsecho mounted in a Tornado application (scripts/bench_mounted.py), and ``python -m wsecho
---workers N`` serving the rooms application (benchapps:rooms_app).
+--workers N`` serving the rooms applications (benchapps:rooms_app, busy_rooms_app).
 
 Each is started on free ports, pinned to the server CPU (with ``--workers``: on every CPU),
 waited for (bounded), and stopped by PID; a server that died or logged an error fails the run.
@@ -30,7 +30,7 @@ START_TIMEOUT = 20.0
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake", "mounted" or "rooms"
+    kind: str  # "baseline", "wsecho", "wake", "mounted", "rooms" or "busy_rooms"
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -136,9 +136,9 @@ async def start_server(
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
     (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho).
 
-    ``kind="rooms"`` is wsecho serving benchapps:rooms_app with ``--workers workers``, on every
-    CPU, its client's connections spread over ``rooms`` rooms; it is ready when ``/readyz``
-    says every worker is."""
+    ``kind="rooms"`` (``"busy_rooms"``) is wsecho serving benchapps:rooms_app (busy_rooms_app)
+    with ``--workers workers``, on every CPU, its client's connections spread over ``rooms``
+    rooms; it is ready when ``/readyz`` says every worker is."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
@@ -156,8 +156,8 @@ async def start_server(
             argv = [sys.executable, "-m", "wsecho"]
             if kind == "wake":
                 argv.append("benchapps:wake_app")
-            elif kind == "rooms":
-                argv += ["benchapps:rooms_app", "--workers", str(workers)]
+            elif kind in ("rooms", "busy_rooms"):
+                argv += [f"benchapps:{kind}_app", "--workers", str(workers)]
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
             argv += ["--access-log", "off", "--drain-timeout", "1", *tls_flags]
             if hibernate_after is not None:

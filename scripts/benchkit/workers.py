@@ -16,6 +16,13 @@ to the owner (SCM_RIGHTS), once; the fraction moved comes from the supervisor's 
 ``workers_scaling`` measures echo after the connections are open (a moved connection's frames
 go straight to the owner, so it costs nothing there); ``workers_handover`` measures what the
 hand-over costs: connections opened and first echo answered per second.
+
+On 2 CPUs the echo figure cannot show what a second worker adds: the client spends about as
+much CPU per echo as the server (system calls on loopback mostly), so it takes half of the
+machine that the second worker would use. Hence two more things: the server CPU per message
+of each, which gives what 2 workers do with a CPU each and the client elsewhere, and
+``workers_scaling_work``, the same ping-pong with handlers that do 0.1 ms of work
+(benchapps:busy_rooms_app), where the client's share is small.
 """
 
 from __future__ import annotations
@@ -64,8 +71,8 @@ def us_per(cpu_pct: float | None, rate: float) -> float:
     return float("nan") if cpu_pct is None or rate <= 0 else cpu_pct / 100 / rate * 1e6
 
 
-async def start_rooms(cfg: Config, workers: int) -> Server:
-    return await start_server("rooms", cfg.tmp, workers=workers, rooms=ROOMS)
+async def start_rooms(cfg: Config, workers: int, kind: str = "rooms") -> Server:
+    return await start_server(kind, cfg.tmp, workers=workers, rooms=ROOMS)
 
 
 def moved_text(moved: int, opened: int) -> tuple[float, str]:
@@ -112,9 +119,9 @@ async def alternate(
     ]
 
 
-async def ping_pong_once(cfg: Config, workers: int) -> Sample:
+async def ping_pong_once(cfg: Config, workers: int, kind: str = "rooms") -> Sample:
     """Echo ping-pong on every connection for warm-up + duration, the last part measured."""
-    server = await start_rooms(cfg, workers)
+    server = await start_rooms(cfg, workers, kind)
     try:
         t = await traffic(server, CONNECTIONS, SIZE, 1, cfg.warmup, cfg.duration)
         fraction, text = moved_text(server.moved_out(), CONNECTIONS)
@@ -159,6 +166,13 @@ async def set_up_once(cfg: Config, workers: int) -> Sample:
 
 async def bench_workers_scaling(cfg: Config) -> list[Line]:
     return await alternate(cfg, "workers_scaling", ("message", "msg/s"), SCALING_TARGET, ping_pong_once)
+
+
+async def bench_workers_scaling_work(cfg: Config) -> list[Line]:
+    async def measure(cfg: Config, workers: int) -> Sample:
+        return await ping_pong_once(cfg, workers, "busy_rooms")
+
+    return await alternate(cfg, "workers_scaling_work", ("message", "msg/s"), SCALING_TARGET, measure)
 
 
 async def bench_workers_handover(cfg: Config) -> list[Line]:
