@@ -66,7 +66,7 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "sweep": bench_sweep,
     # --workers 2 against --workers 1, 1,000 connections over 200 rooms (issue 15: at least 1.7x).
     "workers_scaling": bench_workers_scaling,
-    # The same with handlers that do real work (0.1 ms of CPU per message): the client's
+    # The same with handlers that do real work (0.3 ms of CPU per message): the client's
     # share of the two CPUs is then small, so what 2 workers add shows.
     "workers_scaling_work": bench_workers_scaling_work,
     "workers_handover": bench_workers_handover,

@@ -21,7 +21,7 @@ On 2 CPUs the echo figure cannot show what a second worker adds: the client spen
 much CPU per echo as the server (system calls on loopback mostly), so it takes half of the
 machine that the second worker would use. Hence two more things: the server CPU per message
 of each, which gives what 2 workers do with a CPU each and the client elsewhere, and
-``workers_scaling_work``, the same ping-pong with handlers that do 0.1 ms of work
+``workers_scaling_work``, the same ping-pong with handlers that do 0.3 ms of work
 (benchapps:busy_rooms_app), where the client's share is small.
 """
 
