@@ -10,7 +10,8 @@ One module per concern; each imports only modules listed before it here:
 - ``report``: the printed lines and number formats; ``config``: full or ``--quick`` sizes.
 - ``load``: one timed load run (throughput, latency, CPU).
 - The measurement families: ``echo``, ``wake``, ``memory``, ``handshakes``, ``fairness``,
-  ``sweep`` (which runs ``sweepchild`` in a child process).
+  ``sweep`` (which runs ``sweepchild`` in a child process), ``workers`` (``--workers 2``
+  against ``--workers 1``).
 - ``cli``: the command line (``--quick``, ``--only``, ``--duration``, ``--strict``) and the run.
 
 It imports wsecho only through public entry points (``wsecho``, ``wsecho.runtime``,

@@ -3,9 +3,10 @@
 Every figure is a ratio against a baseline measured in the same run, because absolute numbers
 drift on shared machines. The servers run one at a time, alternating (baseline, wsecho,
 baseline, wsecho, ...), each freshly started and pinned to CPU 0; the load generator is this
-process, a picows client on uvloop pinned to CPU 1. Each figure is the median of 3 runs
-(1 with --quick). Every echo is checked byte for byte (and text stays text, binary stays
-binary); any error ends the benchmark with exit status 1.
+process, a picows client on uvloop pinned to CPU 1. The ``workers_*`` figures are the
+exception: ``--workers 2`` against ``--workers 1``, nothing pinned (benchkit/workers.py).
+Each figure is the median of 3 runs (1 with --quick). Every echo is checked byte for byte
+(and text stays text, binary stays binary); any error ends the benchmark with exit status 1.
 
     scripts/bench                      # everything, a few minutes
     scripts/bench --quick              # shorter and smaller, a smoke check (< 1 minute)
@@ -13,7 +14,8 @@ binary); any error ends the benchmark with exit status 1.
 
 Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop),
 ``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message) and
-scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount).
+scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount);
+``python -m wsecho benchapps:rooms_app --workers N`` (or busy_rooms_app) for the ``workers_*`` figures.
 The fan-out figures add benchapps:fanout_app and fanout_loop_app and scripts/bench_fanout.py (a
 Tornado room and a websockets room); their client is raw asyncio sockets (benchkit/fanout.py).
 The hibernation sweep is timed in a child process on a Runtime with a fake clock. Storage turns
@@ -46,6 +48,7 @@ from benchkit.report import Line
 from benchkit.storage import bench_storage
 from benchkit.sweep import bench_sweep
 from benchkit.wake import bench_wake
+from benchkit.workers import bench_workers_handover, bench_workers_scaling, bench_workers_scaling_work
 
 #: Each measurement family, in the order a full run measures them.
 GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
@@ -75,6 +78,12 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "fanout_rss": bench_fanout_rss,
     # PostgreSQL storage against SQLite (issue 16): put + reply turns per second.
     "storage_turns": bench_storage,
+    # --workers 2 against --workers 1, 1,000 connections over 200 rooms (issue 15: at least 1.7x).
+    "workers_scaling": bench_workers_scaling,
+    # The same with handlers that do real work (0.3 ms of CPU per message): the client's
+    # share of the two CPUs is then small, so what 2 workers add shows.
+    "workers_scaling_work": bench_workers_scaling_work,
+    "workers_handover": bench_workers_handover,
 }
 
 #: What --only accepts: each group's name, and the names of the lines it prints.

@@ -17,7 +17,7 @@ import ssl
 import time
 import zlib
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
@@ -156,14 +156,16 @@ class EchoConn(WSListener):
 
 async def open_conns(
     run: Run,
-    url: str,
+    url: str | Callable[[int], str],
     count: int,
     concurrency: int,
     first_idx: int = 0,
     timeout: float = 180.0,
     ssl_context: ssl.SSLContext | None = None,
 ) -> list[EchoConn]:
-    """Open ``count`` connections, at most ``concurrency`` handshakes in flight, within ``timeout``."""
+    """Open ``count`` connections, at most ``concurrency`` handshakes in flight, within ``timeout``
+    (``url``: every connection's, or connection i's ``url(i)``)."""
+    url_of = (lambda _: url) if isinstance(url, str) else url
     conns: list[EchoConn] = []
     indexes = iter(range(first_idx, first_idx + count))
 
@@ -173,7 +175,7 @@ async def open_conns(
             try:
                 _, conn = await ws_connect(
                     lambda i=i: EchoConn(run, i),
-                    url,
+                    url_of(i),
                     websocket_handshake_timeout=10,
                     local_addr=source,
                     ssl_context=ssl_context,

@@ -8,7 +8,7 @@ import time
 from array import array
 
 from benchkit.client import Run, close_conns, drain, open_conns
-from benchkit.cpu import CpuMeter, CpuUse
+from benchkit.cpu import CpuUse, SpreadCpuUse
 from benchkit.errors import BenchError
 from benchkit.report import fmt_rate
 from benchkit.servers import Server
@@ -31,13 +31,13 @@ class Traffic:
     p99_us: float
     min_per_conn: int
     max_per_conn: int
-    cpu: CpuUse
+    cpu: CpuUse | SpreadCpuUse
 
 
 async def traffic(server: Server, connections: int, size: int, window: int, warmup: float, duration: float) -> Traffic:
     """``connections`` x ``window`` messages in flight for warmup + duration seconds; measure the last part."""
     run = Run(size, deflate=server.compression)
-    conns = await open_conns(run, server.url, connections, concurrency=100, ssl_context=server.tls)
+    conns = await open_conns(run, server.url_of, connections, concurrency=100, ssl_context=server.tls)
     run.check(f"{server.kind}: connecting")
     loop = asyncio.get_running_loop()
     try:
@@ -48,7 +48,7 @@ async def traffic(server: Server, connections: int, size: int, window: int, warm
         await asyncio.sleep(warmup)
         server.check_alive()
         run.recording = True
-        t0, meter = time.perf_counter(), CpuMeter(server.pid)
+        t0, meter = time.perf_counter(), server.cpu_meter()
         stop: asyncio.Future[None] = loop.create_future()
 
         def finish() -> None:

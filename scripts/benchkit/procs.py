@@ -12,6 +12,7 @@ import resource
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchkit.errors import BenchError
@@ -41,6 +42,31 @@ def pinning_possible() -> bool:
 PIN = pinning_possible()
 
 
+def usable_cpus() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+#: The CPUs this process may run on, read when the module is imported (before the benchmark
+#: pins itself to the client's CPU): where an unpinned server (``--workers``) and client run.
+ALL_CPUS = usable_cpus()
+
+
+@contextlib.contextmanager
+def unpinned() -> Iterator[None]:
+    """This process (the load client) on every CPU for the block, then back on the client's CPU."""
+    if not PIN:
+        yield
+        return
+    os.sched_setaffinity(0, ALL_CPUS)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+
+
 def raise_nofile_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -56,13 +82,23 @@ def _server_preexec() -> None:
         os.sched_setaffinity(0, {SERVER_CPU})
 
 
+def _unpinned_server_preexec() -> None:
+    # A server of several processes (--workers): every CPU, whatever this process is pinned to.
+    raise_nofile_limit()
+    if PIN:
+        os.sched_setaffinity(0, ALL_CPUS)
+
+
 class Processes:
     """Every process this benchmark started, stopped by PID: SIGTERM, then SIGKILL after a bound."""
 
     def __init__(self) -> None:
         self.running: list[subprocess.Popen[bytes]] = []
 
-    def start(self, argv: list[str], *, cwd: Path, log: Path, server: bool) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], *, cwd: Path, log: Path, server: bool, pin: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """``server``: with a higher file limit, pinned to the server's CPU (``pin``) or on every CPU."""
         # Settings come from the command line only (WSECHO_* variables of the caller would change
         # them), except that the connection limit is lifted for the 19,000-socket memory test (a
         # variable, not a flag, so that a wsecho without that setting still starts).
@@ -77,7 +113,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_server_preexec if server else None,  # no threads here
+                preexec_fn=(_server_preexec if pin else _unpinned_server_preexec) if server else None,  # no threads
                 start_new_session=True,  # Ctrl-C reaches us only; we stop the children ourselves
             )
         self.running.append(proc)
@@ -118,3 +154,19 @@ def proc_rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise BenchError(f"no VmRSS for PID {pid}")
+
+
+def children(pid: int) -> list[int]:
+    """The PIDs of the live children of ``pid`` (from /proc), lowest first."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)

@@ -1,8 +1,9 @@
 """The servers under test: the Tornado baseline, ``python -m wsecho``, its wake-per-message app,
-and wsecho mounted in a Tornado application (scripts/bench_mounted.py).
+wsecho mounted in a Tornado application (scripts/bench_mounted.py), and ``python -m wsecho
+--workers N`` serving the rooms applications (benchapps:rooms_app, busy_rooms_app).
 
-Each is started on free ports, pinned to the server CPU, waited for (bounded), and stopped by
-PID; a server that died or logged an error fails the run.
+Each is started on free ports, pinned to the server CPU (with ``--workers``: on every CPU),
+waited for (bounded), and stopped by PID; a server that died or logged an error fails the run.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchkit.cpu import CpuMeter, SpreadCpuMeter
 from benchkit.errors import BenchError
 from benchkit.interrupt import check_interrupted
-from benchkit.procs import HOST, PROCS, SCRIPTS, free_port
+from benchkit.procs import HOST, PROCS, SCRIPTS, children, free_port
 
 #: Bounds on every wait.
 START_TIMEOUT = 20.0
@@ -37,7 +39,7 @@ WSECHO_APPS = {
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake", "storage", "mounted", or one of the fan-out kinds
+    kind: str  # "baseline", "wsecho", "wake", "storage", "mounted", "rooms", "busy_rooms", or a fan-out kind
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -46,6 +48,9 @@ class Server:
     tls: ssl.SSLContext | None = None
     #: Whether it serves permessage-deflate (clients then offer it and compress).
     compression: bool = False
+    #: "rooms": connection i goes to room ``i % rooms``; ``workers``: its --workers (0: not given).
+    rooms: int = 0
+    workers: int = 0
 
     @property
     def pid(self) -> int:
@@ -54,6 +59,29 @@ class Server:
     @property
     def url(self) -> str:
         return f"{'wss' if self.tls else 'ws'}://{HOST}:{self.port}/websocket"
+
+    def url_of(self, index: int) -> str:
+        """Where the client's connection ``index`` goes."""
+        if self.rooms:
+            return f"ws://{HOST}:{self.port}/room/r{index % self.rooms}"
+        return self.url
+
+    def cpu_meter(self) -> CpuMeter | SpreadCpuMeter:
+        """A meter of the server's CPU from now: its one process, or the supervisor and each worker."""
+        if not self.workers:
+            return CpuMeter(self.pid)
+        if self.workers == 1:  # --workers 1 is one process, as without the flag
+            return SpreadCpuMeter({"wsecho": self.pid})
+        parts = {"supervisor": self.pid} | {f"worker {pid}": pid for pid in children(self.pid)}
+        return SpreadCpuMeter(parts)
+
+    def moved_out(self) -> int:
+        """How many connections its workers handed to another (admin ``/metrics``)."""
+        moved = 0.0
+        for line in self.admin("/metrics").splitlines():
+            if line.startswith('wsecho_connections_moved_total{direction="out"'):
+                moved += float(line.rsplit(None, 1)[1])
+        return int(moved)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
@@ -112,16 +140,22 @@ async def start_server(
     tls: bool = False,
     compression: bool = False,
     flags: tuple[str, ...] = (),
+    workers: int = 0,
+    rooms: int = 0,
 ) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
     (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho;
-    ``flags``: more of wsecho's, which win over the defaults here, like ``--data-dir``)."""
+    ``flags``: more of wsecho's, which win over the defaults here, like ``--data-dir``).
+
+    ``kind="rooms"`` (``"busy_rooms"``) is wsecho serving benchapps:rooms_app (busy_rooms_app)
+    with ``--workers workers``, on every CPU, its client's connections spread over ``rooms``
+    rooms; it is ready when ``/readyz`` says every worker is."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
     for attempt in range(3):  # a port picked here can be taken before the server binds it
         port = free_port()
-        admin_port = free_port() if admin else None
+        admin_port = free_port() if admin or workers else None  # --workers: /readyz says when
         log = tmp / f"{kind}-{port}.log"
         if kind == "baseline":
             argv = [sys.executable, str(SCRIPTS / "bench_baseline.py"), "--port", str(port), *tls_flags]
@@ -136,6 +170,8 @@ async def start_server(
             argv = [sys.executable, "-m", "wsecho"]
             if kind in WSECHO_APPS:
                 argv.append(WSECHO_APPS[kind])
+            elif kind in ("rooms", "busy_rooms"):
+                argv += [f"benchapps:{kind}_app", "--workers", str(workers)]
             if kind.startswith("fanout_"):
                 argv += ["--ping-interval", "0"]  # a Ping frame would be counted as a delivery
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
@@ -147,18 +183,32 @@ async def start_server(
             if compression:
                 argv += ["--compression", "on"]
             argv += flags
-        proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
+        proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True, pin=not workers)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)
         if ok and admin_port is not None:
             ok = await wait_listening(admin_port, proc, deadline)
         if ok:
-            return Server(kind, proc, port, admin_port, log, client, compression)
+            server = Server(kind, proc, port, admin_port, log, client, compression, rooms, workers)
+            if not workers or await wait_ready(server, deadline):
+                return server
         PROCS.stop(proc)
         last_log = tail(log)
         if attempt < 2:
             await asyncio.sleep(0.2)
     raise BenchError(f"the {kind} server did not start:\n{last_log}")
+
+
+async def wait_ready(server: Server, deadline: float) -> bool:
+    """Whether the supervisor's ``/readyz`` said 200 (every worker ready) before ``deadline``."""
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return False
+        with contextlib.suppress(OSError):  # HTTPError (503: not yet) is one
+            await asyncio.to_thread(server.admin, "/readyz")
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 LOGGED_ERROR = re.compile(r"\bERROR\b|^Traceback", re.MULTILINE)
