@@ -16,6 +16,9 @@ from wsecho.serve.gateway import make_application
 from wsecho.serve.mount import Mount
 from wsecho.testing import FakeClock
 
+#: The PostgreSQL server fixtures (postgres, pg_dsn), for every test that asks for them.
+pytest_plugins = ["tests.pg"]
+
 MAX_MESSAGE = 64 * 1024
 
 

@@ -468,6 +468,14 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--lease-ttl",
+        _positive_seconds,
+        "10",
+        "with PostgreSQL storage: how long a slot lease lasts without renewal; a process that cannot "
+        "renew stops serving those objects within it, and another takes them over after it",
+        "SECONDS",
+    ),
+    Option(
         "--workers",
         _workers,
         "1",
@@ -540,6 +548,7 @@ class Settings:
     max_auto_response_bytes: int = DEFAULTS["max_auto_response_bytes"]
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
+    lease_ttl: float = DEFAULTS["lease_ttl"]
     workers: int = DEFAULTS["workers"]
     loop: str = DEFAULTS["loop"]
     log_level: str = DEFAULTS["log_level"]

@@ -29,7 +29,7 @@ from tornado.log import access_log
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
 from wsecho.core import deflate
-from wsecho.core.errors import BadRequestError, InvalidArgumentError
+from wsecho.core.errors import BadRequestError, InvalidArgumentError, NotOwnerError
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
@@ -405,7 +405,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         except HandOver as move:
             await self._hand_over(move.owner, request)
             return
-        except WorkerUnavailableError as exc:
+        except (WorkerUnavailableError, NotOwnerError) as exc:
             self._plain(503, str(exc), [("Retry-After", "1")])
             return
         except Exception:

@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from wsecho.core.limits import Limits
 from wsecho.core.placement import Placement
 from wsecho.core.target import AllowedHosts
 from wsecho.core.wording import counted
+from wsecho.runtime.cluster import ClusterMember, LeaseStore
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
@@ -159,6 +160,7 @@ class Server:
         placement: Placement | None = None,
         mesh: MeshClient | None = None,
         sockets: list[socket.socket] | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         """``clock`` (monotonic seconds: idle times, event timeouts) and ``wall_clock`` (alarms,
         auto-response timestamps) are the runtime's clocks. The default ``clock`` is the event
@@ -171,6 +173,8 @@ class Server:
 
         A worker of ``--workers N`` passes its ``placement`` (the objects it owns), the
         ``mesh`` that reaches the other workers, and the listening ``sockets`` it inherited.
+        A member of a cluster passes its ``leases`` (docs/decisions/0006): it then serves only
+        the objects of the slots whose lease it can prove.
         """
         self.settings = settings
         self.runtime = Runtime(
@@ -206,6 +210,17 @@ class Server:
             compression=settings.compression,
         )
         self._application.mesh = mesh
+        #: The cluster membership and leases (None: not a cluster member).
+        self.cluster: ClusterMember | None = None
+        if leases is not None:
+            self.cluster = ClusterMember(
+                leases,
+                ttl=settings.lease_ttl,
+                clock=clock,
+                on_lost=self.runtime.drop_slots,
+                on_gained=self._slots_gained,
+            )
+            self.runtime.set_ownership(self.cluster, None, guard_events=True)
         self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
@@ -213,6 +228,7 @@ class Server:
         #: Whether the sweeper runs (``sweeper=False``: whoever moves the clock sweeps).
         self.sweeps = sweeper
         self._periodic: list[PeriodicCallback] = []
+        self._background: set[asyncio.Future[Any]] = set()
         #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
         self.blocked_watch = LoopWatchdog(settings.warn_blocked) if settings.warn_blocked > 0 else None
         #: The certificate both listeners serve (None: plain HTTP); SIGHUP replaces it.
@@ -231,6 +247,8 @@ class Server:
             # The admin listener comes up first, so /readyz can say "starting".
             self._admin, self.admin_addresses = start_admin(self, settings, self.tls)
         await self.runtime.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         sockets = self._inherited or bind(
             "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
         )
@@ -389,12 +407,20 @@ class Server:
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
 
+    def _slots_gained(self, slots: Collection[int]) -> None:
+        task = asyncio.ensure_future(self.runtime.load_alarms(slots))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
         """Serve a connection another worker handed over (``--workers``)."""
         await self._application.adopt(sock, meta)
 
     async def readiness(self) -> Readiness:
-        return readiness_of(self.phase, self.runtime.storage_failure())
+        readiness = readiness_of(self.phase, self.runtime.storage_failure())
+        if readiness.ready and self.cluster is not None and not self.cluster.ready():
+            return Readiness(False, f"cluster: {self.cluster.status()}", expected=self.cluster.last_error is None)
+        return readiness
 
     async def metrics_page(self) -> bytes:
         return render(self.registry)
@@ -491,6 +517,9 @@ class Server:
         if self._http is not None:
             await self._http.close_all_connections()
         await self.runtime.close()
+        if self.cluster is not None:
+            await self.cluster.drain()  # after the last commit: the others take the slots at once
+            await self.cluster.close()
         for callback in self._periodic:
             callback.stop()
         self._periodic.clear()

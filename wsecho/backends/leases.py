@@ -1,0 +1,155 @@
+"""Members and slot leases in PostgreSQL (docs/decisions/0006).
+
+Two tables: ``wsecho_members`` (a heartbeat per serving process, in the database's clock) and
+``wsecho_slots`` (one row per slot: owner, epoch, expiry). Every statement here is one
+autocommitted statement, so a member that is cut off mid-way leaves nothing half done; the
+fencing check (:func:`fence`) runs inside the storage commit's own transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from wsecho.core.errors import StorageError
+from wsecho.core.placement import SLOTS
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger(__name__)
+
+#: Serialises the creation of the tables by members that start together.
+SCHEMA_LOCK = 0x77736563686F  # "wsecho"
+
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS wsecho_members (
+        member text PRIMARY KEY,
+        address text NOT NULL DEFAULT '',
+        draining boolean NOT NULL DEFAULT false,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        heartbeat_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    """CREATE TABLE IF NOT EXISTS wsecho_slots (
+        slot integer PRIMARY KEY,
+        owner text,
+        epoch bigint NOT NULL DEFAULT 0,
+        expires_at timestamptz NOT NULL DEFAULT '-infinity'
+    )""",
+    f"INSERT INTO wsecho_slots (slot) SELECT generate_series(0, {SLOTS - 1}) ON CONFLICT DO NOTHING",
+)
+
+
+class FencedError(StorageError):
+    """A commit for slots whose lease this member no longer holds at the epoch it acted under."""
+
+
+class PostgresLeases:
+    """The lease statements over one connection of the member's own (not the storage pool's:
+    a renewal must not wait behind storage work)."""
+
+    def __init__(self, conninfo: str, member: str, address: str = "") -> None:
+        self.conninfo = conninfo
+        self.member = member
+        self.address = address
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[Any]:
+        import psycopg
+
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                await conn.close()
+            self._conn = conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5)
+        return conn
+
+    async def create_schema(self) -> None:
+        conn = await self._connection()
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            for statement in SCHEMA:
+                await conn.execute(statement)
+
+    async def heartbeat(self, ttl: float, draining: bool) -> list[str]:
+        """Record that this member is alive (or draining); return the live, serving members."""
+        conn = await self._connection()
+        await conn.execute(
+            "INSERT INTO wsecho_members (member, address, draining, heartbeat_at) VALUES (%s, %s, %s, now()) "
+            "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, heartbeat_at = now(), "
+            "address = excluded.address",
+            (self.member, self.address, draining),
+        )
+        cur = await conn.execute(
+            "SELECT member FROM wsecho_members WHERE NOT draining AND heartbeat_at > now() - make_interval(secs => %s)",
+            (ttl,),
+        )
+        return [row[0] for row in await cur.fetchall()]
+
+    async def acquire(self, slots: Sequence[int], ttl: float) -> dict[int, int]:
+        """Take or renew ``slots``: those held by this member, free, or expired. The epoch goes
+        up when the owner changes. Returns slot -> epoch for every slot this member now holds."""
+        if not slots:
+            return {}
+        conn = await self._connection()
+        cur = await conn.execute(
+            "UPDATE wsecho_slots SET "
+            "epoch = CASE WHEN owner = %(m)s THEN epoch ELSE epoch + 1 END, "
+            "owner = %(m)s, expires_at = now() + make_interval(secs => %(ttl)s) "
+            "WHERE slot = ANY(%(slots)s) AND (owner = %(m)s OR owner IS NULL OR expires_at < now()) "
+            "RETURNING slot, epoch",
+            {"m": self.member, "ttl": ttl, "slots": list(slots)},
+        )
+        return {int(slot): int(epoch) for slot, epoch in await cur.fetchall()}
+
+    async def release(self, slots: Sequence[int]) -> None:
+        """Let others take ``slots`` at once (this member has stopped serving them)."""
+        if not slots:
+            return
+        conn = await self._connection()
+        await conn.execute(
+            "UPDATE wsecho_slots SET expires_at = now() - interval '1 millisecond' WHERE owner = %s AND slot = ANY(%s)",
+            (self.member, list(slots)),
+        )
+
+    async def leave(self) -> None:
+        """Release every slot and remove this member (a clean stop)."""
+        conn = await self._connection()
+        await conn.execute(
+            "UPDATE wsecho_slots SET expires_at = now() - interval '1 millisecond' WHERE owner = %s",
+            (self.member,),
+        )
+        await conn.execute("DELETE FROM wsecho_members WHERE member = %s", (self.member,))
+
+    async def owners(self) -> dict[int, tuple[str | None, int, bool]]:
+        """Every slot's owner, epoch and whether its lease is live (for /objects and tests)."""
+        conn = await self._connection()
+        cur = await conn.execute("SELECT slot, owner, epoch, expires_at > now() FROM wsecho_slots")
+        return {int(s): (o, int(e), bool(live)) for s, o, e, live in await cur.fetchall()}
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+async def fence(conn: psycopg.AsyncConnection[Any], member: str, epochs: Mapping[int, int]) -> None:
+    """In the caller's transaction: raise :class:`FencedError` unless ``member`` still holds every
+    slot of ``epochs`` at that epoch. The rows stay share-locked until the transaction ends, so
+    no other member can take one of these slots between this check and the commit."""
+    if not epochs:
+        return
+    slots = sorted(epochs)
+    cur = await conn.execute(
+        "SELECT s.slot FROM wsecho_slots s "
+        "JOIN unnest(%s::integer[], %s::bigint[]) AS f(slot, epoch) ON s.slot = f.slot AND s.epoch = f.epoch "
+        "WHERE s.owner = %s FOR SHARE OF s",
+        (slots, [epochs[s] for s in slots], member),
+    )
+    held = {int(row[0]) for row in await cur.fetchall()}
+    lost = [s for s in slots if s not in held]
+    if lost:
+        shown = ", ".join(map(str, lost[:10])) + (" …" if len(lost) > 10 else "")
+        msg = f"refused to commit: this process no longer holds the lease of slot {shown} (fenced)"
+        raise FencedError(msg)

@@ -1,0 +1,187 @@
+"""A cluster member's leases (docs/decisions/0006): keep the slots it should own, prove them
+before acting, stop serving the moment it cannot.
+
+Every ``ttl / 3`` the member heartbeats, computes the slots it should own from the live
+members (rendezvous hashing: wsecho.core.leases), releases the ones it should no longer
+own (after closing their sockets with 1012), and takes or renews the rest in one statement.
+A timer checks the local proof every ``ttl / 20``: a slot whose proof ran out is dropped
+(sockets closed with 1012, instances dropped) even when the database cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
+
+from wsecho.core.leases import LeaseTable, desired_slots
+from wsecho.core.placement import slot_of
+from wsecho.core.wording import counted
+
+log = logging.getLogger("wsecho.cluster")
+
+
+class LeaseStore(Protocol):
+    """The statements a member needs (wsecho.backends.leases.PostgresLeases)."""
+
+    member: str
+
+    async def create_schema(self) -> None: ...
+
+    async def heartbeat(self, ttl: float, draining: bool) -> list[str]: ...
+
+    async def acquire(self, slots: Sequence[int], ttl: float) -> dict[int, int]: ...
+
+    async def release(self, slots: Sequence[int]) -> None: ...
+
+    async def leave(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class ClusterMember:
+    """One serving process's membership and leases; the runtime's :class:`Ownership`."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        ttl: float,
+        clock: Callable[[], float],
+        on_lost: Callable[[Collection[int], str], object],
+        on_gained: Callable[[Collection[int]], object] | None = None,
+    ) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.clock = clock
+        self.table = LeaseTable(ttl)
+        self._on_lost = on_lost
+        self._on_gained = on_gained
+        self.members: frozenset[str] = frozenset()
+        self.desired: frozenset[int] = frozenset()
+        self.draining = False
+        self.last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+
+    # -- Ownership (the runtime asks before acting) ------------------------------------------
+
+    def is_local(self, hex_id: str) -> bool:
+        return self.table.provable(slot_of(hex_id), self.clock())
+
+    def owner(self, hex_id: str) -> int | None:
+        return None  # another member (or nobody yet): the client tries again
+
+    def epochs(self, slots: Collection[int]) -> dict[int, int]:
+        """The epoch of each of ``slots`` this member acts under (for the fencing check)."""
+        out = {}
+        for slot in slots:
+            epoch = self.table.epoch(slot)
+            if epoch is not None:
+                out[slot] = epoch
+        return out
+
+    def ready(self) -> bool:
+        """Whether it holds (and can prove) every slot it should own."""
+        now = self.clock()
+        return bool(self.members) and all(self.table.provable(s, now) for s in self.desired)
+
+    def status(self) -> str:
+        if self.last_error is not None:
+            return f"cannot reach the lease table: {self.last_error}"
+        held = len(self.table.held)
+        return (
+            f"holds {held} of the {len(self.desired)} slots it should own among {counted(len(self.members), 'member')}"
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.store.create_schema()
+        await self.round()
+        self._task = asyncio.ensure_future(self._loop())
+        self._arm_watch()
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
+            self._wake.clear()
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a database outage must not end the loop
+                if self.last_error is None:
+                    log.error("cannot renew the slot leases: %s; slots are dropped as their proof runs out", exc)
+                self.last_error = str(exc) or type(exc).__name__
+
+    async def round(self) -> None:
+        """One heartbeat, rebalance and renewal."""
+        sent = self.clock()
+        members = frozenset(await self.store.heartbeat(self.ttl, self.draining))
+        if members != self.members:
+            log.info("members: %s (%s)", ", ".join(sorted(members)) or "none", counted(len(members), "serving member"))
+            self.members = members
+            self.desired = (
+                frozenset() if self.draining else desired_slots(self.store.member, members | {self.store.member})
+            )
+        held = self.table.slots()
+        surplus = sorted(held - self.desired)
+        if surplus:
+            # Someone else should own these now: stop, then let them go at once.
+            self._drop(surplus, "the slots moved to another member")
+            await self.store.release(surplus)
+        epochs = await self.store.acquire(sorted(self.desired), self.ttl)
+        before = self.table.slots()
+        self.table.confirm(epochs, sent)
+        lost = sorted(before - set(epochs))
+        if lost:
+            self._drop(lost, "another member holds their leases")
+        gained = sorted(set(epochs) - before)
+        if gained:
+            log.info("took the leases of %s", counted(len(gained), "slot"))
+            if self._on_gained is not None:
+                self._on_gained(gained)
+        if self.last_error is not None:
+            log.info("the lease table answers again")
+            self.last_error = None
+
+    def _drop(self, slots: Collection[int], why: str) -> None:
+        self.table.drop(slots)
+        self._on_lost(slots, why)
+
+    def _arm_watch(self) -> None:
+        self._watch = asyncio.get_running_loop().call_later(self.ttl / 20, self._check_proof)
+
+    def _check_proof(self) -> None:
+        expired = self.table.expired(self.clock())
+        if expired:
+            self._drop(expired, "their lease could not be renewed in time")
+        self._arm_watch()
+
+    def nudge(self) -> None:
+        """Run a round now (a member joined or left)."""
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Give every slot up (a clean stop): the others take them at once."""
+        self.draining = True
+        held = sorted(self.table.slots())
+        self._drop(held, "this process is stopping")
+        with contextlib.suppress(Exception):
+            await self.store.leave()
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.store.close()
