@@ -26,7 +26,7 @@ SCHEMA_LOCK = 0x77736563686F  # "wsecho"
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS wsecho_members (
         member text PRIMARY KEY,
-        address text NOT NULL DEFAULT '',
+        name text NOT NULL,
         draining boolean NOT NULL DEFAULT false,
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now()
@@ -49,10 +49,13 @@ class PostgresLeases:
     """The lease statements over one connection of the member's own (not the storage pool's:
     a renewal must not wait behind storage work)."""
 
-    def __init__(self, conninfo: str, member: str, address: str = "") -> None:
+    def __init__(self, conninfo: str, member: str, name: str | None = None) -> None:
+        """``member``: unique to this process's life (the lease owner); ``name``: what the
+        slots are spread by and what the load balancer calls it, stable across restarts
+        (default: ``member``)."""
         self.conninfo = conninfo
         self.member = member
-        self.address = address
+        self.name = member if name is None else name
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
@@ -73,16 +76,16 @@ class PostgresLeases:
                 await conn.execute(statement)
 
     async def heartbeat(self, ttl: float, draining: bool) -> list[str]:
-        """Record that this member is alive (or draining); return the live, serving members."""
+        """Record that this member is alive (or draining); return the names of the live, serving members."""
         conn = await self._connection()
         await conn.execute(
-            "INSERT INTO wsecho_members (member, address, draining, heartbeat_at) VALUES (%s, %s, %s, now()) "
-            "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, heartbeat_at = now(), "
-            "address = excluded.address",
-            (self.member, self.address, draining),
+            "INSERT INTO wsecho_members (member, name, draining, heartbeat_at) VALUES (%s, %s, %s, now()) "
+            "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, heartbeat_at = now()",
+            (self.member, self.name, draining),
         )
         cur = await conn.execute(
-            "SELECT member FROM wsecho_members WHERE NOT draining AND heartbeat_at > now() - make_interval(secs => %s)",
+            "SELECT DISTINCT name FROM wsecho_members "
+            "WHERE NOT draining AND heartbeat_at > now() - make_interval(secs => %s) ORDER BY name",
             (ttl,),
         )
         return [row[0] for row in await cur.fetchall()]

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
-from wsecho.core.leases import LeaseTable, desired_slots
+from wsecho.core.leases import LeaseTable, desired_slots, rendezvous_owner
 from wsecho.core.placement import slot_of
 from wsecho.core.wording import counted
 
@@ -27,6 +27,7 @@ class LeaseStore(Protocol):
     """The statements a member needs (wsecho.backends.leases.PostgresLeases)."""
 
     member: str
+    name: str
 
     async def create_schema(self) -> None: ...
 
@@ -74,6 +75,10 @@ class ClusterMember:
 
     def owner(self, hex_id: str) -> int | None:
         return None  # another member (or nobody yet): the client tries again
+
+    def expected_owner(self, hex_id: str) -> str | None:
+        """The name of the member that should serve ``hex_id`` (with a stable membership, the one that does)."""
+        return rendezvous_owner(slot_of(hex_id), self.members | {self.store.name})
 
     def epochs(self, slots: Collection[int]) -> dict[int, int]:
         """The epoch of each of ``slots`` this member acts under (for the fencing check)."""
@@ -126,9 +131,7 @@ class ClusterMember:
         if members != self.members:
             log.info("members: %s (%s)", ", ".join(sorted(members)) or "none", counted(len(members), "serving member"))
             self.members = members
-            self.desired = (
-                frozenset() if self.draining else desired_slots(self.store.member, members | {self.store.member})
-            )
+            self.desired = frozenset() if self.draining else desired_slots(self.store.name, members)
         held = self.table.slots()
         surplus = sorted(held - self.desired)
         if surplus:

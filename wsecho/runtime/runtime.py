@@ -260,7 +260,7 @@ class Runtime:
         placement = self.placement
         owner = None if placement is None else placement.owner(id.hex)
         where = f"worker {owner}" if owner is not None else "another member of the cluster"
-        return NotOwnerError(f"{id!r} (slot {slot_of(id.hex)}) is served by {where}, not by this process")
+        return NotOwnerError(f"{id!r} (slot {slot_of(id.hex)}) is served by {where}, not by this process", id.hex)
 
     def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002
         host = self.host(id, cls)

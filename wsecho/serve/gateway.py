@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -102,6 +102,8 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.refused: Counter[str] = Counter()
         #: With --workers: the other workers, for handing over connections (None: one process).
         self.mesh: MeshClient | None = None
+        #: Called with a request for an object another cluster member serves, and its id.
+        self.misrouted: Callable[[Request, str], None] | None = None
         #: Connections handed to another worker, and received from one.
         self.handed_over = 0
         self.adopted = 0
@@ -406,6 +408,8 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             await self._hand_over(move.owner, request)
             return
         except (WorkerUnavailableError, NotOwnerError) as exc:
+            if isinstance(exc, NotOwnerError) and gateway.misrouted is not None:
+                gateway.misrouted(request, exc.hex_id)  # e.g. teach the load balancer the owner
             self._plain(503, str(exc), [("Retry-After", "1")])
             return
         except Exception:

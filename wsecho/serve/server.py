@@ -48,6 +48,7 @@ from wsecho.serve.admin import (
 from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
+from wsecho.serve.haproxy import RouteKey, Teacher
 from wsecho.serve.mesh import MeshClient
 from wsecho.serve.metrics import ListenerStats, make_registry, render
 from wsecho.serve.sdnotify import Notifier
@@ -56,6 +57,7 @@ from wsecho.serve.tls import load_context
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
+    from wsecho.api.http import Request
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,8 @@ class Server:
                 on_gained=self._slots_gained,
             )
             self.runtime.set_ownership(self.cluster, None, guard_events=True)
+            if settings.haproxy_runtime:
+                self._teach_routes(settings)
         self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
@@ -406,6 +410,21 @@ class Server:
     @property
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
+
+    def _teach_routes(self, settings: Settings) -> None:
+        """A request for another member's object teaches HAProxy that member (docs/decisions/0006)."""
+        cluster = self.cluster
+        assert cluster is not None
+        route = RouteKey.parse(settings.route_key)
+        teacher = Teacher([a.strip() for a in settings.haproxy_runtime.split(",") if a.strip()], settings.haproxy_map)
+        me = cluster.store.name
+
+        def misrouted(request: Request, hex_id: str) -> None:
+            key, owner = route.value(request), cluster.expected_owner(hex_id)
+            if key is not None and owner is not None and owner != me:
+                teacher.teach(key, owner)
+
+        self._application.misrouted = misrouted
 
     def _slots_gained(self, slots: Collection[int]) -> None:
         task = asyncio.ensure_future(self.runtime.load_alarms(slots))
