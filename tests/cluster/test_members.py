@@ -106,3 +106,43 @@ async def test_slots_move_to_a_new_member_and_a_member_that_cannot_renew_stops_s
         for server in (a, b):
             if server is not None:
                 await server.stop(timeout=1)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_member_no_load_balancer_checks_gives_its_objects_away_until_checks_return(pg_dsn):
+    settings = Settings(port=0, data_dir=":memory:", lease_ttl=TTL, lb_probe_timeout=1.5)
+    a = Server(workers_app.app, settings, leases=PostgresLeases(pg_dsn, "A"))
+    b = Server(workers_app.app, settings, leases=PostgresLeases(pg_dsn, "B"))
+    await a.start()
+    await b.start()
+    probing = {"A": True, "B": True}
+
+    async def probe():  # the load balancer's health checks
+        while True:
+            for name, server in (("A", a), ("B", b)):
+                if probing[name]:
+                    await server.readiness()
+            await asyncio.sleep(0.2)
+
+    checks = asyncio.ensure_future(probe())
+    try:
+        assert a.cluster is not None
+        assert b.cluster is not None
+        await until(lambda: a.cluster.ready() and b.cluster.ready() and len(a.cluster.members) == 2)
+        name = name_moving_to("A", {"A", "B"})
+        ws = await connect(f"ws://127.0.0.1:{a.port}/room/{name}")
+        probing["A"] = False  # A is cut off from the load balancer
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1012
+        slot = slot_of(ROOM.id_from_name(name).hex)
+        await until(lambda: b.cluster.table.provable(slot, b.cluster.clock()))  # B serves A's objects
+        assert (await aget(b.port, f"/room/{name}"))[0] == 200
+        probing["A"] = True  # reachable again: A takes its share back
+        await until(lambda: a.cluster.table.provable(slot, a.cluster.clock()))
+        assert (await aget(a.port, f"/room/{name}"))[0] == 200
+    finally:
+        checks.cancel()
+        for server in (a, b):
+            await server.stop(timeout=1)

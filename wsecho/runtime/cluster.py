@@ -53,7 +53,12 @@ class ClusterMember:
         clock: Callable[[], float],
         on_lost: Callable[[Collection[int], str], object],
         on_gained: Callable[[Collection[int]], object] | None = None,
+        probed_at: Callable[[], float] | None = None,
+        probe_timeout: float = 0.0,
     ) -> None:
+        """``probed_at`` (the clock's time of the last health check from a load balancer) and
+        ``probe_timeout``: a member no load balancer has checked for that long cannot be
+        reached by clients, so it gives its slots up (as if draining) until checks return."""
         self.store = store
         self.ttl = ttl
         self.clock = clock
@@ -63,6 +68,9 @@ class ClusterMember:
         self.members: frozenset[str] = frozenset()
         self.desired: frozenset[int] = frozenset()
         self.draining = False
+        self.stopping = False
+        self._probed_at = probed_at
+        self.probe_timeout = probe_timeout
         self.last_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.TimerHandle | None = None
@@ -124,9 +132,26 @@ class ClusterMember:
                     log.error("cannot renew the slot leases: %s; slots are dropped as their proof runs out", exc)
                 self.last_error = str(exc) or type(exc).__name__
 
+    def _unreachable(self, now: float) -> bool:
+        if self._probed_at is None or self.probe_timeout <= 0:
+            return False
+        return now - self._probed_at() > self.probe_timeout
+
     async def round(self) -> None:
         """One heartbeat, rebalance and renewal."""
         sent = self.clock()
+        unreachable = self._unreachable(sent)
+        draining = self.stopping or unreachable
+        if draining != self.draining:
+            self.draining = draining
+            self.members = frozenset()  # recompute what it should own
+            if unreachable:
+                log.warning(
+                    "no load balancer has checked this process for %gs: giving its slots to the others",
+                    self.probe_timeout,
+                )
+            elif not self.stopping:
+                log.info("a load balancer checks this process again: taking a share of the slots")
         members = frozenset(await self.store.heartbeat(self.ttl, self.draining))
         if members != self.members:
             log.info("members: %s (%s)", ", ".join(sorted(members)) or "none", counted(len(members), "serving member"))
@@ -172,7 +197,7 @@ class ClusterMember:
 
     async def drain(self) -> None:
         """Give every slot up (a clean stop): the others take them at once."""
-        self.draining = True
+        self.stopping = self.draining = True
         held = sorted(self.table.slots())
         self._drop(held, "this process is stopping")
         with contextlib.suppress(Exception):

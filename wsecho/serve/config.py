@@ -486,6 +486,14 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--lb-probe-timeout",
+        _non_negative_seconds,
+        "0",
+        "with PostgreSQL storage: give this process's objects to the other members while no load balancer "
+        "has asked its /readyz for this long (it cannot be reached); 0: never",
+        "SECONDS",
+    ),
+    Option(
         "--member-name",
         _any_text,
         "",
@@ -589,6 +597,7 @@ class Settings:
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
     lease_ttl: float = DEFAULTS["lease_ttl"]
+    lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]
     member_name: str = DEFAULTS["member_name"]
     route_key: str = DEFAULTS["route_key"]
     haproxy_runtime: str = DEFAULTS["haproxy_runtime"]

@@ -212,6 +212,8 @@ class Server:
             compression=settings.compression,
         )
         self._application.mesh = mesh
+        #: When a load balancer last asked /readyz (the clock's time; start counts as one).
+        self.probed_at = clock()
         #: The cluster membership and leases (None: not a cluster member).
         self.cluster: ClusterMember | None = None
         if leases is not None:
@@ -221,6 +223,8 @@ class Server:
                 clock=clock,
                 on_lost=self.runtime.drop_slots,
                 on_gained=self._slots_gained,
+                probed_at=lambda: self.probed_at,
+                probe_timeout=settings.lb_probe_timeout,
             )
             self.runtime.set_ownership(self.cluster, None, guard_events=True)
             if settings.haproxy_runtime:
@@ -436,6 +440,7 @@ class Server:
         await self._application.adopt(sock, meta)
 
     async def readiness(self) -> Readiness:
+        self.probed_at = self.runtime.clock()
         readiness = readiness_of(self.phase, self.runtime.storage_failure())
         if readiness.ready and self.cluster is not None and not self.cluster.ready():
             return Readiness(False, f"cluster: {self.cluster.status()}", expected=self.cluster.last_error is None)
