@@ -8,6 +8,7 @@ fencing check (:func:`fence`) runs inside the storage commit's own transaction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,9 @@ class PostgresLeases:
     """The lease statements over one connection of the member's own (not the storage pool's:
     a renewal must not wait behind storage work)."""
 
+    #: The longest one statement may take (a member's round must end within a third of the ttl).
+    statement_timeout = 2.0
+
     def __init__(self, conninfo: str, member: str, name: str | None = None) -> None:
         """``member``: unique to this process's life (the lease owner); ``name``: what the
         slots are spread by and what the load balancer calls it, stable across restarts
@@ -60,13 +64,36 @@ class PostgresLeases:
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict
 
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
                 await conn.close()
-            self._conn = conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True, connect_timeout=5)
+            ms = max(int(self.statement_timeout * 1000), 1)
+            # A statement that waits on a lock or a slow server gives up, and the member's
+            # proof runs out on its own clock; the server drops a connection that went silent.
+            # (Added to the URL's own options, such as a search_path.)
+            given = conninfo_to_dict(self.conninfo).get("options") or ""
+            timeouts = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms * 5}"
+            self._conn = conn = await psycopg.AsyncConnection.connect(
+                self.conninfo,
+                autocommit=True,
+                connect_timeout=max(int(self.statement_timeout), 1),
+                options=f"{given} {timeouts}".strip(),
+                keepalives=1,
+                keepalives_idle=max(int(self.statement_timeout), 1),
+                keepalives_interval=1,
+                keepalives_count=3,
+            )
         return conn
+
+    def forget_connection(self) -> None:
+        """Drop the connection without a round trip (after a timeout: the server may be unreachable)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
 
     async def create_schema(self) -> None:
         conn = await self._connection()

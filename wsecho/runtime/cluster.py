@@ -28,6 +28,8 @@ class LeaseStore(Protocol):
 
     member: str
     name: str
+    #: The longest one statement may take.
+    statement_timeout: float
 
     async def create_schema(self) -> None: ...
 
@@ -40,6 +42,8 @@ class LeaseStore(Protocol):
     async def leave(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    def forget_connection(self) -> None: ...
 
 
 class ClusterMember:
@@ -60,6 +64,7 @@ class ClusterMember:
         ``probe_timeout``: a member no load balancer has checked for that long cannot be
         reached by clients, so it gives its slots up (as if draining) until checks return."""
         self.store = store
+        store.statement_timeout = min(store.statement_timeout, ttl / 4)
         self.ttl = ttl
         self.clock = clock
         self.table = LeaseTable(ttl)
@@ -124,10 +129,15 @@ class ClusterMember:
                 await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
             self._wake.clear()
             try:
-                await self.round()
+                # Bounded: a database that stopped answering must not hold the loop past the proof.
+                async with asyncio.timeout(self.ttl / 3):
+                    await self.round()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a database outage must not end the loop
+                if isinstance(exc, TimeoutError):
+                    self.store.forget_connection()
+                    exc = TimeoutError(f"no answer within {self.ttl / 3:g}s")
                 if self.last_error is None:
                     log.error("cannot renew the slot leases: %s; slots are dropped as their proof runs out", exc)
                 self.last_error = str(exc) or type(exc).__name__
