@@ -40,7 +40,7 @@ async def client(url: str, history: Path, room: str, stop: Path) -> None:
         try:
             while not stop.exists():
                 await ws.send("inc")
-                reply = await asyncio.wait_for(ws.recv(), 10)
+                reply = await asyncio.wait_for(ws.recv(), 3)  # a silent peer: its host is cut off
                 log(history, f"ack {room} {int(str(reply).split()[1])}")
                 await asyncio.sleep(0.01)
         except ConnectionClosed as exc:

@@ -76,10 +76,11 @@ async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(pg_d
             if not all(s.cluster is not None and s.cluster.ready() for s in servers.values()):
                 return False
             try:
-                state = await runtime_api(f"127.0.0.1:{api}", "show servers state wsecho_hash\n")
+                state = await runtime_api(f"127.0.0.1:{api}", "show servers state\n")
             except OSError:
                 return False
-            return state.count(" 2 ") >= 2  # srv_op_state 2: running
+            rows = [line.split() for line in state.splitlines()[2:] if line.strip()]
+            return len(rows) == 6 and all(row[5] == "2" for row in rows)  # srv_op_state 2: running
 
         await until(both_up)
         loop = asyncio.get_running_loop()

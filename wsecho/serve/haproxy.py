@@ -138,7 +138,10 @@ def haproxy_config(
         *servers,
     ]
     for m, server in zip(members, servers, strict=True):
-        lines += ["", f"backend {backend_name(m.name)}", server]
+        # When the member is down, another one answers (503, and it teaches the map the
+        # key's new owner): without the backups, a key mapped to a dead member stays dead.
+        backups = [f"{s} backup" for other, s in zip(members, servers, strict=True) if other is not m]
+        lines += ["", f"backend {backend_name(m.name)}", server, *backups]
     return "\n".join(lines) + "\n"
 
 
