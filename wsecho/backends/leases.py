@@ -1,4 +1,4 @@
-"""Members and slot leases in PostgreSQL (docs/decisions/0006).
+"""Members and slot leases in PostgreSQL (docs/decisions/0007).
 
 Two tables: ``wsecho_members`` (a heartbeat per serving process, in the database's clock) and
 ``wsecho_slots`` (one row per slot: owner, epoch, expiry). Every statement here is one

@@ -1,4 +1,4 @@
-"""Slot leases across machines, the pure part (docs/decisions/0006): which member should own
+"""Slot leases across machines, the pure part (docs/decisions/0007): which member should own
 each slot, and whether this member can still prove the leases it holds.
 
 Time here is whatever monotonic clock the caller passes in; nothing reads a clock.

@@ -1,4 +1,4 @@
-"""A cluster member's leases (docs/decisions/0006): keep the slots it should own, prove them
+"""A cluster member's leases (docs/decisions/0007): keep the slots it should own, prove them
 before acting, stop serving the moment it cannot.
 
 Every ``ttl / 3`` the member heartbeats, computes the slots it should own from the live

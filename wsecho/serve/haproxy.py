@@ -1,4 +1,4 @@
-"""Routing a cluster with HAProxy (docs/decisions/0006): the configuration it runs, and how a
+"""Routing a cluster with HAProxy (docs/decisions/0007): the configuration it runs, and how a
 member teaches it where a routing key's object lives.
 
 HAProxy cannot compute an object's slot: the application's ``fetch`` picks the object. So it

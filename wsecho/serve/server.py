@@ -175,7 +175,7 @@ class Server:
 
         A worker of ``--workers N`` passes its ``placement`` (the objects it owns), the
         ``mesh`` that reaches the other workers, and the listening ``sockets`` it inherited.
-        A member of a cluster passes its ``leases`` (docs/decisions/0006): it then serves only
+        A member of a cluster passes its ``leases`` (docs/decisions/0007): it then serves only
         the objects of the slots whose lease it can prove.
         """
         self.settings = settings
@@ -416,7 +416,7 @@ class Server:
         return self.admin_addresses[0][1]
 
     def _teach_routes(self, settings: Settings) -> None:
-        """A request for another member's object teaches HAProxy that member (docs/decisions/0006)."""
+        """A request for another member's object teaches HAProxy that member (docs/decisions/0007)."""
         cluster = self.cluster
         assert cluster is not None
         route = RouteKey.parse(settings.route_key)
