@@ -1,7 +1,10 @@
 import asyncio
+import shutil
 import ssl
+import tempfile
 import types
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import tornado.httpserver
@@ -15,9 +18,6 @@ from wsecho.runtime.runtime import Runtime
 from wsecho.serve.gateway import make_application
 from wsecho.serve.mount import Mount
 from wsecho.testing import FakeClock
-
-#: The PostgreSQL server fixtures (postgres, pg_dsn), for every test that asks for them.
-pytest_plugins = ["tests.pg"]
 
 MAX_MESSAGE = 64 * 1024
 
@@ -150,3 +150,45 @@ def port(app, http_server, http_port, serving, test_ca):
     port = TLSPort(http_port)
     port.tls = test_ca.client if serving == "tls" else None
     return port
+
+
+def start_postgres():
+    """A PostgreSQL server of its own (tests/pg.py): yields it running, stops it and removes it.
+
+    Without PostgreSQL's binaries: the test fails, asking for scripts/install-postgres, when
+    root (who can install them); it skips with that reason otherwise."""
+    import os
+
+    from tests.pg import INSTALL_HINT, PostgresServer, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        if os.geteuid() == 0:
+            pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
+    # Not under pytest's basetemp: that is private to root, and the server runs as postgres.
+    base = Path(tempfile.mkdtemp(prefix="wsecho-pg-"))
+    server = PostgresServer(base, binaries)
+    try:
+        yield server.init().start()
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The session's PostgreSQL server, started on first use (about a second)."""
+    yield from start_postgres()
+
+
+@pytest.fixture
+def own_postgres():
+    """A PostgreSQL server for this test alone: one it may stop and start."""
+    yield from start_postgres()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A URL for ``--storage``: an empty schema of the test's own on the session's server."""
+    return postgres_server.fresh_url()

@@ -1,95 +1,122 @@
-"""A real PostgreSQL server for the tests that need one, started by the test session itself.
+"""A PostgreSQL server of the test session's own: initdb in a temporary directory, pg_ctl on a free port.
 
-``initdb`` and ``pg_ctl`` run in a temporary directory on a free port (as the ``postgres``
-user when the tests run as root, which PostgreSQL requires); the server is stopped, by its
-PID, when the session ends. ``scripts/install-postgres`` installs Debian's package.
+As root it runs as the ``postgres`` user (PostgreSQL refuses to run as root), through
+``runuser``. The server listens on 127.0.0.1 and on a Unix socket in its own directory,
+trusts every local connection (user ``wsecho``) and keeps ``fsync`` on, so that the crash
+tests test durability. Each test gets a schema of its own (:meth:`PostgresServer.fresh_url`),
+which is much faster than a database of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
+import time
 from pathlib import Path
 
-import pytest
+import psycopg
+
+INSTALL_HINT = "PostgreSQL's initdb and pg_ctl were not found: run scripts/install-postgres (as root)"
 
 
-def binaries() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if found:
-        return Path(found[-1]).parent
-    on_path = shutil.which("pg_ctl")
-    return Path(on_path).parent if on_path else None
+def find_binaries() -> Path | None:
+    """The folder of initdb and pg_ctl: Debian's /usr/lib/postgresql/N/bin (the newest), else PATH."""
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True):
+        if os.access(Path(folder) / "initdb", os.X_OK) and os.access(Path(folder) / "pg_ctl", os.X_OK):
+            return Path(folder)
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return Path(found).resolve().parent
+    return None
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port: int = s.getsockname()[1]
+        return port
 
 
-class Postgres:
-    """One server: ``dsn`` (database ``postgres``, user ``wsecho``, trust on loopback)."""
+class PostgresServer:
+    """One PostgreSQL cluster in ``base`` (a fresh directory), started and stopped by its owner."""
 
-    def __init__(self) -> None:
-        bin_dir = binaries()
-        if bin_dir is None:
-            msg = "PostgreSQL is not installed: run scripts/install-postgres (as root)"
-            if os.geteuid() == 0:
-                pytest.fail(msg)
-            pytest.skip(msg)
-        self.root = Path(tempfile.mkdtemp(prefix="wsecho-pg-"))
-        self.data = self.root / "data"
+    def __init__(self, base: Path, binaries: Path) -> None:
+        self.base = base
+        self.bin = binaries
+        self.data = base / "data"
+        self.sockets = base / "sockets"
         self.port = free_port()
-        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if as_postgres:
-            shutil.chown(self.root, "postgres")
-        self.root.chmod(0o700)
-        run = lambda *cmd: subprocess.run([*as_postgres, *cmd], check=True, capture_output=True, timeout=60)  # noqa: E731
-        run(str(bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "wsecho", "--no-sync")
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=on"
-        run(str(bin_dir / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
-        self.pg_ctl = [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(self.data)]
-        self.dsn = f"postgresql://wsecho@127.0.0.1:{self.port}/postgres"
+        self._names = itertools.count(1)
 
-    def pid(self) -> int | None:
-        with contextlib.suppress(OSError, ValueError):
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.base)
+        if done.returncode != 0:
+            msg = f"{' '.join(command)} exited with {done.returncode}: {done.stderr.strip() or done.stdout.strip()}"
+            raise RuntimeError(msg)
+
+    def init(self) -> PostgresServer:
+        self.sockets.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres")
+            shutil.chown(self.sockets, "postgres")
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "wsecho", "-E", "UTF8", "--no-sync")
+        return self
+
+    def start(self) -> PostgresServer:
+        options = f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 -c fsync=on"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.base / "log"), "-w", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m MODE``; then make sure the postmaster is gone (SIGKILL if not)."""
+        pid = self.postmaster_pid()
+        if pid is None:
+            return
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def postmaster_pid(self) -> int | None:
+        try:
             return int((self.data / "postmaster.pid").read_text().split()[0])
-        return None
+        except (OSError, ValueError, IndexError):
+            return None
 
-    def stop(self) -> None:
-        pid = self.pid()
-        subprocess.run([*self.pg_ctl, "-m", "fast", "-w", "stop"], capture_output=True, timeout=60, check=False)
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.root, ignore_errors=True)
+    def url(self, database: str = "postgres", schema: str | None = None) -> str:
+        url = f"postgresql://wsecho@127.0.0.1:{self.port}/{database}"
+        return url if schema is None else f"{url}?options=-csearch_path%3D{schema}"
 
-
-@pytest.fixture(scope="session")
-def postgres():
-    server = Postgres()
-    yield server
-    server.stop()
+    def fresh_url(self) -> str:
+        """The URL of a new, empty schema: a database of the test's own, as far as wsecho sees."""
+        schema = f"t{next(self._names)}_{os.getpid()}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+        return self.url(schema=schema)
 
 
-@pytest.fixture
-def pg_dsn(postgres):
-    """A fresh database per test (dropped afterwards)."""
-    import psycopg
-
-    name = f"t{os.getpid()}_{next(_counter)}"
-    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield postgres.dsn.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-_counter = iter(range(1_000_000))
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (a child of ours that exited) is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

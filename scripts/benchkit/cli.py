@@ -1,4 +1,4 @@
-"""wsecho against bare Tornado: throughput, wake cost, memory per idle socket, handshakes, fairness.
+"""wsecho against bare Tornado: throughput, wake cost, memory per idle socket, handshakes, fairness, fan-out.
 
 Every figure is a ratio against a baseline measured in the same run, because absolute numbers
 drift on shared machines. The servers run one at a time, alternating (baseline, wsecho,
@@ -14,7 +14,10 @@ binary); any error ends the benchmark with exit status 1.
 Servers: scripts/bench_baseline.py (a Tornado 6 WebSocketHandler echo on uvloop),
 ``python -m wsecho`` (the default application, or benchapps:wake_app for wake-per-message) and
 scripts/bench_mounted.py (the default application in a Tornado app through wsecho.tornado.Mount).
-The hibernation sweep is timed in a child process on a Runtime with a fake clock.
+The fan-out figures add benchapps:fanout_app and fanout_loop_app and scripts/bench_fanout.py (a
+Tornado room and a websockets room); their client is raw asyncio sockets (benchkit/fanout.py).
+The hibernation sweep is timed in a child process on a Runtime with a fake clock. Storage turns
+(``storage_turns``) compare ``--storage postgresql://`` with SQLite instead of a baseline.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from benchkit.config import Config
 from benchkit.echo import bench_echo
 from benchkit.errors import BenchError
 from benchkit.fairness import bench_fairness
+from benchkit.fanout import bench_fanout, bench_fanout_rss
 from benchkit.handshakes import bench_handshakes
 from benchkit.interrupt import INTERRUPT
 from benchkit.memory import bench_memory, bench_memory_deflate
 from benchkit.procs import CLIENT_CPU, PIN, PROCS, SERVER_CPU, raise_nofile_limit
 from benchkit.report import Line
+from benchkit.storage import bench_storage
 from benchkit.sweep import bench_sweep
 from benchkit.wake import bench_wake
 
@@ -61,6 +66,15 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     "handshakes": bench_handshakes,
     "fairness": bench_fairness,
     "sweep": bench_sweep,
+    # One sender, a room of N sockets (issue 18): ctx.broadcast against a Tornado write_message
+    # loop (target >= 6x), websockets' broadcast() (>= 2x) and wsecho's own get_web_sockets()
+    # loop; latency from send to the last receipt; RSS when 10% of a room stop reading.
+    "fanout_100": lambda cfg: bench_fanout(cfg, 100),
+    "fanout_1000": lambda cfg: bench_fanout(cfg, 1000),
+    "fanout_10000": lambda cfg: bench_fanout(cfg, 10_000),
+    "fanout_rss": bench_fanout_rss,
+    # PostgreSQL storage against SQLite (issue 16): put + reply turns per second.
+    "storage_turns": bench_storage,
 }
 
 #: What --only accepts: each group's name, and the names of the lines it prints.
@@ -73,6 +87,7 @@ ALIASES = {
     "fairness_least_over_most": "fairness",
     "fairness_p99_over_p50": "fairness",
     "evictor": "sweep",
+    "fanout_rss_10pct_stalled": "fanout_rss",
 }
 
 

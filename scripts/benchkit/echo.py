@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 from benchkit.config import Config
-from benchkit.load import describe, traffic
+from benchkit.load import Traffic, describe, traffic
 from benchkit.report import Line, detail, fmt_rate, med
 from benchkit.servers import start_server, stop_server
+
+
+async def one_load_run(
+    cfg: Config,
+    kind: str,
+    connections: int,
+    size: int,
+    *,
+    tls: bool = False,
+    compression: bool = False,
+    flags: tuple[str, ...] = (),
+) -> Traffic:
+    """Start a ``kind`` server, put one message per connection in flight for warm-up + duration, stop it."""
+    server = await start_server(kind, cfg.tmp, tls=tls, compression=compression, flags=flags)
+    try:
+        return await traffic(server, connections, size, 1, cfg.warmup, cfg.duration)
+    finally:
+        stop_server(server)
 
 
 async def bench_echo(
@@ -26,11 +44,7 @@ async def bench_echo(
     ws: list[float] = []
     for r in range(cfg.rounds):
         for server_kind, out in (("baseline", base), (kind, ws)):
-            server = await start_server(server_kind, cfg.tmp, tls=tls, compression=compression)
-            try:
-                t = await traffic(server, connections, size, 1, cfg.warmup, cfg.duration)
-            finally:
-                stop_server(server)
+            t = await one_load_run(cfg, server_kind, connections, size, tls=tls, compression=compression)
             out.append(t.msgs_per_s)
             detail(f"[{name} run {r + 1}] {server_kind}: {describe(t)}")
     b, w = med(base), med(ws)

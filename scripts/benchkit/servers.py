@@ -24,11 +24,20 @@ from benchkit.procs import HOST, PROCS, SCRIPTS, free_port
 
 #: Bounds on every wait.
 START_TIMEOUT = 20.0
+#: Servers of scripts/bench_fanout.py, by kind.
+FANOUT_BASELINES = {"fanout_tornado": "tornado", "fanout_websockets": "websockets"}
+#: Kinds that serve an application of scripts/benchapps.py instead of the default one.
+WSECHO_APPS = {
+    "wake": "benchapps:wake_app",
+    "storage": "benchapps:storage_app",
+    "fanout_broadcast": "benchapps:fanout_app",
+    "fanout_loop": "benchapps:fanout_loop_app",
+}
 
 
 @dataclasses.dataclass
 class Server:
-    kind: str  # "baseline", "wsecho", "wake" or "mounted"
+    kind: str  # "baseline", "wsecho", "wake", "storage", "mounted", or one of the fan-out kinds
     proc: subprocess.Popen[bytes]
     port: int
     admin_port: int | None
@@ -102,9 +111,11 @@ async def start_server(
     admin: bool = False,
     tls: bool = False,
     compression: bool = False,
+    flags: tuple[str, ...] = (),
 ) -> Server:
     """Start a server pinned to CPU 0 and wait (bounded) until it accepts connections
-    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho)."""
+    (``tls``: serving wss://; ``compression``: permessage-deflate; both the baseline and wsecho;
+    ``flags``: more of wsecho's, which win over the defaults here, like ``--data-dir``)."""
     check_interrupted()
     tls_flags, client = certificates(tmp) if tls else ([], None)
     last_log = ""
@@ -118,10 +129,15 @@ async def start_server(
                 argv.append("--compression")
         elif kind == "mounted":  # ws:// and no compression only: the mounted echo figure
             argv = [sys.executable, str(SCRIPTS / "bench_mounted.py"), "--port", str(port)]
+        elif kind in FANOUT_BASELINES:
+            argv = [sys.executable, str(SCRIPTS / "bench_fanout.py"), "--kind", FANOUT_BASELINES[kind]]
+            argv += ["--port", str(port)]
         else:
             argv = [sys.executable, "-m", "wsecho"]
-            if kind == "wake":
-                argv.append("benchapps:wake_app")
+            if kind in WSECHO_APPS:
+                argv.append(WSECHO_APPS[kind])
+            if kind.startswith("fanout_"):
+                argv += ["--ping-interval", "0"]  # a Ping frame would be counted as a delivery
             argv += ["--port", str(port), "--data-dir", ":memory:", "--log-level", "warning"]
             argv += ["--access-log", "off", "--drain-timeout", "1", *tls_flags]
             if hibernate_after is not None:
@@ -130,6 +146,7 @@ async def start_server(
                 argv += ["--admin-port", str(admin_port)]
             if compression:
                 argv += ["--compression", "on"]
+            argv += flags
         proc = PROCS.start(argv, cwd=SCRIPTS, log=log, server=True)
         deadline = time.monotonic() + START_TIMEOUT
         ok = await wait_listening(port, proc, deadline)

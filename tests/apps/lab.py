@@ -85,6 +85,8 @@ class Lab(DurableObject):
         ctx = self.ctx
         if op == "extensions":
             _answer(ws, lambda: ws.extensions)
+        elif op == "broadcast":
+            _answer(ws, lambda: ctx.broadcast(cmd["text"]))
         elif op == "tags":
             _answer(ws, lambda: ctx.get_tags(ws))
         elif op == "tagged":

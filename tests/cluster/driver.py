@@ -11,7 +11,9 @@ monotonic time (``ack ROOM N T``, ``closed ROOM CODE T``); it stops when HISTORY
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ async def client(url: str, history: Path, room: str, stop: Path) -> None:
     while not stop.exists():
         try:
             async with asyncio.timeout(10):
-                ws = await connect(f"{url}/room/{room}", open_timeout=5)
+                ws = await connect(f"{url}/room/{room}", open_timeout=3, close_timeout=1)
         except (OSError, InvalidHandshake, InvalidStatus, TimeoutError) as exc:
             log(history, f"refused {room} {type(exc).__name__}")
             await asyncio.sleep(0.05)
@@ -53,10 +55,18 @@ async def client(url: str, history: Path, room: str, stop: Path) -> None:
         await asyncio.sleep(0.05)
 
 
+def dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def main(url: str, history: Path, rooms: list[str]) -> None:
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, dump_tasks)
     stop = history.with_suffix(".stop")
     await asyncio.gather(*(client(url, history, room, stop) for room in rooms))
 
 
 if __name__ == "__main__":
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, when a test wonders
     asyncio.run(main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:]))

@@ -39,7 +39,7 @@ async def until(check, timeout=15.0):
 
 
 @pytest.mark.gen_test(timeout=90)
-async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(pg_dsn, tmp_path):
+async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(postgres_url, tmp_path):
     api, front = free_port(), free_port()
     owners_map = tmp_path / "owners.map"
     owners_map.write_text("")
@@ -57,7 +57,7 @@ async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(pg_d
                 haproxy_runtime=f"127.0.0.1:{api}",
                 haproxy_map=str(owners_map),
             )
-            servers[name] = Server(workers_app.app, settings, leases=PostgresLeases(pg_dsn, f"{name}-1", name))
+            servers[name] = Server(workers_app.app, settings, leases=PostgresLeases(postgres_url, f"{name}-1", name))
             await servers[name].start()
         members = [Member(n, "127.0.0.1", s.port, s.admin_port) for n, s in servers.items()]
         config = tmp_path / "haproxy.cfg"

@@ -57,8 +57,8 @@ async def until(predicate, timeout=10.0):
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_slots_move_to_a_new_member_and_a_member_that_cannot_renew_stops_serving(pg_dsn):
-    a = await start(pg_dsn, "A")
+async def test_slots_move_to_a_new_member_and_a_member_that_cannot_renew_stops_serving(postgres_url):
+    a = await start(postgres_url, "A")
     b = None
     try:
         assert a.cluster is not None
@@ -71,7 +71,7 @@ async def test_slots_move_to_a_new_member_and_a_member_that_cannot_renew_stops_s
             await ws.send("inc")
             assert await ws.recv() == "ack 1"
 
-        b = await start(pg_dsn, "B")  # B joins: half the slots move to it
+        b = await start(postgres_url, "B")  # B joins: half the slots move to it
         assert b.cluster is not None
         await until(lambda: b.cluster.ready() and a.cluster.ready())
         with pytest.raises(ConnectionClosed) as closed:
@@ -109,10 +109,10 @@ async def test_slots_move_to_a_new_member_and_a_member_that_cannot_renew_stops_s
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_a_member_no_load_balancer_checks_gives_its_objects_away_until_checks_return(pg_dsn):
+async def test_a_member_no_load_balancer_checks_gives_its_objects_away_until_checks_return(postgres_url):
     settings = Settings(port=0, data_dir=":memory:", lease_ttl=TTL, lb_probe_timeout=1.5)
-    a = Server(workers_app.app, settings, leases=PostgresLeases(pg_dsn, "A"))
-    b = Server(workers_app.app, settings, leases=PostgresLeases(pg_dsn, "B"))
+    a = Server(workers_app.app, settings, leases=PostgresLeases(postgres_url, "A"))
+    b = Server(workers_app.app, settings, leases=PostgresLeases(postgres_url, "B"))
     await a.start()
     await b.start()
     probing = {"A": True, "B": True}

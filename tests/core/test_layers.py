@@ -38,6 +38,9 @@ PRIVATE_ALLOWED = {
     ("wsecho.serve.takeover", "_sockets"),
     ("wsecho.serve.takeover", "_handlers"),
     ("wsecho.serve.takeover", "_handle_connection"),
+    # How many bytes a mounted socket's IOStream holds (the broadcast's slow-consumer limit).
+    ("wsecho.serve.takeover", "_total_write_index"),
+    ("wsecho.serve.takeover", "_total_write_done_index"),
     # The mounted path's WebSocket protocol is built like Tornado's own (get_websocket_protocol).
     ("wsecho.serve.takeover", "_WebSocketParams"),
     # The stack of the event loop's thread, for the blocked-loop warning (no public API).

@@ -169,6 +169,30 @@ async def test_window_bits_are_honoured_when_sending(port):
 
 
 @pytest.mark.gen_test
+async def test_a_broadcast_reaches_plain_and_compressed_sockets_each_in_its_encoding(port):
+    small = "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=9\r\n"
+    async with (
+        raw(port, "/lab/b/ws", "") as plain,
+        raw(port, "/lab/b/ws") as first,
+        raw(port, "/lab/b/ws") as second,
+        raw(port, "/lab/b/ws", small) as narrow,
+    ):
+        text = "".join(chr(32 + i % 95) for i in range(20_000))
+        plain.send_frame(0x1, json.dumps({"op": "broadcast", "text": text}).encode())
+        assert await read_raw(plain) == (0x81, text.encode())
+        b0, one = await read_raw(first)
+        b0_again, two = await read_raw(second)
+        # the same window: the frame compressed once for both (no context takeover)
+        assert (b0, b0_again) == (0xC1, 0xC1)
+        assert one == two
+        assert inflated(one) == text.encode()
+        b0, payload = await read_raw(narrow)
+        assert b0 == 0xC1
+        assert zlib.decompressobj(-9).decompress(payload + b"\x00\x00\xff\xff") == text.encode()
+        assert json.loads((await read_raw(plain))[1]) == {"ok": 4}
+
+
+@pytest.mark.gen_test
 async def test_a_zip_bomb_is_cut_with_1009(port):
     async with raw(port, "/lab/b/ws", OFFER) as client:
         bomb = deflated(b"\x00" * (64 * MAX_MESSAGE))  # 4 MiB of zeros in about 4 KiB

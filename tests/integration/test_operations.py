@@ -72,7 +72,7 @@ def test_admin_port_is_off_by_default_and_systemd_state_directory_is_the_default
     assert resolve(["--data-dir", "here"], {"STATE_DIRECTORY": "/var/lib/wsecho"}).data_dir == "here"
 
 
-# Each SPEC §4 limit: its flag, a lowered value, and the Limits field it sets.
+# Each SPEC §4 limit (and the fan-out queue limit): its flag, a lowered value, and the Limits field it sets.
 LIMIT_FLAGS = [
     ("--max-sockets-per-object", "1", "sockets_per_object", 1),
     ("--max-tags-per-socket", "2", "tags_per_socket", 2),
@@ -82,6 +82,7 @@ LIMIT_FLAGS = [
     ("--max-event-timeout", "1000", "event_timeout_ms", 1000),
     ("--max-object-storage", "1MiB", "object_storage_bytes", 1024**2),
     ("--max-storage", "off", "storage_bytes", None),
+    ("--max-fanout-queue", "256KiB", "fanout_queue_bytes", 256 * 1024),
 ]
 
 
@@ -117,6 +118,10 @@ def test_every_limit_comes_from_its_flag_variable_and_file_key(tmp_path, flag, t
         (["--max-attachment-bytes", "off"], "--max-attachment-bytes: must be a number of bytes of 1 or more"),
         (["--max-auto-response-bytes", "2k"], "--max-auto-response-bytes: must be a number of bytes of 1 or more"),
         (["--max-event-timeout", "7d"], "--max-event-timeout: must be a whole number, got '7d'"),
+        (
+            ["--max-fanout-queue", "1000"],
+            "--max-fanout-queue: must be at least 65536 bytes (64KiB, the send queue's high-water mark), got 1000",
+        ),
     ],
 )
 def test_bad_limits_name_the_flag_and_the_bound(argv, message):

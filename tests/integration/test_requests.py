@@ -391,8 +391,12 @@ def test_the_take_over_checks_the_tornado_internals_it_reads():
         def __init__(self, sock):
             super().__init__(sock)
             del self._read_buffer_size
+            del self._total_write_done_index
 
-    with pytest.raises(ImportError, match=r"TCPServer\._handlers, IOStream\._read_buffer_size; found Tornado 6"):
+    with pytest.raises(
+        ImportError,
+        match=r"TCPServer\._handlers, IOStream\._read_buffer_size, IOStream\._total_write_done_index; found Tornado 6",
+    ):
         check_tornado(RenamedServer, RenamedStream)
     with pytest.raises(ImportError, match=r"found Tornado 7\.0"):
         check_tornado(version=(7, 0))

@@ -1,4 +1,4 @@
-"""The storage contract, run against both backends, plus alarms, the output gate and restarts."""
+"""The storage contract through the runtime, run against every backend, plus alarms, the output gate and restarts."""
 
 import asyncio
 import contextlib
@@ -11,6 +11,7 @@ from tests.apps.store import store_app
 from tests.helpers import until
 from wsecho import InvalidArgumentError, Limits, QuotaExceededError, StorageError
 from wsecho.backends.base import DB_FILE, MemoryBackend, SQLiteBackend, entry_bytes, migrations
+from wsecho.backends.postgres import PostgresBackend
 from wsecho.core.alarms import MAX_RETRIES, retry_delay_ms
 from wsecho.runtime.host import PIN_STORAGE
 from wsecho.runtime.runtime import Runtime
@@ -20,12 +21,15 @@ NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 def backend_factory(request, tmp_path):
-    """Makes the backend under test; for SQLite, each call opens the same data directory."""
+    """Makes the backend under test; for SQLite and PostgreSQL, each call opens the same data."""
     if request.param == "memory":
         shared = MemoryBackend()
         return lambda: shared
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return lambda: PostgresBackend(url)
     return lambda: SQLiteBackend(tmp_path / "data")
 
 
@@ -482,6 +486,41 @@ async def test_outputs_wait_until_the_writes_are_durable(recorder, flags):
 
 
 @pytest.mark.gen_test
+async def test_on_postgres_outputs_wait_until_the_transaction_commits(recorder, flags, postgres_url):
+    # The fencing hook holds the commit's transaction open, as a slow server would.
+    import psycopg
+    from websockets.asyncio.client import connect
+
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
+
+    gate, held = asyncio.Event(), asyncio.Event()
+
+    async def fence(conn, batches):
+        held.set()
+        await gate.wait()
+
+    def stored():
+        with psycopg.connect(postgres_url) as conn:
+            return [bytes(v) for (v,) in conn.execute("SELECT value FROM kv")]
+
+    server = Server(store_app(recorder, flags), Settings(port=0), backend=PostgresBackend(postgres_url, fence=fence))
+    await server.start()
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/g/ws") as ws:
+            await ws.send("put k v")
+            await asyncio.wait_for(held.wait(), 10)
+            host = server.runtime.find("STORE", "g")
+            assert [frame for _, frame in host.gate] == ["ok k"]  # written, held back
+            assert await asyncio.to_thread(stored) == []
+            gate.set()
+            assert await asyncio.wait_for(ws.recv(), 10) == "ok k"
+            assert await asyncio.to_thread(stored) == [b'j"v"']
+    finally:
+        await server.stop()
+
+
+@pytest.mark.gen_test
 async def test_a_failed_commit_discards_outputs_and_resets_the_object(recorder, flags):
     from websockets.asyncio.client import connect
 
@@ -635,6 +674,49 @@ async def test_a_full_disk_loses_no_acknowledged_write_and_makes_the_server_unre
     conn.close()
     assert set(acknowledged) <= stored  # every write a client was told about is on disk
     assert f"k{sent}" not in stored
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_postgres_going_away_fails_the_turn_makes_the_server_unready_and_recovers(recorder, flags, own_postgres):
+    # pg_ctl stop -m immediate: the server ends every connection at once, as a crash would.
+    from tornado.httpclient import AsyncHTTPClient
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
+
+    url = own_postgres.fresh_url()
+    server = Server(store_app(recorder, flags), Settings(port=0, admin_port=0, storage=url))
+    server.runtime.storage_probe_interval = 0.05
+    await server.start()
+    http = AsyncHTTPClient()
+
+    async def readyz():
+        return await http.fetch(f"http://127.0.0.1:{server.admin_port}/readyz", raise_error=False)
+
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/store/pg/ws") as ws:
+            await ws.send("put before 1")
+            assert await asyncio.wait_for(ws.recv(), 10) == "ok before"
+            await asyncio.to_thread(own_postgres.stop, "immediate")
+            await ws.send("put during 2")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 20)
+            assert ws.close_code == 1011
+        answer = await readyz()
+        assert answer.code == 503
+        assert b"storage failing: writing to the PostgreSQL database postgresql://wsecho@127.0.0.1:" in answer.body
+        await asyncio.to_thread(own_postgres.start)
+        await until(lambda: server.runtime.storage_failure() is None, timeout=30)
+        assert (await readyz()).code == 200
+        async with connect(f"ws://127.0.0.1:{server.port}/store/pg/ws") as ws:
+            await ws.send("get before")
+            assert await asyncio.wait_for(ws.recv(), 10) == "'1'"
+            await ws.send("get during")
+            assert await asyncio.wait_for(ws.recv(), 10) == "None"  # never acknowledged, never stored
+    finally:
+        await server.stop()
 
 
 @pytest.mark.gen_test

@@ -69,6 +69,8 @@ def test_help_documents_every_flag_and_its_variable():
         (["--log-level", "loud"], {}, "--log-level"),
         ([], {"WSECHO_PORT": "x"}, "WSECHO_PORT (for --port)"),
         ([], {"WSECHO_HIBERNATE_AFTER": "-3"}, "WSECHO_HIBERNATE_AFTER (for --hibernate-after)"),
+        (["--storage", "mysql://u:pw@db/x"], {}, "--storage: must be sqlite or a postgresql:// (or postgres://) URL"),
+        ([], {"WSECHO_STORAGE": "postgresql"}, "WSECHO_STORAGE (for --storage): must be sqlite or a postgresql://"),
         (["no_such_module_here"], {}, "cannot load 'no_such_module_here'"),
         (["json:nothing"], {}, "json.nothing must be a wsecho.App"),
     ],

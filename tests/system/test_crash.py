@@ -1,7 +1,10 @@
 """Restart safety with a real server process: SIGKILL loses no acknowledged write, SIGTERM flushes."""
 
 import asyncio
+import contextlib
+import os
 import random
+import re
 import signal
 import sqlite3
 
@@ -64,22 +67,53 @@ def stored(data_dir) -> tuple[set[int], str]:
         db.close()
 
 
+@pytest.fixture(params=["sqlite", "postgres", "postgres-2-workers"])
+def storage(request, tmp_path):
+    """(the server's storage flags, how many processes serve, a reader of the stored keys)."""
+    if request.param == "sqlite":
+        data_dir = tmp_path / "data"
+        return ["--data-dir", str(data_dir)], 1, lambda: stored(data_dir)
+    import psycopg
+
+    url = request.getfixturevalue("postgres_url")
+
+    def keys():
+        with psycopg.connect(url) as conn:
+            return {int(bytes(k)[1:]) for (k,) in conn.execute("SELECT key FROM kv")}, "ok"
+
+    workers = 2 if request.param.endswith("workers") else 1
+    return ["--storage", url, "--workers", str(workers)], workers, keys
+
+
+def every_pid(server, workers) -> list[int]:
+    """The server's process and, with --workers, each worker's (from its start-up lines)."""
+    found = [int(m.group(1)) for line in server.seen if (m := re.search(r"worker \d+ started \(pid (\d+)\)", line))]
+    assert len(found) == (workers if workers > 1 else 0)
+    return [server.proc.pid, *found]
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
+def test_sigkill_loses_no_acknowledged_write(storage, seed):
+    flags, workers, read_stored = storage
     rng = random.Random(seed)
-    data_dir = tmp_path / "data"
     acked: set[int] = set()
     n = 0
     for _ in range(3):
-        server = ServerProcess(["tests.apps.crash_app", "--port", "0", "--data-dir", str(data_dir)]).ready()
+        server = ServerProcess(["tests.apps.crash_app", "--port", "0", *flags]).ready()
+        pids = every_pid(server, workers)
         try:
 
-            async def run(port=server.port, proc=server.proc, first=n):
+            async def run(port=server.port, first=n, pids=pids):
                 loop = asyncio.get_running_loop()
                 delay = rng.uniform(0.05, 0.4)
 
+                def kill_all():  # every process of the server at once: a machine that loses power
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+
                 def kill_soon():  # SIGKILL at a random moment while the writes stream in
-                    loop.call_later(delay, proc.send_signal, signal.SIGKILL)
+                    loop.call_later(delay, kill_all)
 
                 return await write_until_cut(port, first, acked, kill_soon)
 
@@ -87,7 +121,10 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path, seed):
             assert server.proc.wait(timeout=10) == -signal.SIGKILL
         finally:
             server.stop()
-        keys, check = stored(data_dir)
+            for pid in pids[1:]:  # workers that a failed test left behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        keys, check = read_stored()
         assert check == "ok"
         assert acked, "the client got no acknowledgement before the kill"
         missing = acked - keys

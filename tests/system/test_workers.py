@@ -239,6 +239,22 @@ def test_bad_workers_settings_are_refused_with_status_2(args, message):
     assert message in done.stderr
 
 
+def test_with_postgresql_the_supervisor_migrates_once_before_the_workers_and_hides_the_password(
+    workers, postgres_url, tmp_path
+):
+    secret = postgres_url.replace("wsecho@", "wsecho:s3cret@")  # trust: the password is not checked
+    server = workers("tests.apps.workers_app", "--storage", secret)
+    migrating = [i for i, line in enumerate(server.seen) if "to schema version" in line]
+    first_worker = next(i for i, line in enumerate(server.seen) if STARTED.search(line))
+    assert len(migrating) == 1
+    assert migrating[0] < first_worker  # by the supervisor, before any worker opened the database
+    assert not any("s3cret" in line for line in server.seen)
+    assert any(f"data in {postgres_url})" in line for line in server.seen)
+    name = owned_by(1, "pg")
+    assert get(server.port, f"/room/{name}").split()[0] == name  # a worker serves from PostgreSQL
+    assert not (tmp_path / "data").exists()  # no SQLite, no data directory lock
+
+
 def test_auto_is_the_usable_cpus():
     settings, _ = parse(["--workers", "auto"], {})
     assert settings.workers == usable_cpus() >= 1

@@ -9,6 +9,7 @@ import attrs
 
 from wsecho.api.objects import DurableObject
 from wsecho.core.errors import InvalidArgumentError
+from wsecho.core.fanout import MIN_QUEUE_BYTES, policy_for
 
 if TYPE_CHECKING:
     from wsecho.api.http import Request, Response
@@ -24,6 +25,8 @@ def _check_bindings(_: object, __: object, bindings: Mapping[str, type[DurableOb
         if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
             msg = f"binding {name!r} must be a DurableObject subclass, got {cls!r}"
             raise InvalidArgumentError(msg)
+        # A bad fan-out policy fails here, not at the first broadcast.
+        policy_for(cls.__name__, cls.fanout_overflow, cls.fanout_queue_bytes, MIN_QUEUE_BYTES)
 
 
 def _bindings_dict(value: Mapping[str, type[DurableObject]]) -> dict[str, type[DurableObject]]:

@@ -20,13 +20,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from wsecho.api.codec import utf8
 from wsecho.api.http import Request
 from wsecho.api.ids import DurableObjectId
-from wsecho.api.websocket import SocketLink, SocketOwner, WebSocketRequestResponsePair, link_of
+from wsecho.api.websocket import (
+    HeldFanout,
+    SocketLink,
+    SocketOwner,
+    WebSocket,
+    WebSocketRequestResponsePair,
+    checked_message,
+    fan_out,
+    link_of,
+)
 from wsecho.core.errors import InvalidArgumentError, InvalidStateError
+from wsecho.core.fanout import Fanout, FanoutPolicy
+from wsecho.core.lifecycle import SocketState
 
 if TYPE_CHECKING:
     from wsecho.api.http import Response
     from wsecho.api.storage import DurableObjectStorage
-    from wsecho.api.websocket import WebSocket
     from wsecho.core.limits import Limits
 
 T = TypeVar("T")
@@ -59,6 +69,8 @@ class ObjectPort(SocketOwner, Protocol):
     tagged: dict[str, dict[SocketLink, None]]
     auto_response: WebSocketRequestResponsePair | None
     event_timeout_ms: int | None
+    #: The class's slow-consumer policy for ``ctx.broadcast``.
+    fanout_policy: FanoutPolicy
 
     def open_storage(self) -> DurableObjectStorage: ...
 
@@ -238,6 +250,50 @@ class DurableObjectState:
     def get_tags(self, ws: WebSocket) -> list[str]:
         return list(self._own(ws, "get_tags").tags)
 
+    def broadcast(self, message: str | bytes, tag: str | None = None, exclude: Iterable[WebSocket] = ()) -> int:
+        """Send ``message`` (text for ``str``, binary for bytes) to every open socket of this
+        object, or to the hibernatable sockets with ``tag``, except those in ``exclude``; return
+        how many sockets it reached.
+
+        The frame is built once for all of them (and compressed once per window size), and
+        goes out like ``ws.send()`` would: in order with the other messages to each socket,
+        behind the output gate while this object's writes commit, and to a socket still
+        joining once its handshake is done. Hibernated sockets are included; no socket object
+        is built and nothing is woken. A socket whose send queue is over the class's
+        ``fanout_queue_bytes`` misses the message or is closed with 1008 (``fanout_overflow``).
+        """
+        message = checked_message(message, "broadcast()")
+        host = self._host
+        if tag is None:
+            members: Iterable[SocketLink] = host.sockets
+        elif isinstance(tag, str):
+            members = host.tagged.get(tag, ())
+        else:
+            msg = f"broadcast(): tag must be a str or None, got {tag!r}"
+            raise InvalidArgumentError(msg)
+        skip = _excluded(exclude)
+        targets: list[SocketLink] = []
+        joining = 0
+        for link in members:
+            state = link.state
+            if state is _OPEN:
+                if link not in skip:
+                    targets.append(link)
+            elif state is _CONNECTING and link not in skip:
+                # Like ws.send(): it goes out first thing once the handshake is done.
+                if link.early is None:
+                    link.early = []
+                link.early.append(message)
+                joining += 1
+        stats = host.stats
+        stats.broadcasts += 1
+        fanout = Fanout(message, host.fanout_policy)
+        gate = host.gate
+        if gate is not None:
+            gate.append(HeldFanout(targets, fanout))  # sent once the object's writes are durable
+            return len(targets) + joining
+        return fan_out(targets, fanout, stats) + joining
+
     # -- auto-response ----------------------------------------------------------------
 
     def set_web_socket_auto_response(self, pair: WebSocketRequestResponsePair | None = None) -> None:
@@ -309,6 +365,26 @@ class DurableObjectState:
         return link
 
 
+_OPEN = SocketState.OPEN
+_CONNECTING = SocketState.CONNECTING
+_NOBODY: frozenset[SocketLink] = frozenset()
+
+
+def _excluded(exclude: Iterable[WebSocket]) -> frozenset[SocketLink] | set[SocketLink]:
+    if not exclude:
+        return _NOBODY
+    if isinstance(exclude, WebSocket):
+        msg = "broadcast(): exclude takes a list of WebSockets, not one WebSocket (write exclude=[ws])"
+        raise InvalidArgumentError(msg)
+    skip = set()
+    for ws in exclude:
+        if not isinstance(ws, WebSocket):
+            msg = f"broadcast(): exclude takes WebSockets, got {ws!r}"
+            raise InvalidArgumentError(msg)
+        skip.add(link_of(ws))
+    return skip
+
+
 def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
     if isinstance(tags, str):
         msg = f"accept_web_socket(): tags must be a list of str, not the str {tags!r}"
@@ -338,9 +414,17 @@ class DurableObject:
     A class attribute ``hibernate_after`` (seconds) overrides the server's setting;
     ``0`` hibernates the object the moment it is idle (every event wakes it).
     ``eager_handlers = False`` runs every async handler in a task of its own.
+    ``fanout_overflow`` and ``fanout_queue_bytes`` are the slow-consumer policy of
+    ``ctx.broadcast``.
     """
 
     hibernate_after: ClassVar[float | None] = None
+    #: What ``ctx.broadcast`` does to a socket whose send queue is over ``fanout_queue_bytes``:
+    #: ``"close"`` it with 1008 (the client can reconnect and catch up) or ``"drop"`` the
+    #: message for it (it misses messages while it lags: game ticks, dashboards).
+    fanout_overflow: ClassVar[str] = "close"
+    #: That per-socket limit in bytes (at least 64 KiB); None: the server's --max-fanout-queue.
+    fanout_queue_bytes: ClassVar[int | None] = None
     #: Run an async handler's first step at once, without a task (most handlers never
     #: suspend, and a task per event is costly). Until its first suspending ``await`` it
     #: runs where the event came from (a socket callback, or the caller's task), so

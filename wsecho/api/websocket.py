@@ -22,6 +22,7 @@ from wsecho.core.lifecycle import Final, SocketInput, SocketState, socket_transi
 from wsecho.core.limits import Limits
 
 if TYPE_CHECKING:
+    from wsecho.core.fanout import Fanout
     from wsecho.core.stats import Stats
 
 #: RFC 6455 §5.5: a control frame payload is at most 125 bytes, 2 of them the code.
@@ -37,6 +38,7 @@ class ReadyState(enum.IntEnum):
     CLOSED = 3
 
 
+_OPEN = SocketState.OPEN
 _READY_STATE = {
     SocketState.CONNECTING: ReadyState.CONNECTING,
     SocketState.OPEN: ReadyState.OPEN,
@@ -61,6 +63,55 @@ class Transport(Protocol):
     def send_message(self, message: str | bytes) -> None: ...
 
     def send_close(self, code: int | None, reason: str) -> None: ...
+
+    def send_fanout(self, fanout: Fanout) -> bool:
+        """Write a broadcast's frame (built once for every socket); False when the connection is
+        gone, or when its queue was over ``fanout.policy.queue_bytes`` and the policy dropped the
+        message or cut the connection (counted in ``fanout_dropped`` or ``fanout_closed``)."""
+        ...
+
+
+class HeldFanout:
+    """A broadcast held in an output gate: the open sockets it was for, and its message."""
+
+    __slots__ = ("fanout", "links")
+
+    def __init__(self, links: list[SocketLink], fanout: Fanout) -> None:
+        self.links = links
+        self.fanout = fanout
+
+    def emit(self, stats: Stats) -> None:
+        fan_out(self.links, self.fanout, stats)
+
+
+#: What an output gate holds: a frame for one socket, or a broadcast.
+Held = tuple["SocketLink", "str | bytes | CloseFrame"] | HeldFanout
+
+
+def fan_out(links: list[SocketLink], fanout: Fanout, stats: Stats) -> int:
+    """Write ``fanout`` to each of ``links`` that is still open; how many it reached (a socket
+    over its queue limit is dropped or cut, and counted, by its transport)."""
+    reached = 0
+    for link in links:
+        if link.state is _OPEN and link.transport.send_fanout(fanout):  # type: ignore[union-attr]  # open: attached
+            reached += 1
+    stats.messages_out += reached
+    return reached
+
+
+def checked_message(message: object, what: str) -> str | bytes:
+    """``message`` as ``send()`` takes it: str or bytes (a bytearray or memoryview is copied),
+    text that encodes as UTF-8 (a lone surrogate fails here, not when it is sent)."""
+    if isinstance(message, bytearray | memoryview):
+        return bytes(message)
+    if isinstance(message, str):
+        if not message.isascii():  # isascii() reads a flag: free
+            utf8(message, f"{what}: the message")
+        return message
+    if isinstance(message, bytes):
+        return message
+    msg = f"{what} takes str or bytes, not {type(message).__name__}"
+    raise InvalidArgumentError(msg)
 
 
 def validate_close(code: int | None, reason: str) -> None:
@@ -91,7 +142,7 @@ class SocketOwner(Protocol):
     Handed down by ``ctx.accept_web_socket``; the api never imports the runtime."""
 
     #: The output gate: frames held back until the object's writes are durable, or None.
-    gate: list[tuple[SocketLink, str | bytes | CloseFrame]] | None
+    gate: list[Held] | None
     stats: Stats
     limits: Limits
 
@@ -215,14 +266,8 @@ class WebSocket:
     def send(self, message: str | bytes) -> None:
         """Queue ``message`` (text for ``str``, binary for bytes); never blocks."""
         kind = type(message)
-        if kind is not str and kind is not bytes:
-            if isinstance(message, bytearray | memoryview):
-                message = bytes(message)
-            elif not isinstance(message, str | bytes):
-                msg = f"send() takes str or bytes, not {type(message).__name__}"
-                raise InvalidArgumentError(msg)
-        if isinstance(message, str) and not message.isascii():  # isascii() reads a flag: free
-            utf8(message, "send(): the message")  # a lone surrogate fails here, not when sent
+        if kind is not bytes and (kind is not str or not message.isascii()):
+            message = checked_message(message, "send()")
         link = self._link
         state = link.state
         if state is SocketState.OPEN or state is SocketState.CLOSE_RECEIVED:

@@ -149,10 +149,41 @@ class MemoryBackend:
         pass
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """The schema files shipped in ``wsecho/backends/schema``: ``(version, name, sql)`` in order."""
+def scan_query(
+    mark: str,
+    obj: str,
+    start: str | None,
+    end: str | None,
+    limit: int | None,
+    reverse: bool,
+    key: Callable[[str], object],
+) -> tuple[str, list[object]]:
+    """The SQL (with ``mark`` for each parameter) and the arguments of a :meth:`Backend.scan`;
+    ``key`` turns a key into its column's value."""
+    sql = [f"SELECT key, value FROM kv WHERE object = {mark}"]
+    args: list[object] = [obj]
+    if start is not None:
+        sql.append(f"AND key >= {mark}")
+        args.append(key(start))
+    if end is not None:
+        sql.append(f"AND key < {mark}")
+        args.append(key(end))
+    sql.append("ORDER BY key DESC" if reverse else "ORDER BY key")
+    if limit is not None:
+        sql.append(f"LIMIT {mark}")
+        args.append(limit)
+    return " ".join(sql), args
+
+
+def migrations(dialect: str = "sqlite") -> list[tuple[int, str, str]]:
+    """The schema files shipped for ``dialect``: ``(version, name, sql)`` in order.
+
+    SQLite's are in ``wsecho/backends/schema``, PostgreSQL's in ``schema/postgres``."""
+    folder = importlib.resources.files("wsecho.backends").joinpath("schema")
+    if dialect != "sqlite":
+        folder = folder.joinpath(dialect)
     found = []
-    for entry in importlib.resources.files("wsecho.backends").joinpath("schema").iterdir():
+    for entry in folder.iterdir():
         match = re.fullmatch(r"(\d+)_.*\.sql", entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
@@ -271,19 +302,7 @@ class SQLiteBackend:
         limit: int | None,
         reverse: bool,
     ) -> list[tuple[str, bytes]]:
-        sql = ["SELECT key, value FROM kv WHERE object = ?"]
-        args: list[str | int] = [obj]
-        if start is not None:
-            sql.append("AND key >= ?")
-            args.append(start)
-        if end is not None:
-            sql.append("AND key < ?")
-            args.append(end)
-        sql.append("ORDER BY key DESC" if reverse else "ORDER BY key")
-        if limit is not None:
-            sql.append("LIMIT ?")
-            args.append(limit)
-        query = " ".join(sql)
+        query, args = scan_query("?", obj, start, end, limit, reverse, str)
 
         def run() -> list[tuple[str, bytes]]:
             assert self._rconn is not None

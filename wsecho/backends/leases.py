@@ -39,7 +39,30 @@ SCHEMA = (
         expires_at timestamptz NOT NULL DEFAULT '-infinity'
     )""",
     f"INSERT INTO wsecho_slots (slot) SELECT generate_series(0, {SLOTS - 1}) ON CONFLICT DO NOTHING",
+    # The fencing check, run by the server inside a commit's one message (no round trip to the
+    # member while the rows are locked): every slot held by the member at that epoch, else an
+    # error with FENCED_SQLSTATE. The rows stay key-share-locked until the commit ends.
+    """CREATE OR REPLACE FUNCTION wsecho_fence(m text, s integer[], e bigint[]) RETURNS integer
+    LANGUAGE plpgsql AS $$
+    DECLARE held integer;
+    BEGIN
+        SELECT count(*) INTO held FROM (
+            SELECT 1 FROM wsecho_slots w JOIN unnest(s, e) AS f(slot, epoch)
+                ON w.slot = f.slot AND w.epoch = f.epoch
+            WHERE w.owner = m FOR KEY SHARE OF w) AS locked;
+        IF held <> cardinality(s) THEN
+            RAISE EXCEPTION 'this process no longer holds the lease of one of the slots %', s
+                USING ERRCODE = 'WSF01';
+        END IF;
+        RETURN held;
+    END $$""",
 )
+
+#: How many ttls a member's heartbeat counts for.
+MEMBER_GRACE = 1.5
+
+#: The SQLSTATE of a commit the fencing check refused.
+FENCED_SQLSTATE = "WSF01"
 
 
 class FencedError(StorageError):
@@ -110,28 +133,44 @@ class PostgresLeases:
             "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, heartbeat_at = now()",
             (self.member, self.name, draining),
         )
+        # A member is alive while its heartbeat is younger than 1.5 ttl: one late round (a
+        # busy machine) must not move its slots away and back.
         cur = await conn.execute(
             "SELECT DISTINCT name FROM wsecho_members "
             "WHERE NOT draining AND heartbeat_at > now() - make_interval(secs => %s) ORDER BY name",
-            (ttl,),
+            (ttl * MEMBER_GRACE,),
         )
         return [row[0] for row in await cur.fetchall()]
 
     async def acquire(self, slots: Sequence[int], ttl: float) -> dict[int, int]:
-        """Take or renew ``slots``: those held by this member, free, or expired. The epoch goes
-        up when the owner changes. Returns slot -> epoch for every slot this member now holds."""
+        """Renew those of ``slots`` this member holds, then take those free or expired; the
+        epoch goes up when the owner changes. Returns slot -> epoch for every slot held now.
+
+        A slot whose row another member's commit holds (its fencing check) is skipped, not
+        waited for: one stuck commit elsewhere must not stop this member renewing the rest.
+        """
         if not slots:
             return {}
         conn = await self._connection()
+        params = {"m": self.member, "ttl": ttl, "slots": list(slots)}
         cur = await conn.execute(
-            "UPDATE wsecho_slots SET "
-            "epoch = CASE WHEN owner = %(m)s THEN epoch ELSE epoch + 1 END, "
-            "owner = %(m)s, expires_at = now() + make_interval(secs => %(ttl)s) "
-            "WHERE slot = ANY(%(slots)s) AND (owner = %(m)s OR owner IS NULL OR expires_at < now()) "
-            "RETURNING slot, epoch",
-            {"m": self.member, "ttl": ttl, "slots": list(slots)},
+            "UPDATE wsecho_slots SET expires_at = now() + make_interval(secs => %(ttl)s) "
+            "WHERE owner = %(m)s AND slot = ANY(%(slots)s) RETURNING slot, epoch",
+            params,
         )
-        return {int(slot): int(epoch) for slot, epoch in await cur.fetchall()}
+        held = {int(slot): int(epoch) for slot, epoch in await cur.fetchall()}
+        wanted = [s for s in slots if s not in held]
+        if wanted:
+            cur = await conn.execute(
+                "UPDATE wsecho_slots SET epoch = epoch + 1, owner = %(m)s, "
+                "expires_at = now() + make_interval(secs => %(ttl)s) "
+                "WHERE slot IN (SELECT slot FROM wsecho_slots WHERE slot = ANY(%(slots)s) "
+                "AND owner IS DISTINCT FROM %(m)s AND (owner IS NULL OR expires_at < now()) "
+                "FOR UPDATE SKIP LOCKED) RETURNING slot, epoch",
+                {**params, "slots": wanted},
+            )
+            held.update({int(slot): int(epoch) for slot, epoch in await cur.fetchall()})
+        return held
 
     async def release(self, slots: Sequence[int]) -> None:
         """Let others take ``slots`` at once (this member has stopped serving them)."""
@@ -164,17 +203,25 @@ class PostgresLeases:
             self._conn = None
 
 
+def fence_sql(member: str, epochs: Mapping[int, int]) -> tuple[str, list[Any]]:
+    """The fencing check as one statement (for a commit sent as one message)."""
+    slots = sorted(epochs)
+    return "SELECT wsecho_fence(%s, %s::integer[], %s::bigint[])", [member, slots, [epochs[s] for s in slots]]
+
+
 async def fence(conn: psycopg.AsyncConnection[Any], member: str, epochs: Mapping[int, int]) -> None:
     """In the caller's transaction: raise :class:`FencedError` unless ``member`` still holds every
-    slot of ``epochs`` at that epoch. The rows stay share-locked until the transaction ends, so
-    no other member can take one of these slots between this check and the commit."""
+    slot of ``epochs`` at that epoch. The rows stay key-share-locked until the transaction
+    ends, so no other member can take one of these slots between this check and the commit
+    (a take-over locks the row FOR UPDATE), while this member's own renewals (a plain UPDATE,
+    which does not conflict with a key-share lock) go on."""
     if not epochs:
         return
     slots = sorted(epochs)
     cur = await conn.execute(
         "SELECT s.slot FROM wsecho_slots s "
         "JOIN unnest(%s::integer[], %s::bigint[]) AS f(slot, epoch) ON s.slot = f.slot AND s.epoch = f.epoch "
-        "WHERE s.owner = %s FOR SHARE OF s",
+        "WHERE s.owner = %s FOR KEY SHARE OF s",
         (slots, [epochs[s] for s in slots], member),
     )
     held = {int(row[0]) for row in await cur.fetchall()}

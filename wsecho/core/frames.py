@@ -433,6 +433,17 @@ def message_frame(message: str | bytes) -> bytes:
     return bytes((0x82, n)) + message if n < 126 else frame(OP_BINARY, message)
 
 
+def deflated_frame(message: str | bytes, window_bits: int) -> bytes:
+    """The server frame of one whole message compressed on its own (permessage-deflate, RFC 7692),
+    with a window of at most ``2**window_bits`` bytes."""
+    if isinstance(message, str):
+        data, opcode = message.encode("utf-8"), OP_TEXT
+    else:
+        data, opcode = message, OP_BINARY
+    # 0x40 in the first byte: RSV1, "Per-Message Compressed" (RFC 7692 §6)
+    return frame(opcode | 0x40, _deflate.compress(data, window_bits))
+
+
 def close_payload(code: int | None, reason: str) -> bytes:
     if code is None:
         return b""

@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from wsecho.core.fanout import MIN_QUEUE_BYTES
+
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -19,6 +21,12 @@ def _positive(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
 def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None:
         _positive(instance, attribute, value)
+
+
+def _fanout_queue(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_QUEUE_BYTES:
+        msg = f"Limits.{attribute.name} must be an integer of at least {MIN_QUEUE_BYTES}, got {value!r}"
+        raise ValueError(msg)
 
 
 @attrs.frozen
@@ -40,3 +48,7 @@ class Limits:
     object_storage_bytes: int | None = attrs.field(default=128 * 1024 * 1024, validator=_positive_or_none)
     #: Bytes all objects together may store; None: no quota.
     storage_bytes: int | None = attrs.field(default=4 * 1024 * 1024 * 1024, validator=_positive_or_none)
+    #: Bytes queued for one socket past which ``ctx.broadcast`` applies its class's
+    #: ``fanout_overflow`` to it, unless the class sets ``fanout_queue_bytes`` (far below the
+    #: 16 MiB at which any send cuts a slow peer).
+    fanout_queue_bytes: int = attrs.field(default=1024 * 1024, validator=_fanout_queue)

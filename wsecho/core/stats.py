@@ -113,6 +113,11 @@ class Stats:
     storage_errors: int = 0
     #: Connections cut because the peer did not answer our ping or did not read.
     dead_peers: int = 0
+    #: ``ctx.broadcast`` calls; deliveries a slow socket missed (its class drops), and slow
+    #: sockets cut with 1008 (its class closes), past the per-socket fan-out queue limit.
+    broadcasts: int = 0
+    fanout_dropped: int = 0
+    fanout_closed: int = 0
     #: Final events by :func:`close_code_bucket` (1006 for dropped connections, 1009/1007/1002
     #: for failures): at most 19 keys, whatever codes the peers send.
     closed_by_code: Counter[tuple[str, str]] = attrs.field(factory=Counter)
@@ -157,6 +162,9 @@ class StatsSnapshot:
     alarms_given_up: int
     storage_errors: int
     dead_peers: int
+    broadcasts: int
+    fanout_dropped: int
+    fanout_closed: int
     closed_by_code: dict[tuple[str, str], int]
     handler_errors: dict[str, int]
     evictions: dict[str, int]

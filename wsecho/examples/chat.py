@@ -242,6 +242,12 @@ class ChatRoom(DurableObject):
     member_list_size: ClassVar[int] = 100
     #: How often the page sends its keep-alive "ping", in seconds.
     keep_alive: ClassVar[float] = 20.0
+    #: A member whose connection has more than this many bytes of broadcasts waiting is cut
+    #: (its object sees 1008; the page sees the connection drop, reconnects and gets the
+    #: history), so one stalled phone costs the room at most this much memory and never slows
+    #: the others.
+    fanout_overflow: ClassVar[str] = "close"
+    fanout_queue_bytes: ClassVar[int | None] = 1024 * 1024
 
     def __init__(self, ctx: DurableObjectState, env: Env) -> None:
         super().__init__(ctx, env)
@@ -275,10 +281,8 @@ class ChatRoom(DurableObject):
         server.send(encode({"type": "history", "messages": await self._history()}))
         server.send(self._presence())
         if new_name:
-            # One small frame per member: presence goes out as a change, never as the list.
-            joined = encode({"type": "joined", "name": name})
-            for ws in members:
-                ws.send(joined)
+            # One small frame to the others: presence goes out as a change, never as the list.
+            self.ctx.broadcast(encode({"type": "joined", "name": name}), tag="member", exclude=[server])
         return Response(status=101, web_socket=client)
 
     async def web_socket_message(self, ws: WebSocket, message: str | bytes) -> None:
@@ -293,9 +297,7 @@ class ChatRoom(DurableObject):
             return
         # Held back by the output gate until the message is durable: nobody sees a message
         # that a crash could still lose.
-        frame = encode({"type": "message", **entry})
-        for other in self._members():
-            other.send(frame)
+        self.ctx.broadcast(encode({"type": "message", **entry}), tag="member")
 
     async def web_socket_close(self, ws: WebSocket, code: int, reason: str, was_clean: bool) -> None:
         # The runtime answers the peer's Close (same code) since this handler does not.
@@ -343,9 +345,8 @@ class ChatRoom(DurableObject):
             return  # a socket that was refused
         name = next(t for t in tags if t.startswith("user:"))
         if not self._open(self.ctx.get_web_sockets(name)):  # its last tab closed
-            left = encode({"type": "left", "name": name.removeprefix("user:")})
-            for other in self._members():
-                other.send(left)
+            # (The closing socket is no longer open: the broadcast skips it.)
+            self.ctx.broadcast(encode({"type": "left", "name": name.removeprefix("user:")}), tag="member")
 
     def _presence(self) -> str:
         """The joining socket's view of the room: the first names and how many there are."""

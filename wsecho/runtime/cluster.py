@@ -23,6 +23,12 @@ from wsecho.core.wording import counted
 log = logging.getLogger("wsecho.cluster")
 
 
+def machine_of(name: str) -> str:
+    """``MACHINE#INDEX`` (a worker of ``--workers N``) -> ``MACHINE``; any other name stays."""
+    machine, _, index = name.rpartition("#")
+    return machine if machine and index.isdigit() else name
+
+
 class LeaseStore(Protocol):
     """The statements a member needs (wsecho.backends.leases.PostgresLeases)."""
 
@@ -74,6 +80,8 @@ class ClusterMember:
         self.desired: frozenset[int] = frozenset()
         self.draining = False
         self.stopping = False
+        #: Held every slot it should own at least once since it started.
+        self.settled = False
         self._probed_at = probed_at
         self.probe_timeout = probe_timeout
         self.last_error: str | None = None
@@ -87,7 +95,20 @@ class ClusterMember:
         return self.table.provable(slot_of(hex_id), self.clock())
 
     def owner(self, hex_id: str) -> int | None:
-        return None  # another member (or nobody yet): the client tries again
+        """The index of the worker of this machine that should serve ``hex_id`` (members named
+        ``MACHINE#INDEX`` are the workers of ``--workers N``), else None: another machine's."""
+        name = self.expected_owner(hex_id)
+        if name is None or name == self.store.name:
+            return None
+        machine, _, index = name.rpartition("#")
+        if machine and index.isdigit() and machine == self.machine:
+            return int(index)
+        return None
+
+    @property
+    def machine(self) -> str:
+        """This member's machine: its name without a worker's ``#INDEX``."""
+        return machine_of(self.store.name)
 
     def expected_owner(self, hex_id: str) -> str | None:
         """The name of the member that should serve ``hex_id`` (with a stable membership, the one that does)."""
@@ -103,9 +124,11 @@ class ClusterMember:
         return out
 
     def ready(self) -> bool:
-        """Whether it holds (and can prove) every slot it should own."""
-        now = self.clock()
-        return bool(self.members) and all(self.table.provable(s, now) for s in self.desired)
+        """Whether a load balancer should send it clients: once it has held every slot it should
+        own (at start), for as long as it reaches the lease table and is not draining. A few
+        slots it waits for later (another member's commit still holds them) do not make the
+        whole member unready: requests for those get 503 on their own."""
+        return self.settled and self.last_error is None and not self.draining
 
     def status(self) -> str:
         if self.last_error is not None:
@@ -179,6 +202,8 @@ class ClusterMember:
         lost = sorted(before - set(epochs))
         if lost:
             self._drop(lost, "another member holds their leases")
+        if not self.settled and self.desired <= set(epochs):
+            self.settled = True
         gained = sorted(set(epochs) - before)
         if gained:
             log.info("took the leases of %s", counted(len(gained), "slot"))

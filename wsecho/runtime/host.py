@@ -28,6 +28,7 @@ from wsecho.core.errors import (
     ObjectResetError,
     WebSocketProtocolError,
 )
+from wsecho.core.fanout import FanoutPolicy, policy_for
 from wsecho.core.lifecycle import (
     ObjectLifecycle,
     SocketState,
@@ -38,7 +39,7 @@ from wsecho.runtime.commits import GroupCommitter
 
 if TYPE_CHECKING:
     from wsecho.api.objects import DurableObject
-    from wsecho.api.websocket import CloseFrame, WebSocketRequestResponsePair
+    from wsecho.api.websocket import Held, WebSocketRequestResponsePair
 
 
 T = TypeVar("T")
@@ -326,16 +327,22 @@ class ObjectHost:
     #: When the current wake began (the clock's time), until its first event starts.
     wake_started: float | None = None
     #: The output gate: frames held back until the object's writes are durable, or None.
-    gate: list[tuple[SocketLink, str | bytes | CloseFrame]] | None = None
+    gate: list[Held] | None = None
     #: The gate also waits for the current turn to end (it has an event timeout to keep).
     turn_hold: bool = False
     #: The runtime's counts and limits (plain attributes: sockets read them on every send).
     stats: Stats = attrs.field(init=False)
     limits: Limits = attrs.field(init=False)
+    #: The class's slow-consumer policy for ``ctx.broadcast`` (with the server's default limit).
+    fanout_policy: FanoutPolicy = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.stats = self.runtime.stats
         self.limits = self.runtime.limits
+        cls = self.cls
+        self.fanout_policy = policy_for(
+            cls.__name__, cls.fanout_overflow, cls.fanout_queue_bytes, self.limits.fanout_queue_bytes
+        )
 
     def __repr__(self) -> str:
         return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"

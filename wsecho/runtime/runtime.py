@@ -25,7 +25,7 @@ from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
 from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
 from wsecho.api.storage import DurableObjectStorage
-from wsecho.api.websocket import CURRENT_OWNER, SocketLink
+from wsecho.api.websocket import CURRENT_OWNER, HeldFanout, SocketLink
 from wsecho.backends.base import Backend, MemoryBackend
 from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
 from wsecho.core.batches import Batch
@@ -457,8 +457,12 @@ class Runtime:
 
     def _open_gate(self, host: ObjectHost) -> None:
         held, host.gate = host.gate, None
-        for link, frame in held or ():
-            link.emit(frame)
+        for entry in held or ():
+            if isinstance(entry, HeldFanout):
+                entry.emit(host.stats)
+            else:
+                link, frame = entry
+                link.emit(frame)
 
     # -- alarms --------------------------------------------------------------------------
 
@@ -626,6 +630,8 @@ class Runtime:
         """
         host: ObjectHost = link.owner  # type: ignore[assignment]  # the hot path: no cast() call
         self.stats.messages_in += 1
+        if host is None:
+            return None  # its object moved away (drop_slots): what the peer still sends reaches nobody
         pair = host.auto_response
         if pair is not None and message == pair.request:
             # Answered by the runtime: the object is neither woken nor called.

@@ -119,7 +119,7 @@ async def serve(
     ``reload``, re-reads the settings and applies those that can change live.
     ``worker``: this process is one worker of ``--workers N`` (wsecho.serve.worker).
     """
-    from wsecho.serve.server import Server  # Tornado loads only when serving
+    from wsecho.serve.server import Server, storage_label  # Tornado loads only when serving
 
     server = Server(app, settings, notifier=notifier) if worker is None else worker.server(app, settings, notifier)
     try:
@@ -146,7 +146,7 @@ async def serve(
             port,
             settings.hibernate_after,
             settings.max_message_size,
-            settings.data_dir,
+            storage_label(settings),
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
     for host, port in server.admin_addresses:

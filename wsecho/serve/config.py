@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import logging
 import math
 import os
@@ -22,7 +23,9 @@ from typing import Any, NoReturn
 
 import attrs
 
+from wsecho.backends.dsn import is_postgres_url, redact
 from wsecho.core.errors import ConfigError
+from wsecho.core.fanout import MIN_QUEUE_BYTES
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.limits import Limits
 from wsecho.core.target import normalize_host
@@ -84,6 +87,19 @@ def _log_level(text: str) -> str:
 def _data_dir(text: str) -> str:
     if not text:
         msg = "must not be empty (use :memory: for storage that does not survive a restart)"
+        raise ValueError(msg)
+    return text
+
+
+def _storage(text: str) -> str:
+    if text == "sqlite":
+        return text
+    if not is_postgres_url(text):
+        shown = redact(text) if "://" in text else text
+        msg = f"must be sqlite or a postgresql:// (or postgres://) URL, got {shown!r}"
+        raise ValueError(msg)
+    if importlib.util.find_spec("psycopg") is None or importlib.util.find_spec("psycopg_pool") is None:
+        msg = "a PostgreSQL URL needs psycopg and psycopg-pool: pip install 'wsecho[postgres]'"
         raise ValueError(msg)
     return text
 
@@ -210,6 +226,15 @@ def _limit(
     return Option(flag, parse, show(default), meaning, metavar, limit=field)
 
 
+def _fanout_queue(text: str) -> int:
+    """Bytes (see :func:`_bytes`), at least the send queue's high-water mark."""
+    value = _bytes(text)
+    if value >= MIN_QUEUE_BYTES:
+        return value
+    msg = f"must be at least {MIN_QUEUE_BYTES} bytes (64KiB, the send queue's high-water mark), got {value}"
+    raise ValueError(msg)
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/").lower() for o in text.split(",") if o.strip())
     for origin in origins:
@@ -282,6 +307,14 @@ OPTIONS = (
         "where objects' storage lives (SQLite); under systemd the default is $STATE_DIRECTORY; "
         ":memory: keeps it in memory only",
         "DIR",
+    ),
+    Option(
+        "--storage",
+        _storage,
+        "sqlite",
+        "where objects' storage lives: sqlite (in --data-dir) or a PostgreSQL URL, "
+        "postgresql://USER@HOST:PORT/DATABASE (put the password in ~/.pgpass or PGPASSFILE, not here)",
+        "sqlite|URL",
     ),
     Option(
         "--max-connections",
@@ -470,6 +503,16 @@ OPTIONS = (
         "(the API's unit); a larger one raises InvalidArgumentError",
         "MS",
     ),
+    _limit(
+        "--max-fanout-queue",
+        "fanout_queue_bytes",
+        _fanout_queue,
+        "bytes queued for one WebSocket past which ctx.broadcast() drops the message for it or closes "
+        "it with 1008 (its class's fanout_overflow), unless the class sets fanout_queue_bytes; "
+        f"at least {MIN_QUEUE_BYTES // 1024}KiB",
+        "BYTES",
+        show=_bytes_text,
+    ),
     Option(
         "--warn-blocked",
         _non_negative_seconds,
@@ -567,6 +610,8 @@ class Settings:
     hibernate_after: float = DEFAULTS["hibernate_after"]
     max_message_size: int = DEFAULTS["max_message_size"]
     data_dir: str = DEFAULTS["data_dir"]
+    #: "sqlite", or a PostgreSQL URL (which may hold a password: show it through ``redact``).
+    storage: str = DEFAULTS["storage"]
     max_connections: int = DEFAULTS["max_connections"]
     max_http_connections: int = DEFAULTS["max_http_connections"]
     max_body_memory: int = DEFAULTS["max_body_memory"]
@@ -595,6 +640,7 @@ class Settings:
     max_attachment_bytes: int = DEFAULTS["max_attachment_bytes"]
     max_auto_response_bytes: int = DEFAULTS["max_auto_response_bytes"]
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
+    max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
     lease_ttl: float = DEFAULTS["lease_ttl"]
     lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]

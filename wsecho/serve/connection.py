@@ -25,6 +25,11 @@ connections are measured, in one :class:`SendQueues` ledger per server: a peer o
 the ones with the most queued are cut with 1008 until the rest fit. A connection that keeps
 up costs nothing on its send path but one attribute test.
 
+Broadcasts (``ctx.broadcast``) are corked: the frames for one peer wait until the event loop's
+next pass (or ``CORK_BYTES``) and leave in one write, so a burst of broadcasts costs each peer
+one system call instead of one per message; any other frame for that peer writes them first,
+so the order is kept. The one frame is shared by every peer (see :mod:`wsecho.core.fanout`).
+
 Compression (permessage-deflate, RFC 7692) is a subclass, :class:`DeflateConnection`, chosen
 at the upgrade: a plain connection's send path does not test for it at all. Every message is
 compressed on its own (no context takeover), so no zlib object outlives a message.
@@ -38,11 +43,13 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from wsecho.core import deflate, frames
+from wsecho.core import frames
+from wsecho.core.fanout import Overflow
 from wsecho.core.lifecycle import WireEffect, WireInput, WireState, wire_transition
 
 if TYPE_CHECKING:
     from wsecho.api.websocket import SocketLink
+    from wsecho.core.fanout import Fanout
     from wsecho.runtime.runtime import Runtime
 
 try:  # Tornado's C routine for unmasking frames, when Tornado was built with it (it usually is)
@@ -56,8 +63,6 @@ _TEXT = frames.TEXT
 _BINARY = frames.BINARY
 _PONG = frames.OP_PONG
 _PING = frames.OP_PING
-_TEXT_FRAME = frames.OP_TEXT
-_BINARY_FRAME = frames.OP_BINARY
 _message_frame = frames.message_frame
 
 #: Bytes queued for a peer past which the transport pauses our writing (the connection joins
@@ -69,6 +74,9 @@ LOW_WATER = 16 * 1024
 #: 10,000 of the smallest frames, under 10 ms of parsing (libuv otherwise hands a busy socket
 #: up to 32 reads of 256 KiB in a row).
 READ_PASS_BYTES = 64 * 1024
+#: Broadcast bytes held for one peer before they are written without waiting for the loop's
+#: next pass (see Connection._cork): a bound on what corking holds, not on what it saves.
+CORK_BYTES = 64 * 1024
 #: At most one warning a second about cut peers; the others are counted in the next one.
 LOG_EVERY = 1.0
 _PING_PAYLOAD = struct.Struct("!d")
@@ -137,6 +145,7 @@ class ConnectionSettings:
     __slots__ = (
         "close_timeout",
         "compression",
+        "corked",
         "cut_log",
         "linger",
         "max_message_size",
@@ -168,6 +177,14 @@ class ConnectionSettings:
         self.linger = linger
         self.read_pass_bytes = read_pass_bytes
         self.cut_log = CutLog()
+        #: Connections holding broadcast frames until the loop's next pass (see Connection.cork).
+        self.corked: list[Connection] = []
+
+    def uncork_all(self) -> None:
+        """Write every connection's corked broadcast frames (once per loop pass that broadcast)."""
+        corked, self.corked = self.corked, []
+        for conn in corked:
+            conn.uncork()
 
 
 class Connection(asyncio.Protocol):
@@ -181,6 +198,8 @@ class Connection(asyncio.Protocol):
         "_timer",
         "backed_up",
         "backlog",
+        "cork",
+        "cork_bytes",
         "drained",
         "failure",
         "heard",
@@ -239,6 +258,9 @@ class Connection(asyncio.Protocol):
         #: loop time since which none did (a peer whose queue does not drain is dead).
         self.backed_up = False
         self.queued = 0
+        #: Broadcast frames for this peer written together at the loop's next pass, and their size.
+        self.cork: list[bytes] | None = None
+        self.cork_bytes = 0
         self.drained = 0
         self.stalled_since: float | None = None
 
@@ -313,6 +335,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.registry.discard(self)
+        self.cork = None
         self._leave_queues()
         self._cancel_timer()
         self.transport = None
@@ -331,24 +354,88 @@ class Connection(asyncio.Protocol):
         self._write(frames.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
         self._carry_out(self._move(WireInput.WROTE_CLOSE))
 
+    def send_fanout(self, fanout: Fanout) -> bool:
+        return self._cork(fanout.frame, fanout)
+
     # -- internals ---------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _cork(self, frame: bytes, fanout: Fanout) -> bool:
+        """Hold a broadcast's frame for this peer until the loop's next pass (or ``CORK_BYTES``),
+        so that the broadcasts of one pass (a burst from one sender, a busy room) leave in one
+        write per peer instead of one system call per message; False when it was dropped or
+        the peer cut (its class's fan-out policy) or the peer is gone."""
+        if self.backed_up and self._over_fanout_limit(fanout, len(frame) + self.cork_bytes):
+            return False
         transport = self.transport
         if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
-            return  # the peer is gone (connection_lost reports it) or the connection failed
+            return False
+        cork = self.cork
+        if cork is None:
+            self.cork = [frame]
+            self.cork_bytes = len(frame)
+            corked = self._settings.corked
+            if not corked:
+                asyncio.get_running_loop().call_soon(self._settings.uncork_all)
+            corked.append(self)
+        else:
+            cork.append(frame)
+            self.cork_bytes += len(frame)
+            if self.cork_bytes >= CORK_BYTES:
+                self.uncork()
+        return True
+
+    def uncork(self) -> None:
+        """Write the broadcast frames held for this peer (before anything else is written)."""
+        cork = self.cork
+        if cork is not None:
+            self.cork = None
+            self.cork_bytes = 0
+            self._write(cork[0] if len(cork) == 1 else b"".join(cork))
+
+    def _write(self, data: bytes) -> bool:
+        """Write ``data``; False when the peer is gone (connection_lost reports it) or the
+        connection failed, and nothing was written."""
+        if self.cork is not None:
+            self.uncork()  # the broadcasts sent before this frame go first
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.wire is WireState.FAILED:
+            return False
         transport.write(data)
         if self.backed_up:  # set by pause_writing, which write() itself calls past HIGH_WATER
             # A peer that stops reading must not grow our memory without bound.
             settings = self._settings
             queues = settings.queues
-            old = self.queued
-            size = self.look(len(data))
-            queues.total += size - old
+            size = self._measure(len(data))
             if size > settings.max_outgoing:
                 self.cut(1008, f"the peer read too slowly (over {settings.max_outgoing} bytes queued)")
             elif queues.limit and queues.total > queues.limit:
                 queues.over_budget()
+        return True
+
+    def _measure(self, written: int) -> int:
+        """Look at the queue of this backed-up connection and update the server's ledger."""
+        old = self.queued
+        size = self.look(written)
+        self._settings.queues.total += size - old
+        return size
+
+    def _over_fanout_limit(self, fanout: Fanout, size: int) -> bool:
+        """Whether a broadcast's ``size`` bytes would take this backed-up peer's queue past its
+        class's limit: then the message is dropped for it, or it is cut with 1008 (counted)."""
+        policy = fanout.policy
+        if self._measure(0) + size <= policy.queue_bytes:
+            return False
+        stats = self._settings.runtime.stats
+        if policy.overflow is Overflow.DROP:
+            stats.fanout_dropped += 1
+        else:
+            stats.fanout_closed += 1
+            self.cut(
+                1008,
+                f"the peer read too slowly for a broadcast (over its fan-out limit of {policy.queue_bytes} "
+                "bytes queued: fanout_queue_bytes)",
+            )
+        return True
 
     # -- slow readers (asyncio flow control) ---------------------------------------------
 
@@ -382,6 +469,7 @@ class Connection(asyncio.Protocol):
     def cut(self, code: int, reason: str) -> None:
         """End the connection at once (its queue is dropped); the object gets ``web_socket_error(code)``."""
         self.failure = (code, reason)
+        self.cork = None
         self._leave_queues()
         self._settings.cut_log.warn(self.link.ws.url, reason)
         self._carry_out(self._move(WireInput.CUT))
@@ -491,9 +579,9 @@ class DeflateConnection(Connection):
         self.window_bits = window_bits
 
     def send_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            data, opcode = message.encode("utf-8"), _TEXT_FRAME
-        else:
-            data, opcode = message, _BINARY_FRAME
-        # 0x40 in the first byte: RSV1, "Per-Message Compressed" (RFC 7692 §6)
-        self._write(frames.frame(opcode | 0x40, deflate.compress(data, self.window_bits)))
+        self._write(frames.deflated_frame(message, self.window_bits))
+
+    def send_fanout(self, fanout: Fanout) -> bool:
+        # Every message is compressed on its own (no context takeover), so sockets with the same
+        # window share the broadcast's compressed frame (see wsecho.core.fanout).
+        return self._cork(fanout.deflated(self.window_bits), fanout)

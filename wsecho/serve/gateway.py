@@ -193,6 +193,9 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
             UPGRADING.set(True)
             try:
                 response = await self.runtime.fetch(request)
+            except (WorkerUnavailableError, NotOwnerError) as exc:
+                await answer(503, [*PLAIN, ("Retry-After", "1")], str(exc).encode())
+                return
             except (Exception, HandOver) as exc:
                 if isinstance(exc, RoutingError | HandOver):
                     log.error("%s %s: %s", method, path, exc if isinstance(exc, RoutingError) else "routed twice")

@@ -32,8 +32,9 @@ log = logging.getLogger("wsecho.haproxy")
 #: Names HAProxy accepts for backends and servers, and keys the runtime API takes as one word.
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KEY = re.compile(r"[\x21-\x7e]{1,256}")
-#: How many routing keys a member remembers having taught (it does not repeat itself).
+#: How many routing keys a member remembers having taught, and how soon it may teach one again.
 TAUGHT_KEYS = 10_000
+TEACH_INTERVAL = 0.5
 
 
 @attrs.frozen
@@ -123,9 +124,11 @@ def haproxy_config(
         "    timeout server  30s",
         "    # A WebSocket, once upgraded: above --ping-interval (30 s).",
         "    timeout tunnel  75s",
-        "    # Only a member that holds its slots says ready (/readyz on its admin port).",
+        "    # Only a member that holds its slots says ready (/readyz on its admin port). A member",
+        "    # marked down has its sessions cut, so that its clients reconnect (to the new owner)",
+        "    # instead of waiting on a process that stopped.",
         "    option httpchk GET /readyz",
-        "    default-server inter 1s fall 2 rise 1",
+        "    default-server inter 1s fall 2 rise 1 on-marked-down shutdown-sessions",
         "",
         "frontend wsecho",
         f"    bind {bind}",
@@ -151,15 +154,21 @@ class Teacher:
     def __init__(self, addresses: Sequence[str], map_path: str) -> None:
         self.addresses = list(addresses)
         self.map_path = map_path
-        self._taught: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._taught: collections.OrderedDict[str, tuple[str, float]] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def teach(self, key: str, member: str) -> None:
-        """Map ``key`` to ``member``'s backend in every HAProxy (in the background, once per change)."""
+    def teach(self, key: str, member: str, now: float) -> None:
+        """Map ``key`` to ``member``'s backend in every HAProxy (in the background).
+
+        The map is shared by every member, so another one may have changed the key since this
+        one taught it: a request that still arrives here is taught again, at most once per
+        :data:`TEACH_INTERVAL` seconds per key.
+        """
         backend = backend_name(member)
-        if self._taught.get(key) == backend:
+        last = self._taught.get(key)
+        if last is not None and last[0] == backend and now - last[1] < TEACH_INTERVAL:
             return
-        self._taught[key] = backend
+        self._taught[key] = (backend, now)
         self._taught.move_to_end(key)
         while len(self._taught) > TAUGHT_KEYS:
             self._taught.popitem(last=False)

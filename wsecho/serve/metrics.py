@@ -48,6 +48,15 @@ COUNTERS = {
         "wsecho_dead_peers",
         "connections cut because the peer did not answer our ping or did not read for --ping-timeout",
     ),
+    "broadcasts": ("wsecho_broadcasts", "ctx.broadcast() calls"),
+    "fanout_dropped": (
+        "wsecho_fanout_dropped",
+        "broadcast messages a socket missed because its queue was over the fan-out limit (fanout_overflow drop)",
+    ),
+    "fanout_closed": (
+        "wsecho_fanout_closed",
+        "sockets closed with 1008 because their queue was over the fan-out limit (fanout_overflow close)",
+    ),
 }
 
 

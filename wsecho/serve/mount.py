@@ -32,16 +32,19 @@ import tornado.websocket
 from wsecho.api.http import Headers, Request, Response
 from wsecho.api.websocket import SocketLink, accepted_peer
 from wsecho.core import frames
+from wsecho.core.fanout import FanoutPolicy, Overflow
 from wsecho.core.handshake import HANDSHAKE_HEADERS, handshake_problem
 from wsecho.core.limits import Limits
 from wsecho.runtime.runtime import Runtime
+from wsecho.serve.connection import CutLog
 from wsecho.serve.gateway import CLIENT_ADDRESS_HEADER, log_unaccepted_101
 from wsecho.serve.server import Sweeper, backend_for, utc_now
-from wsecho.serve.takeover import peer_close_protocol
+from wsecho.serve.takeover import peer_close_protocol, queued_bytes
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
     from wsecho.backends.base import Backend
+    from wsecho.core.fanout import Fanout
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ class Mount:
             backend=backend if backend is not None else backend_for(data_dir),
         )
         self._sweeper = Sweeper(self.runtime) if sweeper else None
+        #: Warnings about sockets a broadcast closed for reading too slowly, rate-limited.
+        self.cut_log = CutLog()
 
     def routes(self) -> list[tuple[str, type[ObjectHandler], dict[str, Any]]]:
         """The routes to put in your ``tornado.web.Application``: everything under the prefix."""
@@ -297,3 +302,41 @@ class ObjectHandler(tornado.websocket.WebSocketHandler):
     def send_close(self, code: int | None, reason: str) -> None:
         self.object_closed = True
         self.close(code, reason or None)
+
+    def send_fanout(self, fanout: Fanout) -> bool:
+        conn = self.ws_connection
+        stream = conn.stream if conn is not None else None
+        if stream is None or stream.closed():
+            return False  # the peer is gone; on_close reports it
+        frame = fanout.frame if self.plain_frames else None
+        policy = fanout.policy
+        size = len(frame) if frame is not None else len(fanout.message)
+        if queued_bytes(stream) + size > policy.queue_bytes:
+            self._fanout_overflow(stream, policy)
+            return False
+        if frame is None:
+            # Compressed: Tornado's framing, whose compressor may keep its context per socket.
+            try:
+                self.write_message(fanout.message, binary=isinstance(fanout.message, bytes))
+            except tornado.websocket.WebSocketClosedError:
+                return False
+            return True
+        try:
+            stream.write(frame)
+        except tornado.iostream.StreamClosedError:
+            return False
+        return True
+
+    def _fanout_overflow(self, stream: tornado.iostream.IOStream, policy: FanoutPolicy) -> None:
+        stats = self.runtime.stats
+        if policy.overflow is Overflow.DROP:
+            stats.fanout_dropped += 1
+            return
+        stats.fanout_closed += 1
+        reason = (
+            f"the peer read too slowly for a broadcast (over its fan-out limit of {policy.queue_bytes} "
+            "bytes queued: fanout_queue_bytes)"
+        )
+        self.failure = (1008, reason)  # on_close reports it as web_socket_error(1008)
+        self.mount.cut_log.warn(self.link.ws.url if self.link is not None else None, reason)
+        stream.close()  # at once: its queue is what is too long, a Close frame would wait behind it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import socket
 import ssl
 import time
@@ -24,13 +25,16 @@ import tornado.web
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
+from wsecho.backends.dsn import is_postgres_url, redact
+from wsecho.backends.leases import FencedError, PostgresLeases, fence_sql
+from wsecho.core.batches import Batch
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
 from wsecho.core.placement import Placement
 from wsecho.core.target import AllowedHosts
 from wsecho.core.wording import counted
-from wsecho.runtime.cluster import ClusterMember, LeaseStore
+from wsecho.runtime.cluster import ClusterMember, LeaseStore, machine_of
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
@@ -97,9 +101,50 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def backend_for(data_dir: str, *, lock: bool = True) -> Backend:
-    """SQLite in ``data_dir``, or memory for ``:memory:``; ``lock=False`` when a supervisor holds the lock."""
+def backend_for(data_dir: str, storage: str = "sqlite", *, lock: bool = True) -> Backend:
+    """The backend ``--storage`` names: PostgreSQL for a URL; else SQLite in ``data_dir``, or
+    memory for ``:memory:`` (``lock=False`` when a supervisor holds the directory's lock)."""
+    if is_postgres_url(storage):
+        from wsecho.backends.postgres import PostgresBackend  # psycopg loads only when used
+
+        return PostgresBackend(storage)
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir, lock=lock)
+
+
+def default_leases(settings: Settings, placement: Placement | None) -> PostgresLeases:
+    """This process's membership in the cluster of the processes sharing the database: named
+    ``--member-name`` (default: the host name and port), ``#INDEX`` added for a worker of
+    ``--workers N``; its lease owner id is unique to this process's life."""
+    machine = settings.member_name or f"{socket.gethostname()}-{settings.port}"
+    name = machine if placement is None or placement.count == 1 else f"{machine}#{placement.index}"
+    return PostgresLeases(settings.storage, f"{name}@{secrets.token_hex(6)}", name)
+
+
+def fence_with(backend: Backend, cluster: ClusterMember) -> None:
+    """Every commit to PostgreSQL first checks, in its transaction, that this member still holds
+    the lease of each slot it writes, at the epoch it acted under (docs/decisions/0007)."""
+    from wsecho.backends.postgres import PostgresBackend, object_slot  # psycopg loads only when used
+
+    if not isinstance(backend, PostgresBackend):
+        return
+    backend.idle_in_transaction = min(backend.idle_in_transaction, cluster.ttl)
+    member = cluster.store.member
+
+    def check(batches: list[Batch]) -> tuple[str, list[Any]]:
+        slots = {s for s in (object_slot(b.object) for b in batches) if s is not None}
+        epochs = cluster.epochs(slots)
+        missing = sorted(slots - epochs.keys())
+        if missing:
+            msg = f"refused to commit: this process does not hold the lease of slot {missing[0]} (fenced)"
+            raise FencedError(msg)
+        return fence_sql(member, epochs)
+
+    backend.fence_sql = check
+
+
+def storage_label(settings: Settings) -> str:
+    """Where the data is, for logs: the data directory, or the database's URL without its password."""
+    return redact(settings.storage) if is_postgres_url(settings.storage) else settings.data_dir
 
 
 #: Which flags set each listener's address, for the message when it cannot be bound.
@@ -179,13 +224,18 @@ class Server:
         the objects of the slots whose lease it can prove.
         """
         self.settings = settings
+        if backend is None:
+            backend = backend_for(settings.data_dir, settings.storage, lock=placement is None)
+            if leases is None and is_postgres_url(settings.storage):
+                # Several processes may share a database: each is a member of one cluster.
+                leases = default_leases(settings, placement)
         self.runtime = Runtime(
             app,
             clock=clock,
             wall_clock=wall_clock,
             hibernate_after=settings.hibernate_after,
             limits=limits if limits is not None else settings.limits,
-            backend=backend if backend is not None else backend_for(settings.data_dir, lock=placement is None),
+            backend=backend,
             placement=placement,
             remote=mesh,
         )
@@ -226,7 +276,10 @@ class Server:
                 probed_at=lambda: self.probed_at,
                 probe_timeout=settings.lb_probe_timeout,
             )
-            self.runtime.set_ownership(self.cluster, None, guard_events=True)
+            # The workers of this machine (--workers N) are members too; an object of a sibling
+            # worker moves to it through the mesh, as without a cluster.
+            self.runtime.set_ownership(self.cluster, mesh, guard_events=True)
+            fence_with(backend, self.cluster)
             if settings.haproxy_runtime:
                 self._teach_routes(settings)
         self._inherited = sockets
@@ -425,8 +478,11 @@ class Server:
 
         def misrouted(request: Request, hex_id: str) -> None:
             key, owner = route.value(request), cluster.expected_owner(hex_id)
-            if key is not None and owner is not None and owner != me:
-                teacher.teach(key, owner)
+            if key is None or owner is None or owner == me:
+                return
+            machine = machine_of(owner)
+            if machine != cluster.machine:  # a sibling worker's object moves through the mesh instead
+                teacher.teach(key, machine, self.runtime.clock())
 
         self._application.misrouted = misrouted
 

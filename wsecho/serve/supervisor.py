@@ -24,7 +24,8 @@ from typing import Any
 
 import attrs
 
-from wsecho.backends.base import SQLiteBackend, lock_data_dir
+from wsecho.backends.base import lock_data_dir
+from wsecho.backends.dsn import is_postgres_url
 from wsecho.core.errors import ConfigError, StorageError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.target import AllowedHosts
@@ -44,7 +45,7 @@ from wsecho.serve.mesh import (
 )
 from wsecho.serve.metrics import merge_pages
 from wsecho.serve.sdnotify import Notifier
-from wsecho.serve.server import STATUS_INTERVAL, bind, start_admin
+from wsecho.serve.server import STATUS_INTERVAL, backend_for, bind, start_admin, storage_label
 
 log = logging.getLogger("wsecho")
 
@@ -104,8 +105,7 @@ class Supervisor:
         Raises StorageError / OSError (exit 1) when a worker fails before it is ready.
         """
         settings = self.settings
-        if settings.data_dir != ":memory:":
-            await self._prepare_storage(Path(settings.data_dir))
+        await self._prepare_storage()
         if settings.admin_port is not None:
             self._admin, self.admin_addresses = start_admin(self, settings, None)
         self.listen = bind("application", settings.host, settings.port, backlog=settings.backlog)
@@ -121,12 +121,17 @@ class Supervisor:
         self.phase = "ready"
         self.notifier.ready()
 
-    async def _prepare_storage(self, data_dir: Path) -> None:
-        """Lock the directory (held while any worker lives: they inherit the descriptor) and
-        bring the schema up to date once, before the workers open it."""
-        self._lock_fd = lock_data_dir(data_dir)
-        os.set_inheritable(self._lock_fd, True)
-        backend = SQLiteBackend(data_dir, lock=False)
+    async def _prepare_storage(self) -> None:
+        """Bring the schema up to date once, before the workers open the storage. SQLite's data
+        directory is locked first (held while any worker lives: they inherit the descriptor);
+        a PostgreSQL database has no lock (several machines may share it)."""
+        settings = self.settings
+        if not is_postgres_url(settings.storage):
+            if settings.data_dir == ":memory:":
+                return
+            self._lock_fd = lock_data_dir(Path(settings.data_dir))
+            os.set_inheritable(self._lock_fd, True)
+        backend = backend_for(settings.data_dir, settings.storage, lock=False)
         await backend.open()
         await backend.close()
 
@@ -356,7 +361,7 @@ async def supervise(
             port,
             counted(settings.workers, "worker"),
             settings.hibernate_after,
-            settings.data_dir,
+            storage_label(settings),
         )
     for host, port in supervisor.admin_addresses:
         log.info("admin listener on http://%s:%d (/healthz /readyz /metrics /objects)", host, port)

@@ -77,6 +77,12 @@ def take_tls_socket(stream: SSLIOStream) -> tuple[ssl.SSLSocket, bytes]:
     return sock, leftover
 
 
+def queued_bytes(stream: IOStream) -> int:
+    """Bytes written to ``stream`` that the kernel has not taken yet: IOStream keeps no public
+    count (a mounted socket's broadcast compares it with the fan-out limit)."""
+    return int(stream._total_write_index - stream._total_write_done_index)
+
+
 def _release(stream: IOStream) -> bytes:
     """Make ``stream`` stop watching its descriptor; return what it had read and not consumed."""
     leftover = bytes(stream._read_buffer[: stream._read_buffer_size])
@@ -292,6 +298,11 @@ def check_tornado(
                 ("IOStream._read_buffer", isinstance(getattr(stream, "_read_buffer", None), bytearray)),
                 ("IOStream._read_buffer_size", isinstance(getattr(stream, "_read_buffer_size", None), int)),
                 ("IOStream._state", hasattr(stream, "_state")),
+                ("IOStream._total_write_index", isinstance(getattr(stream, "_total_write_index", None), int)),
+                (
+                    "IOStream._total_write_done_index",
+                    isinstance(getattr(stream, "_total_write_done_index", None), int),
+                ),
                 ("WebSocketProtocol13._handle_message", callable(getattr(protocol, "_handle_message", None))),
                 ("WebSocketProtocol._run_callback", callable(getattr(protocol, "_run_callback", None))),
                 ("websocket._WebSocketParams", callable(getattr(tornado.websocket, "_WebSocketParams", None))),
