@@ -5,13 +5,15 @@
 ``ack N`` (after the write is durable: the output gate); ``pid`` answers the process id.
 ``/rpc/FROM/TO`` makes FROM call TO's methods and reports what came back.
 
-With ``WSECHO_TEST_PROBE_LOG`` set, every constructor run (``ctor NAME PID T``) and every
-turn (``turn NAME PID START END``, monotonic seconds, comparable across processes) is
-appended to that file, one line each (O_APPEND: lines of several processes do not mix).
+With ``WSECHO_TEST_PROBE_LOG`` set, every constructor run (``ctor NAME PID T INSTANCE``) and
+every turn (``turn NAME PID START END INSTANCE``, monotonic seconds, comparable across
+processes and network namespaces; INSTANCE is random per constructor run) is appended to
+that file, one line each (O_APPEND: lines of several processes do not mix).
 """
 
 import json
 import os
+import secrets
 import time
 from urllib.parse import urlsplit
 
@@ -33,7 +35,8 @@ def record(*fields) -> None:
 class Room(DurableObject):
     def __init__(self, ctx, env) -> None:
         super().__init__(ctx, env)
-        record("ctor", ctx.id.name, os.getpid(), time.monotonic())
+        self.instance = secrets.token_hex(4)
+        record("ctor", ctx.id.name, os.getpid(), time.monotonic(), self.instance)
 
     async def fetch(self, request):
         start = time.monotonic()
@@ -46,7 +49,7 @@ class Room(DurableObject):
             name = self.ctx.id.name
             return Response(f"{name} {os.getpid()} {count} {len(self.ctx.get_web_sockets())}")
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic())
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance)
 
     async def web_socket_message(self, ws, message):
         start = time.monotonic()
@@ -60,7 +63,7 @@ class Room(DurableObject):
             else:
                 ws.send(message)
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic())
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance)
 
     # RPC methods
     def add(self, numbers, blob=b""):

@@ -167,7 +167,7 @@ async def test_a_worker_never_constructs_an_object_it_does_not_own(tmp_path):
     async with two_workers(tmp_path) as servers:
         runtime = servers[0].runtime
         oid = ROOM.id_from_name(owned_by(1, "room"))
-        with pytest.raises(InvalidStateError, match="belongs to worker 1, not to this one"):
+        with pytest.raises(InvalidStateError, match="is served by worker 1, not by this process"):
             runtime.host(oid, workers_app.Caller)
 
 

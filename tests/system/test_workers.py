@@ -144,7 +144,7 @@ def test_concurrent_first_requests_for_one_name_build_one_instance(workers, tmp_
     constructors = [line for line in lines if line[0] == "ctor" and line[1] == "solo"]
     assert len(constructors) == 1, constructors
     pid = constructors[0][2]
-    turns = sorted((float(s), float(e), p) for kind, name, p, s, e in (x for x in lines if x[0] == "turn"))
+    turns = sorted((float(x[3]), float(x[4]), x[2]) for x in lines if x[0] == "turn")
     assert len(turns) == 70  # 30 upgrades, 30 messages, 10 plain requests
     assert {p for _, _, p in turns} == {pid}
     for (_, end, _), (start, _, _) in itertools.pairwise(turns):

@@ -44,6 +44,10 @@ class Backend(Protocol):
         """Get ready; return every stored alarm."""
         ...
 
+    async def stored_alarms(self) -> list[AlarmRow]:
+        """Every stored alarm (a cluster member loads those of the slots it takes)."""
+        ...
+
     async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]: ...
 
     async def scan(
@@ -84,6 +88,9 @@ class MemoryBackend:
         self._usage: dict[str, int] = {}
 
     async def open(self) -> list[AlarmRow]:
+        return list(self.alarms.values())
+
+    async def stored_alarms(self) -> list[AlarmRow]:
         return list(self.alarms.values())
 
     async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
@@ -266,6 +273,14 @@ class SQLiteBackend:
                 conn.execute("ROLLBACK")
                 msg = f"schema migration {name} failed on {self.path}: {exc}"
                 raise StorageError(msg) from exc
+
+    async def stored_alarms(self) -> list[AlarmRow]:
+        def run() -> list[AlarmRow]:
+            assert self._rconn is not None
+            rows = self._rconn.execute("SELECT object, namespace, id, name, at_ms FROM alarms").fetchall()
+            return [AlarmRow(*row) for row in rows]
+
+        return await self._on(self._reader, run)
 
     async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
         def run() -> dict[str, bytes]:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from wsecho.backends.base import migrations, scan_query
 from wsecho.backends.dsn import redact
+from wsecho.backends.leases import FENCED_SQLSTATE, FencedError
 from wsecho.core.alarms import AlarmRow
 from wsecho.core.batches import Batch
 from wsecho.core.errors import StorageError
@@ -61,10 +62,23 @@ CONNECTION: dict[str, Any] = {
     "keepalives_count": 3,
 }
 
+#: How long the server lets a transaction wait on a process that stopped in the middle of it.
+IDLE_IN_TRANSACTION = 30.0
+
+#: Builds the fencing statement for a commit (see PostgresBackend.fence_sql).
+FenceSQL = Callable[[list[Batch]], tuple[str, Sequence[Any]]]
+
 #: Runs first in every commit's transaction, on its connection; raising aborts the commit.
 Fence = Callable[[psycopg.AsyncConnection[Any], list[Batch]], Awaitable[None]]
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _alarm_rows(rows: list[Any]) -> list[AlarmRow]:
+    return [
+        AlarmRow(obj, ns, hex_id, None if name is None else bytes(name).decode("utf-8"), at_ms)
+        for obj, ns, hex_id, name, at_ms in rows
+    ]
 
 
 def object_slot(obj: str) -> int | None:
@@ -82,6 +96,13 @@ class PostgresBackend:
         self.where = redact(url)
         self.pool_size = pool_size
         self.fence = fence
+        #: A statement (and its parameters) that the one-message commit runs first, in its
+        #: transaction: a cluster member's fencing check (wsecho.backends.leases.fence_sql).
+        #: It may raise to refuse the commit before anything is sent.
+        self.fence_sql: FenceSQL | None = None
+        #: Seconds a transaction may wait on this process before the server ends it (a cluster
+        #: member sets its lease ttl: a take-over then waits at most that long for the locks).
+        self.idle_in_transaction = IDLE_IN_TRANSACTION
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         #: Operations holding a connection; close() lets them finish (as SQLite's threads do).
         self._in_use = 0
@@ -112,16 +133,27 @@ class PostgresBackend:
             max_size=self.pool_size,
             open=False,
             kwargs=CONNECTION,
-            configure=_configure,
+            configure=self._configure,
             timeout=POOL_TIMEOUT,
             reconnect_timeout=RECONNECT_TIMEOUT,
             name="wsecho",
         )
         await self._pool.open(wait=False)
-        return [
-            AlarmRow(obj, ns, hex_id, None if name is None else bytes(name).decode("utf-8"), at_ms)
-            for obj, ns, hex_id, name, at_ms in rows
-        ]
+        return _alarm_rows(rows)
+
+    async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # An acknowledged write must be on the server's disk: never let a server default of
+        # synchronous_commit = off (or local, with a replica) weaken that.
+        await conn.execute("SET synchronous_commit = on")
+        # A process that stops in the middle of a commit (SIGSTOP, a partition) must not hold
+        # its row locks for ever: the server ends its transaction (nothing of it is acknowledged).
+        ms = max(int(self.idle_in_transaction * 1000), 1)
+        await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+
+    async def stored_alarms(self) -> list[AlarmRow]:
+        async with self._connection("reading the alarms from") as conn:
+            cur = await conn.execute("SELECT object, namespace, id, name, at_ms FROM alarms")
+            return _alarm_rows(await cur.fetchall())
 
     async def migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Bring the schema up to date: every pending file in one transaction, under an advisory
@@ -171,6 +203,8 @@ class PostgresBackend:
             async with pool.connection() as conn:
                 yield conn
         except (psycopg.Error, OSError) as exc:
+            if isinstance(exc, psycopg.Error) and exc.sqlstate == FENCED_SQLSTATE:
+                raise FencedError(f"refused to commit: {_reason(exc)} (fenced)") from exc
             if isinstance(exc, psycopg.OperationalError):
                 # The server may have gone away: drop the idle connections that went with it, so
                 # that the next operation (the storage probe's) connects afresh.
@@ -219,6 +253,8 @@ class PostgresBackend:
     # -- the commit ----------------------------------------------------------------------------
 
     async def commit(self, batches: list[Batch]) -> dict[str, int]:
+        if self.fence is None:
+            return await self._commit_at_once(batches)
         objects = list(dict.fromkeys(batch.object for batch in batches))
         # Pipeline mode: the statements of every batch go out without waiting for each answer,
         # so a commit of many objects costs a few round trips, not one per statement.
@@ -228,6 +264,72 @@ class PostgresBackend:
             before = await _usage_of(conn, objects)
             await self.apply(conn, batches)
             after = await _usage_of(conn, objects)
+        return {obj: after.get(obj, 0) - before.get(obj, 0) for obj in objects}
+
+    async def _commit_at_once(self, batches: list[Batch]) -> dict[str, int]:
+        """The whole transaction in one message (the statements bound on this side): the server
+        runs it without waiting on this process half-way, so a process that stops (SIGSTOP, a
+        partition) in the middle of a commit never holds a lock — a fencing check's included —
+        while the others wait. One round trip, too."""
+        objects = list(dict.fromkeys(batch.object for batch in batches))
+        statements: list[str] = ["BEGIN"]
+        params: list[Any] = []
+        if self.fence_sql is not None:
+            sql, args = self.fence_sql(batches)  # may raise: refused before anything is sent
+            statements.append(sql)
+            params.extend(args)
+        usage = "SELECT object, bytes FROM usage WHERE object = ANY(%s)"
+        statements.append(usage)
+        params.append(objects)
+        for batch in batches:
+            obj, slot = batch.object, object_slot(batch.object)
+            if batch.clear:
+                statements.append("DELETE FROM kv WHERE object = %s")
+                params.append(obj)
+            dels = [k.encode("utf-8") for k, v in batch.writes.items() if v is None]
+            puts = [(k.encode("utf-8"), v) for k, v in batch.writes.items() if v is not None]
+            if dels:
+                statements.append("DELETE FROM kv WHERE object = %s AND key = ANY(%s)")
+                params.extend((obj, dels))
+            if puts:
+                rows = ", ".join(["(%s, %s, %s, %s)"] * len(puts))
+                statements.append(
+                    f"INSERT INTO kv (object, key, value, slot) VALUES {rows}"
+                    " ON CONFLICT (object, key) DO UPDATE SET value = excluded.value"
+                )
+                for key, value in puts:
+                    params.extend((obj, key, value, slot))
+            if isinstance(batch.alarm, AlarmRow):
+                a = batch.alarm
+                statements.append(
+                    "INSERT INTO alarms (object, namespace, id, name, at_ms, slot) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (object) DO UPDATE SET namespace = excluded.namespace, id = excluded.id,"
+                    " name = excluded.name, at_ms = excluded.at_ms, slot = excluded.slot"
+                )
+                params.extend((a.object, a.namespace, a.id, None if a.name is None else a.name.encode("utf-8")))
+                params.extend((a.at_ms, slot))
+            elif batch.alarm is None:
+                statements.append("DELETE FROM alarms WHERE object = %s")
+                params.append(obj)
+        statements.append(usage)
+        params.append(objects)
+        statements.append("COMMIT")
+        async with self._connection("writing to") as conn:
+            cur = psycopg.AsyncClientCursor(conn)
+            try:
+                await cur.execute(";\n".join(statements), params)
+            except BaseException:
+                # The server stopped at the failing statement, inside the transaction.
+                with contextlib.suppress(psycopg.Error):
+                    await conn.execute("ROLLBACK")
+                raise
+            usages: list[dict[str, int]] = []
+            while True:
+                if cur.description is not None and [c.name for c in cur.description] == ["object", "bytes"]:
+                    usages.append({o: int(n) for o, n in await cur.fetchall()})
+                if not cur.nextset():
+                    break
+        before, after = usages[0], usages[-1]
         return {obj: after.get(obj, 0) - before.get(obj, 0) for obj in objects}
 
     async def apply(self, conn: psycopg.AsyncConnection[Any], batches: list[Batch]) -> None:
@@ -269,12 +371,6 @@ class PostgresBackend:
         await self._idle.wait()
         self._pool = None
         await pool.close()
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    # An acknowledged write must be on the server's disk: never let a server default of
-    # synchronous_commit = off (or local, with a replica) weaken that.
-    await conn.execute("SET synchronous_commit = on")
 
 
 async def _usage_of(conn: psycopg.AsyncConnection[Any], objects: list[str]) -> dict[str, int]:

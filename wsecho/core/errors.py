@@ -21,6 +21,16 @@ class InvalidStateError(WsechoError, RuntimeError):
     """A call that the object or socket cannot take in its current state."""
 
 
+class NotOwnerError(InvalidStateError):
+    """The object belongs to another process (a worker of ``--workers N``, or another member
+    of a cluster), which must serve it; the client is told to try again (503)."""
+
+    def __init__(self, message: str, hex_id: str = "") -> None:
+        super().__init__(message)
+        #: The object's id (64 hex digits), for routing the client to its owner.
+        self.hex_id = hex_id
+
+
 class NoTransitionError(InvalidStateError):
     """The lifecycle table has no row for this (state, input); nothing changed."""
 

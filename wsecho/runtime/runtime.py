@@ -17,7 +17,7 @@ import inspect
 import logging
 import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -32,6 +32,7 @@ from wsecho.core.batches import Batch
 from wsecho.core.errors import (
     InvalidArgumentError,
     InvalidStateError,
+    NotOwnerError,
     ObjectResetError,
     StorageError,
     WebSocketProtocolError,
@@ -51,7 +52,7 @@ from wsecho.core.lifecycle import (
     SocketState,
 )
 from wsecho.core.limits import Limits
-from wsecho.core.placement import Placement
+from wsecho.core.placement import slot_of
 from wsecho.core.stats import Stats
 from wsecho.core.wording import counted
 from wsecho.runtime.commits import GroupCommitter
@@ -93,6 +94,17 @@ QUOTA_LOG_INTERVAL = 60.0
 PROBE_OBJECT = "wsecho:probe"
 
 
+class Ownership(Protocol):
+    """Which objects this process may serve: a worker's fixed share
+    (:class:`~wsecho.core.placement.Placement`) or a cluster member's proven leases."""
+
+    def is_local(self, hex_id: str) -> bool: ...
+
+    def owner(self, hex_id: str) -> int | None:
+        """The index of the local worker that owns it, or None when no worker here does."""
+        ...
+
+
 class Remote(Protocol):
     """How a worker reaches the objects other workers own (``--workers N``; the serve layer's mesh)."""
 
@@ -121,13 +133,16 @@ class Runtime:
         hibernate_after: float = 10.0,
         limits: Limits | None = None,
         backend: Backend | None = None,
-        placement: Placement | None = None,
+        placement: Ownership | None = None,
         remote: Remote | None = None,
+        guard_events: bool = False,
     ) -> None:
         self.app = app
         #: Which objects this process owns (None: all of them).
         self.placement = placement
         self.remote = remote
+        self._guard: Callable[[str], bool] | None = None
+        self.set_ownership(placement, remote, guard_events=guard_events)
         self.clock = clock
         self.wall_clock = wall_clock
         self.hibernate_after = hibernate_after
@@ -223,12 +238,29 @@ class Runtime:
         self.submit(host, RpcEvent(reply, method, args, kwargs))
         return await reply
 
+    def set_ownership(self, placement: Ownership | None, remote: Remote | None, *, guard_events: bool) -> None:
+        """Which objects this process serves; ``guard_events``: check before every event (a
+        cluster member's leases can run out; a worker's share never changes)."""
+        self.placement = placement
+        self.remote = remote
+        self._guard = placement.is_local if placement is not None and guard_events else None
+
     def _owner(self, id: DurableObjectId) -> int | None:  # noqa: A002
-        """The index of the worker that owns ``id`` when it is another worker, else None."""
+        """The index of the worker that owns ``id`` when it is another worker here, else None;
+        NotOwnerError when no process here may serve it."""
         placement = self.placement
-        if placement is None or self.remote is None or placement.is_local(id.hex):
+        if placement is None or placement.is_local(id.hex):
             return None
-        return placement.owner(id.hex)
+        owner = placement.owner(id.hex)
+        if owner is None or self.remote is None:
+            raise self._not_owner(id)
+        return owner
+
+    def _not_owner(self, id: DurableObjectId) -> NotOwnerError:  # noqa: A002
+        placement = self.placement
+        owner = None if placement is None else placement.owner(id.hex)
+        where = f"worker {owner}" if owner is not None else "another member of the cluster"
+        return NotOwnerError(f"{id!r} (slot {slot_of(id.hex)}) is served by {where}, not by this process", id.hex)
 
     def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002
         host = self.host(id, cls)
@@ -245,10 +277,8 @@ class Runtime:
         host = self._hosts.get(id)
         if host is None:
             if self.placement is not None and not self.placement.is_local(id.hex):
-                # One live instance per object: only the owning worker may ever build one.
-                owner = self.placement.owner(id.hex)
-                msg = f"{id!r} belongs to worker {owner}, not to this one ({self.placement.index})"
-                raise InvalidStateError(msg)
+                # One live instance per object: only its owner may ever build one.
+                raise self._not_owner(id)
             after = cls.hibernate_after if cls.hibernate_after is not None else self.hibernate_after
             host = self._hosts[id] = ObjectHost(id, cls, self, float(after))
         return host
@@ -279,6 +309,12 @@ class Runtime:
 
     def submit(self, host: ObjectHost, event: Event) -> None:
         """Hand ``event`` to its object: wake it if needed, deliver in arrival order."""
+        if self._guard is not None and not self._guard(host.id.hex):
+            # A cluster member that cannot prove the lease of the object's slot does nothing for it.
+            why = f"this process no longer holds the lease of slot {slot_of(host.id.hex)}"
+            event.dropped(why)
+            self.drop_slots({slot_of(host.id.hex)}, why)
+            return
         if host.lifecycle.try_start(event):  # an awake, idle object: its turn starts now
             self._run(host, self._deliver(host, event))
         else:
@@ -453,6 +489,8 @@ class Runtime:
             if ns is None:
                 log.warning("alarm of %s skipped: the application has no binding %r", row.object, row.namespace)
                 continue
+            if self.placement is not None and not self.placement.is_local(row.id):
+                continue  # its owner fires it (this process loaded it while it owned the slot)
             host = self.host(DurableObjectId(row.namespace, row.id, row.name), ns.object_class)
             self.stats.alarms += 1
             self.submit(host, AlarmEvent(self, due))
@@ -592,6 +630,8 @@ class Runtime:
         """
         host: ObjectHost = link.owner  # type: ignore[assignment]  # the hot path: no cast() call
         self.stats.messages_in += 1
+        if host is None:
+            return None  # its object moved away (drop_slots): what the peer still sends reaches nobody
         pair = host.auto_response
         if pair is not None and message == pair.request:
             # Answered by the runtime: the object is neither woken nor called.
@@ -856,6 +896,51 @@ class Runtime:
                 host.id,
                 exc_info=exc,
             )
+
+    def drop_slots(self, slots: Collection[int], why: str) -> int:
+        """Stop acting for every object of ``slots`` (a cluster member lost or gave up their
+        leases): close their sockets with 1012 so that clients reconnect to the new owner,
+        drop their instances and queued events, forget them. Returns how many objects."""
+        victims = [h for h in self._hosts.values() if slot_of(h.id.hex) in slots]
+        closed = 0
+        for host in victims:
+            for link in list(host.sockets):
+                if link.state in (SocketState.OPEN, SocketState.CLOSE_RECEIVED, SocketState.CONNECTING):
+                    link.close_now(1012, "Service Restart: the object moved; reconnect")
+                    closed += 1
+                link.owner = None  # the peer's answer reaches no object any more
+                host.remove_socket(link)
+            self.stats.evictions["lease"] += 1
+            if host.lifecycle.state is not ObjectState.HIBERNATING:
+                host.reset_reason = why
+                if host.storage is not None:
+                    host.storage.discard_pending()
+                host.gate = None
+                host.turn_hold = False
+                task = host.turn_task
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+                host.turn_task = None
+                self._run(host, host.lifecycle.reset(self.clock()))
+            if self._hosts.get(host.id) is host:
+                del self._hosts[host.id]
+        if victims:
+            log.warning(
+                "stopped serving %s of %s (%s): closed %s with 1012",
+                counted(len(victims), "object"),
+                counted(len(slots), "slot"),
+                why,
+                counted(closed, "WebSocket"),
+            )
+        return len(victims)
+
+    async def load_alarms(self, slots: Collection[int]) -> int:
+        """Schedule the stored alarms of ``slots`` (a cluster member just took their leases)."""
+        rows = [row for row in await self.backend.stored_alarms() if slot_of(row.id) in slots]
+        for row in rows:
+            self.alarms.set(row)
+        self._arm_alarms()
+        return len(rows)
 
     def forget_socket(self, host: ObjectHost, link: SocketLink) -> None:
         if host.remove_socket(link) and not link.hibernatable:

@@ -199,6 +199,14 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["haproxy-config"]:
+        from wsecho.serve.haproxy import main as haproxy_config
+
+        try:
+            return haproxy_config(given[1:])
+        except ConfigError as exc:
+            config_failure(str(exc))
     settings, args = parse(argv, os.environ)
     logs = LogSetup()
     try:

@@ -251,6 +251,16 @@ def _allowed_hosts(text: str) -> tuple[str, ...]:
     return tuple(normalize_host(h) for h in text.split(",") if h.strip())
 
 
+def _route_key(text: str) -> str:
+    if text:
+        kind, _, arg = text.partition(":")
+        ok = (kind == "path" and arg.isdigit() and 1 <= int(arg) <= 32) or (kind in ("query", "header") and arg)
+        if not ok:
+            msg = f"must be path:N (1 to 32), query:NAME or header:NAME, got {text!r}"
+            raise ValueError(msg)
+    return text
+
+
 #: The most worker processes --workers starts.
 MAX_WORKERS = 256
 
@@ -511,6 +521,52 @@ OPTIONS = (
         "SECONDS",
     ),
     Option(
+        "--lease-ttl",
+        _positive_seconds,
+        "10",
+        "with PostgreSQL storage: how long a slot lease lasts without renewal; a process that cannot "
+        "renew stops serving those objects within it, and another takes them over after it",
+        "SECONDS",
+    ),
+    Option(
+        "--lb-probe-timeout",
+        _non_negative_seconds,
+        "0",
+        "with PostgreSQL storage: give this process's objects to the other members while no load balancer "
+        "has asked its /readyz for this long (it cannot be reached); 0: never",
+        "SECONDS",
+    ),
+    Option(
+        "--member-name",
+        _any_text,
+        "",
+        "with PostgreSQL storage: this process's name in the cluster, stable across restarts and the "
+        "same as its server name in HAProxy (default: the host name and --port)",
+        "NAME",
+    ),
+    Option(
+        "--route-key",
+        _route_key,
+        "",
+        "with --haproxy-runtime: the part of a request HAProxy routes by (path:N, query:NAME or header:NAME)",
+        "KEY",
+    ),
+    Option(
+        "--haproxy-runtime",
+        _any_text,
+        "",
+        "HAProxy runtime API addresses (HOST:PORT or a socket path, comma-separated) that a member teaches "
+        "where a routing key's object lives",
+        "ADDRS",
+    ),
+    Option(
+        "--haproxy-map",
+        _any_text,
+        "/etc/haproxy/wsecho-owners.map",
+        "the owners map file named in HAProxy's configuration (wsecho haproxy-config --map)",
+        "PATH",
+    ),
+    Option(
         "--workers",
         _workers,
         "1",
@@ -586,6 +642,12 @@ class Settings:
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
+    lease_ttl: float = DEFAULTS["lease_ttl"]
+    lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]
+    member_name: str = DEFAULTS["member_name"]
+    route_key: str = DEFAULTS["route_key"]
+    haproxy_runtime: str = DEFAULTS["haproxy_runtime"]
+    haproxy_map: str = DEFAULTS["haproxy_map"]
     workers: int = DEFAULTS["workers"]
     loop: str = DEFAULTS["loop"]
     log_level: str = DEFAULTS["log_level"]
@@ -717,6 +779,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             raise ConfigError(source, str(exc)) from None
     check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
     check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
+    if values["haproxy_runtime"] and not values["route_key"]:
+        raise ConfigError("--haproxy-runtime", "needs --route-key: the part of a request HAProxy routes by")
     if values["workers"] > 1 and values["certfile"]:
         msg = (
             f"{values['workers']} with --certfile: a TLS connection cannot move to the worker that owns its "

@@ -11,7 +11,7 @@ import logging
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.client import responses as HTTP_REASONS  # noqa: N812 - a constant
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -29,7 +29,7 @@ from tornado.log import access_log
 from wsecho.api.http import TEXT_PLAIN, Headers, Request, Response
 from wsecho.api.websocket import accepted_peer
 from wsecho.core import deflate
-from wsecho.core.errors import BadRequestError, InvalidArgumentError
+from wsecho.core.errors import BadRequestError, InvalidArgumentError, NotOwnerError
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.handshake import HANDSHAKE_HEADERS, accept_value, handshake_problem
 from wsecho.core.target import AllowedHosts, Target, resolve
@@ -102,6 +102,8 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.refused: Counter[str] = Counter()
         #: With --workers: the other workers, for handing over connections (None: one process).
         self.mesh: MeshClient | None = None
+        #: Called with a request for an object another cluster member serves, and its id.
+        self.misrouted: Callable[[Request, str], None] | None = None
         #: Connections handed to another worker, and received from one.
         self.handed_over = 0
         self.adopted = 0
@@ -191,6 +193,9 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
             UPGRADING.set(True)
             try:
                 response = await self.runtime.fetch(request)
+            except (WorkerUnavailableError, NotOwnerError) as exc:
+                await answer(503, [*PLAIN, ("Retry-After", "1")], str(exc).encode())
+                return
             except (Exception, HandOver) as exc:
                 if isinstance(exc, RoutingError | HandOver):
                     log.error("%s %s: %s", method, path, exc if isinstance(exc, RoutingError) else "routed twice")
@@ -405,7 +410,9 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         except HandOver as move:
             await self._hand_over(move.owner, request)
             return
-        except WorkerUnavailableError as exc:
+        except (WorkerUnavailableError, NotOwnerError) as exc:
+            if isinstance(exc, NotOwnerError) and gateway.misrouted is not None:
+                gateway.misrouted(request, exc.hex_id)  # e.g. teach the load balancer the owner
             self._plain(503, str(exc), [("Retry-After", "1")])
             return
         except Exception:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,15 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from wsecho.backends.base import Backend, MemoryBackend, SQLiteBackend
 from wsecho.backends.dsn import is_postgres_url, redact
+from wsecho.backends.leases import FencedError, PostgresLeases, fence_sql
+from wsecho.core.batches import Batch
 from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.limits import Limits
 from wsecho.core.placement import Placement
 from wsecho.core.target import AllowedHosts
 from wsecho.core.wording import counted
+from wsecho.runtime.cluster import ClusterMember, LeaseStore, machine_of
 from wsecho.runtime.runtime import Runtime
 from wsecho.runtime.watchdog import LoopWatchdog
 from wsecho.serve.acceptor import MAX_RESERVED_FDS, descriptors_in_use, open_file_limit
@@ -48,6 +52,7 @@ from wsecho.serve.admin import (
 from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
+from wsecho.serve.haproxy import RouteKey, Teacher
 from wsecho.serve.mesh import MeshClient
 from wsecho.serve.metrics import ListenerStats, make_registry, render
 from wsecho.serve.sdnotify import Notifier
@@ -56,6 +61,7 @@ from wsecho.serve.tls import load_context
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
+    from wsecho.api.http import Request
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,37 @@ def backend_for(data_dir: str, storage: str = "sqlite", *, lock: bool = True) ->
 
         return PostgresBackend(storage)
     return MemoryBackend() if data_dir == ":memory:" else SQLiteBackend(data_dir, lock=lock)
+
+
+def default_leases(settings: Settings, placement: Placement | None) -> PostgresLeases:
+    """This process's membership in the cluster of the processes sharing the database: named
+    ``--member-name`` (default: the host name and port), ``#INDEX`` added for a worker of
+    ``--workers N``; its lease owner id is unique to this process's life."""
+    machine = settings.member_name or f"{socket.gethostname()}-{settings.port}"
+    name = machine if placement is None or placement.count == 1 else f"{machine}#{placement.index}"
+    return PostgresLeases(settings.storage, f"{name}@{secrets.token_hex(6)}", name)
+
+
+def fence_with(backend: Backend, cluster: ClusterMember) -> None:
+    """Every commit to PostgreSQL first checks, in its transaction, that this member still holds
+    the lease of each slot it writes, at the epoch it acted under (docs/decisions/0007)."""
+    from wsecho.backends.postgres import PostgresBackend, object_slot  # psycopg loads only when used
+
+    if not isinstance(backend, PostgresBackend):
+        return
+    backend.idle_in_transaction = min(backend.idle_in_transaction, cluster.ttl)
+    member = cluster.store.member
+
+    def check(batches: list[Batch]) -> tuple[str, list[Any]]:
+        slots = {s for s in (object_slot(b.object) for b in batches) if s is not None}
+        epochs = cluster.epochs(slots)
+        missing = sorted(slots - epochs.keys())
+        if missing:
+            msg = f"refused to commit: this process does not hold the lease of slot {missing[0]} (fenced)"
+            raise FencedError(msg)
+        return fence_sql(member, epochs)
+
+    backend.fence_sql = check
 
 
 def storage_label(settings: Settings) -> str:
@@ -170,6 +207,7 @@ class Server:
         placement: Placement | None = None,
         mesh: MeshClient | None = None,
         sockets: list[socket.socket] | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         """``clock`` (monotonic seconds: idle times, event timeouts) and ``wall_clock`` (alarms,
         auto-response timestamps) are the runtime's clocks. The default ``clock`` is the event
@@ -182,10 +220,15 @@ class Server:
 
         A worker of ``--workers N`` passes its ``placement`` (the objects it owns), the
         ``mesh`` that reaches the other workers, and the listening ``sockets`` it inherited.
+        A member of a cluster passes its ``leases`` (docs/decisions/0007): it then serves only
+        the objects of the slots whose lease it can prove.
         """
         self.settings = settings
         if backend is None:
             backend = backend_for(settings.data_dir, settings.storage, lock=placement is None)
+            if leases is None and is_postgres_url(settings.storage):
+                # Several processes may share a database: each is a member of one cluster.
+                leases = default_leases(settings, placement)
         self.runtime = Runtime(
             app,
             clock=clock,
@@ -219,6 +262,26 @@ class Server:
             compression=settings.compression,
         )
         self._application.mesh = mesh
+        #: When a load balancer last asked /readyz (the clock's time; start counts as one).
+        self.probed_at = clock()
+        #: The cluster membership and leases (None: not a cluster member).
+        self.cluster: ClusterMember | None = None
+        if leases is not None:
+            self.cluster = ClusterMember(
+                leases,
+                ttl=settings.lease_ttl,
+                clock=clock,
+                on_lost=self.runtime.drop_slots,
+                on_gained=self._slots_gained,
+                probed_at=lambda: self.probed_at,
+                probe_timeout=settings.lb_probe_timeout,
+            )
+            # The workers of this machine (--workers N) are members too; an object of a sibling
+            # worker moves to it through the mesh, as without a cluster.
+            self.runtime.set_ownership(self.cluster, mesh, guard_events=True)
+            fence_with(backend, self.cluster)
+            if settings.haproxy_runtime:
+                self._teach_routes(settings)
         self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
@@ -226,6 +289,7 @@ class Server:
         #: Whether the sweeper runs (``sweeper=False``: whoever moves the clock sweeps).
         self.sweeps = sweeper
         self._periodic: list[PeriodicCallback] = []
+        self._background: set[asyncio.Future[Any]] = set()
         #: Warns while a handler blocks the event loop (None with --warn-blocked 0).
         self.blocked_watch = LoopWatchdog(settings.warn_blocked) if settings.warn_blocked > 0 else None
         #: The certificate both listeners serve (None: plain HTTP); SIGHUP replaces it.
@@ -244,6 +308,8 @@ class Server:
             # The admin listener comes up first, so /readyz can say "starting".
             self._admin, self.admin_addresses = start_admin(self, settings, self.tls)
         await self.runtime.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         sockets = self._inherited or bind(
             "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
         )
@@ -402,12 +468,39 @@ class Server:
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
 
+    def _teach_routes(self, settings: Settings) -> None:
+        """A request for another member's object teaches HAProxy that member (docs/decisions/0007)."""
+        cluster = self.cluster
+        assert cluster is not None
+        route = RouteKey.parse(settings.route_key)
+        teacher = Teacher([a.strip() for a in settings.haproxy_runtime.split(",") if a.strip()], settings.haproxy_map)
+        me = cluster.store.name
+
+        def misrouted(request: Request, hex_id: str) -> None:
+            key, owner = route.value(request), cluster.expected_owner(hex_id)
+            if key is None or owner is None or owner == me:
+                return
+            machine = machine_of(owner)
+            if machine != cluster.machine:  # a sibling worker's object moves through the mesh instead
+                teacher.teach(key, machine, self.runtime.clock())
+
+        self._application.misrouted = misrouted
+
+    def _slots_gained(self, slots: Collection[int]) -> None:
+        task = asyncio.ensure_future(self.runtime.load_alarms(slots))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def adopt(self, sock: socket.socket, meta: dict[str, Any]) -> None:
         """Serve a connection another worker handed over (``--workers``)."""
         await self._application.adopt(sock, meta)
 
     async def readiness(self) -> Readiness:
-        return readiness_of(self.phase, self.runtime.storage_failure())
+        self.probed_at = self.runtime.clock()
+        readiness = readiness_of(self.phase, self.runtime.storage_failure())
+        if readiness.ready and self.cluster is not None and not self.cluster.ready():
+            return Readiness(False, f"cluster: {self.cluster.status()}", expected=self.cluster.last_error is None)
+        return readiness
 
     async def metrics_page(self) -> bytes:
         return render(self.registry)
@@ -504,6 +597,9 @@ class Server:
         if self._http is not None:
             await self._http.close_all_connections()
         await self.runtime.close()
+        if self.cluster is not None:
+            await self.cluster.drain()  # after the last commit: the others take the slots at once
+            await self.cluster.close()
         for callback in self._periodic:
             callback.stop()
         self._periodic.clear()

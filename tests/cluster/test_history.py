@@ -1,0 +1,32 @@
+"""The fault tests' checker finds what it must (so a green fault test means something)."""
+
+from tests.cluster.history import acks, activations, lost_writes, overlaps, recovery
+
+
+def test_an_instance_running_after_another_was_built_is_an_overlap():
+    probe = [
+        "ctor r 10 1.0 aaaa",
+        "turn r 10 1.1 1.2 aaaa",
+        "ctor r 20 2.0 bbbb",
+        "turn r 20 2.1 2.2 bbbb",
+        "turn r 10 2.5 2.6 aaaa",  # the old instance woke up and acted
+    ]
+    problems = overlaps(activations(probe))
+    assert len(problems) == 1
+    assert "instance aaaa (pid 10) ran a turn until 2.600, after instance bbbb (pid 20)" in problems[0]
+
+
+def test_handing_over_after_the_last_turn_is_fine():
+    probe = ["ctor r 10 1.0 a", "turn r 10 1.1 1.9 a", "ctor r 20 2.0 b", "turn r 20 2.1 2.2 b", "ctor s 10 1 c"]
+    assert overlaps(activations(probe)) == []
+
+
+def test_a_count_that_goes_back_is_a_lost_write():
+    history = ["ack r 1 1.0", "ack r 2 1.1", "closed r 1006 1.2", "ack r 2 2.0", "ack q 1 1.0"]
+    assert lost_writes(acks(history)) == ["r: acknowledged 2 at 2.000 after 2 was acknowledged"]
+    assert lost_writes(acks(["ack r 1 1.0", "ack r 3 2.0"])) == []  # unacknowledged writes may land
+
+
+def test_recovery_is_the_time_to_the_first_ack_after_the_fault():
+    by_room = acks(["ack r 1 1.0", "ack r 2 5.5", "ack q 1 1.0"])
+    assert recovery(by_room, 2.0, ["r", "q"]) == {"r": 3.5, "q": float("inf")}
