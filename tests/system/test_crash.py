@@ -82,7 +82,9 @@ def storage(request, tmp_path):
             return {int(bytes(k)[1:]) for (k,) in conn.execute("SELECT key FROM kv")}, "ok"
 
     workers = 2 if request.param.endswith("workers") else 1
-    return ["--storage", url, "--workers", str(workers)], workers, keys
+    # A cluster member restarted after SIGKILL waits for its predecessor's leases to expire
+    # (it cannot know that process is gone): a short ttl keeps the test short.
+    return ["--storage", url, "--workers", str(workers), "--lease-ttl", "1"], workers, keys
 
 
 def every_pid(server, workers) -> list[int]:

@@ -82,6 +82,7 @@ class ClusterMember:
         self.stopping = False
         #: Held every slot it should own at least once since it started.
         self.settled = False
+        self._settled = asyncio.Event()
         self._probed_at = probed_at
         self.probe_timeout = probe_timeout
         self.last_error: str | None = None
@@ -204,6 +205,7 @@ class ClusterMember:
             self._drop(lost, "another member holds their leases")
         if not self.settled and self.desired <= set(epochs):
             self.settled = True
+            self._settled.set()
         gained = sorted(set(epochs) - before)
         if gained:
             log.info("took the leases of %s", counted(len(gained), "slot"))
@@ -225,6 +227,16 @@ class ClusterMember:
         if expired:
             self._drop(expired, "their lease could not be renewed in time")
         self._arm_watch()
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait (bounded) until it has held every slot it should own: a member that restarts
+        after a crash waits for its predecessor's leases to expire; one that joins waits for the
+        others to hand its share over on their next round."""
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def nudge(self) -> None:
         """Run a round now (a member joined or left)."""

@@ -310,6 +310,10 @@ class Server:
         await self.runtime.start()
         if self.cluster is not None:
             await self.cluster.start()
+            # Ready (to systemd, to a supervisor) once it holds its share, not before: bounded,
+            # after which /readyz keeps saying what it waits for.
+            if not await self.cluster.wait_settled(2 * self.cluster.ttl):
+                log.warning("not yet holding every slot it should: %s", self.cluster.status())
         sockets = self._inherited or bind(
             "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
         )
