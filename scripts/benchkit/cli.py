@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
 
+from benchkit.cluster import bench_cluster
 from benchkit.config import Config
 from benchkit.echo import bench_echo
 from benchkit.errors import BenchError
@@ -84,6 +85,9 @@ GROUPS: dict[str, Callable[[Config], Awaitable[list[Line]]]] = {
     # share of the two CPUs is then small, so what 2 workers add shows.
     "workers_scaling_work": bench_workers_scaling_work,
     "workers_handover": bench_workers_handover,
+    # Three cluster members behind HAProxy against one member direct, on PostgreSQL (issue 16):
+    # what the proxy and the cluster cost, with the CPU per message of each part.
+    "cluster_haproxy": bench_cluster,
 }
 
 #: What --only accepts: each group's name, and the names of the lines it prints.
