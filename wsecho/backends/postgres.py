@@ -23,7 +23,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -62,6 +62,8 @@ CONNECTION: dict[str, Any] = {
     "keepalives_count": 3,
 }
 
+T = TypeVar("T")
+
 #: How long the server lets a transaction wait on a process that stopped in the middle of it.
 IDLE_IN_TRANSACTION = 30.0
 
@@ -72,6 +74,13 @@ FenceSQL = Callable[[list[Batch]], tuple[str, Sequence[Any]]]
 Fence = Callable[[psycopg.AsyncConnection[Any], list[Batch]], Awaitable[None]]
 
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+async def in_task(coro: Awaitable[T]) -> T:
+    """Run ``coro`` in a task of its own. A handler's first step runs outside any task
+    (``DurableObject.eager_handlers``), and on Python 3.12+ the pool's waits (``asyncio.timeout``)
+    need one: without it a read that waits for a free connection raises RuntimeError."""
+    return await asyncio.ensure_future(coro)
 
 
 def _alarm_rows(rows: list[Any]) -> list[AlarmRow]:
@@ -151,6 +160,8 @@ class PostgresBackend:
         await conn.execute(f"SET idle_in_transaction_session_timeout = {ms}")
 
     async def stored_alarms(self) -> list[AlarmRow]:
+        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
+            return await in_task(self.stored_alarms())
         async with self._connection("reading the alarms from") as conn:
             cur = await conn.execute("SELECT object, namespace, id, name, at_ms FROM alarms")
             return _alarm_rows(await cur.fetchall())
@@ -220,6 +231,8 @@ class PostgresBackend:
     # -- reads ---------------------------------------------------------------------------------
 
     async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
+        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
+            return await in_task(self.read(obj, keys))
         async with self._connection("reading from") as conn:
             cur = await conn.execute(
                 "SELECT key, value FROM kv WHERE object = %s AND key = ANY(%s)",
@@ -235,12 +248,16 @@ class PostgresBackend:
         limit: int | None,
         reverse: bool,
     ) -> list[tuple[str, bytes]]:
+        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
+            return await in_task(self.scan(obj, start, end, limit, reverse))
         query, args = scan_query("%s", obj, start, end, limit, reverse, _utf8)
         async with self._connection("reading from") as conn:
             cur = await conn.execute(query.encode(), args)
             return [(bytes(k).decode("utf-8"), bytes(v)) for k, v in await cur.fetchall()]
 
     async def usage(self, obj: str | None) -> int:
+        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
+            return await in_task(self.usage(obj))
         async with self._connection("reading the usage from") as conn:
             if obj is None:
                 cur = await conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM usage")
