@@ -232,13 +232,13 @@ async def test_a_reply_waits_for_the_turns_sql_commit(on_sqlite, tmp_path):
     assert host.gate is None
 
 
-def test_sql_storage_is_refused_where_there_is_no_database_per_object():
-    class NoPlace:  # a backend that is neither SQLite nor memory (PostgreSQL's place)
-        pass
+def test_sql_storage_is_refused_at_start_with_storage_postgresql():
+    from wsecho.serve.config import Settings
+    from wsecho.serve.server import Server
 
-    clock = FakeClock()
-    with pytest.raises(ConfigError, match=r'Counter \(bound as COUNTER\) declares storage = "sql"'):
-        Runtime(sql_app.app, clock=clock.monotonic, wall_clock=clock.now, backend=NoPlace())
+    settings = Settings(port=0, storage="postgresql://wsecho@127.0.0.1:9/nowhere")  # never connected
+    with pytest.raises(ConfigError, match=r'Counter \(bound as COUNTER\) declares storage = "sql".*PostgresBackend'):
+        Server(sql_app.app, settings)
 
 
 def test_a_storage_kind_that_does_not_exist_is_refused():

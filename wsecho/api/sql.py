@@ -25,8 +25,12 @@ Limits (Cloudflare's): a statement of at most 100,000 UTF-8 bytes, 100 bound par
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import inspect
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -98,6 +102,10 @@ class DatabasePort(StoragePort, Protocol):
     def close_database(self, conn: sqlite3.Connection) -> None: ...
 
     def remove_database(self, conn: sqlite3.Connection) -> None: ...
+
+    async def run_database(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (the commit) off the event loop."""
+        ...
 
 
 def _check_binding(i: int, value: object) -> object:
@@ -208,6 +216,16 @@ class SqlObjectStorage(DurableObjectStorage):
         self._savepoints = 0
         #: Why the turn's transaction is gone (SQLite rolled it back on an error), if it is.
         self._lost: str | None = None
+        #: take_pending() took the turn's transaction: commit_database() commits it.
+        self._commit_wanted = False
+        self._commit_clears = False
+        #: The commit running on a thread, if one is.
+        self._committing: asyncio.Future[None] | None = None
+        self._close_wanted = False
+        self._commit_lock = threading.Lock()
+        #: The event loop's thread: the one thread whose statements the authorizer checks
+        #: (the commit threads run nothing but COMMIT and ROLLBACK).
+        self._loop_thread = threading.get_ident()
         self._sql = SqlStorage(self)
 
     # -- the connection -----------------------------------------------------------------
@@ -229,7 +247,7 @@ class SqlObjectStorage(DurableObjectStorage):
         return self._conn
 
     def _authorize(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
-        if self._internal:
+        if self._internal or threading.get_ident() != self._loop_thread:
             return sqlite3.SQLITE_OK
         refused = _REFUSED.get(action)
         if refused is None and action == sqlite3.SQLITE_PRAGMA:
@@ -257,6 +275,11 @@ class SqlObjectStorage(DurableObjectStorage):
         if self._lost is not None:
             msg = f"this turn's SQL transaction was lost ({self._lost}); the object will be reset"
             raise StorageError(msg)
+        if self._committing is not None:
+            # A write while the last turn's commit runs on its thread (a wait_until task):
+            # wait for it, then open the next transaction.
+            with self._commit_lock:
+                pass
         if self._connection().in_transaction:
             return False
         self._run("BEGIN")
@@ -488,7 +511,7 @@ class SqlObjectStorage(DurableObjectStorage):
     # -- for the runtime ------------------------------------------------------------------
 
     def take_pending(self) -> Batch | None:
-        """Commit the turn's transaction here and now (one fsync); what is left for the shared
+        """Take the turn's transaction for :meth:`commit_database`; what is left for the shared
         backend is the alarm, if the turn set or deleted it."""
         batch, self._pending = self._pending, None
         if batch is None:
@@ -497,24 +520,66 @@ class SqlObjectStorage(DurableObjectStorage):
             lost, self._lost = self._lost, None
             msg = f"SQLite rolled back this turn's transaction ({lost})"
             raise StorageError(msg)
-        conn = self._conn
-        if conn is not None and conn.in_transaction:
-            try:
-                self._run("COMMIT")
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    self._run("ROLLBACK")
-                msg = f"committing the object's database failed: {exc}"
-                raise StorageError(msg) from exc
-            if batch.clear and self._run("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
-                # delete_all() and nothing written since: the object stores nothing.
-                self._conn = None
-                self._db_host.remove_database(conn)
+        self._commit_wanted = True
+        self._commit_clears = self._commit_clears or batch.clear
         if batch.alarm is ...:
             return None
         rest = Batch(batch.object, alarm=batch.alarm)
         self._in_flight.append(rest)
         return rest
+
+    async def commit_database(self) -> None:
+        """Commit what :meth:`take_pending` took, on a commit thread (one fsync of this
+        object's file); return once it is durable."""
+        while self._commit_wanted or self._committing is not None:
+            if self._committing is not None:
+                await asyncio.shield(self._committing)
+                continue
+            conn = self._conn
+            self._commit_wanted = False
+            if conn is None or not conn.in_transaction:
+                continue
+            clears, self._commit_clears = self._commit_clears, False
+            self._commit_lock.acquire()  # the commit thread releases it once COMMIT is done
+            try:
+                self._committing = asyncio.ensure_future(
+                    self._db_host.run_database(functools.partial(self._commit_on_thread, conn))
+                )
+            except BaseException:
+                self._commit_lock.release()
+                raise
+            try:
+                await asyncio.shield(self._committing)
+            finally:
+                self._committing = None
+                if self._close_wanted:
+                    self.close()
+            empty = clears and self._conn is conn and not conn.in_transaction
+            if empty and self._run("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                # delete_all() and nothing written since: the object stores nothing.
+                self._conn = None
+                self._db_host.remove_database(conn)
+
+    def _commit_on_thread(self, conn: sqlite3.Connection) -> None:
+        """COMMIT on a commit thread (whose statements the authorizer lets through; in memory,
+        on the event loop's, as the storage's own), then let the loop's statements in again."""
+        inline = threading.get_ident() == self._loop_thread
+        self._internal = self._internal or inline
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            msg = f"committing the object's database failed: {exc}"
+            raise StorageError(msg) from exc
+        finally:
+            if inline:
+                self._internal = False
+            self._commit_lock.release()
+
+    def busy(self) -> bool:
+        return super().busy() or self._commit_wanted or self._committing is not None
 
     def discard_pending(self) -> None:
         super().discard_pending()
@@ -524,6 +589,9 @@ class SqlObjectStorage(DurableObjectStorage):
             self._run("ROLLBACK")
 
     def close(self) -> None:
+        if self._committing is not None:
+            self._close_wanted = True  # closed when the commit's thread is done with it
+            return
         conn, self._conn = self._conn, None
         if conn is not None:
             self._db_host.close_database(conn)

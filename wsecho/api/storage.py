@@ -495,6 +495,9 @@ class DurableObjectStorage:
     def close(self) -> None:
         """The object hibernates or is reset (an object with its own database closes it)."""
 
+    async def commit_database(self) -> None:
+        """Commit the object's own database, if it has one (after :meth:`take_pending`)."""
+
     # -- SQL storage (a class with ``storage = "sql"``: wsecho.api.sql) --------------------
 
     @property

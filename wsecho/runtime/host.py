@@ -448,3 +448,6 @@ class ObjectHost:
 
     def remove_database(self, conn: sqlite3.Connection) -> None:
         self._databases().remove(self.id.namespace, self.id.hex, conn)
+
+    async def run_database(self, fn: Callable[[], T]) -> T:
+        return await self._databases().run(fn)

@@ -211,6 +211,8 @@ class Runtime:
         for host in self._hosts.values():
             if host.storage is not None:
                 host.storage.close()
+        if self.databases is not None:
+            self.databases.shutdown()
         await self.backend.close()
 
     # -- entry points -----------------------------------------------------------------
@@ -405,9 +407,10 @@ class Runtime:
         batch = None
         try:
             try:
-                # An object with its own database commits it in take_pending() (decision 0008);
-                # the batch it returns holds only its alarm.
+                # An object with its own database commits it in commit_database(), on a thread
+                # (decision 0008); its batch holds only its alarm, for the server's database.
                 batch = storage.take_pending()
+                await storage.commit_database()
                 change = await self.committer.commit(batch) if batch is not None else 0
             except Exception as exc:
                 if batch is not None:
