@@ -31,6 +31,10 @@ class Counter(DurableObject):
         await self.ctx.storage.put("last", who)
         return value
 
+    async def increment_and_abort(self):
+        await self.increment("aborted")
+        self.ctx.abort("the test resets the object mid-turn")
+
     async def read(self):
         rows = self.sql.exec("SELECT value FROM counters WHERE name = 'hits'").to_list()
         return {"value": rows[0]["value"] if rows else 0, "last": await self.ctx.storage.get("last")}

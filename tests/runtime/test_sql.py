@@ -1,11 +1,13 @@
 """``ctx.storage.sql``: Cloudflare's SQL examples across hibernation and restarts, the limits,
 the refusals, the output gate and ``delete_all``."""
 
+import asyncio
 import sqlite3
 
 import pytest
 
 from tests.apps import sql_app
+from tests.helpers import until
 from wsecho import App, DurableObject, InvalidArgumentError, Limits, QuotaExceededError
 from wsecho.backends.base import MemoryBackend, SQLiteBackend
 from wsecho.backends.objectdb import FileDatabases
@@ -57,6 +59,18 @@ async def test_the_counter_counts_across_hibernation_and_keeps_kv_beside_it(rt):
     assert await counter.increment("cy") == 3
     assert await counter.read() == {"value": 3, "last": "cy"}
     assert await rt.env.COUNTER.get_by_name("b").read() == {"value": 0, "last": None}
+
+
+@pytest.mark.gen_test
+async def test_a_reset_mid_turn_loses_the_turns_sql_and_kv_writes_together(rt):
+    counter = rt.env.COUNTER.get_by_name("r")
+    assert await counter.increment("ann") == 1
+    # (An RPC whose method aborts its object gets no answer, on main too: the call is left.)
+    call = asyncio.ensure_future(counter.increment_and_abort())
+    await until(lambda: rt.stats.evictions["abort"] == 1)
+    call.cancel()
+    assert await counter.read() == {"value": 1, "last": "ann"}
+    assert await counter.increment("bob") == 2
 
 
 @pytest.mark.gen_test

@@ -582,11 +582,15 @@ class SqlObjectStorage(DurableObjectStorage):
         return super().busy() or self._commit_wanted or self._committing is not None
 
     def discard_pending(self) -> None:
+        """The object is reset: its uncommitted turn is lost (a commit already running on its
+        thread finishes; the outputs that waited for it are discarded by the runtime)."""
         super().discard_pending()
         self._lost = None
+        self._commit_wanted = self._commit_clears = False
         conn = self._conn
-        if conn is not None and conn.in_transaction:
-            self._run("ROLLBACK")
+        if conn is not None and self._committing is None and conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._run("ROLLBACK")
 
     def close(self) -> None:
         if self._committing is not None:
