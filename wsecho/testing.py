@@ -39,7 +39,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -137,44 +137,54 @@ class StorageView:
     def __repr__(self) -> str:
         return f"<StorageView {self._binding} {self._name!r}>"
 
-    def _storage(self) -> DurableObjectStorage:
+    @contextlib.contextmanager
+    def _storage(self) -> Iterator[DurableObjectStorage]:
         runtime = self._harness.runtime
         host = self._harness.host(self._binding, self._name)
         if host is not None and host.storage is not None:
-            return host.storage  # the object's own ctx.storage, uncommitted writes included
+            yield host.storage  # the object's own ctx.storage, uncommitted writes included
+            return
         # The object has no storage in memory, so nothing of it is uncommitted: a storage that
         # no host keeps reads exactly what is stored, and changes nothing in the runtime.
         ns = self._harness.namespace(self._binding)
         detached = ObjectHost(ns.id_from_name(self._name), ns.object_class, runtime, runtime.hibernate_after)
-        return DurableObjectStorage(detached)
+        storage = detached.open_storage()
+        try:
+            yield storage
+        finally:
+            storage.close()  # a SQL-storage object's database, opened for this read
 
     async def get(self, key: str | Iterable[str]) -> Any:
         """The value of ``key`` (None if absent), or a dict of the found keys of a list.
 
         ``await t.storage("ROOMS", "kitchen").get("meta")  # {"seq": 3, "at": ...}``
         """
-        return await self._storage().get(key)
+        with self._storage() as storage:
+            return await storage.get(key)
 
     async def list(self, **options: Any) -> dict[str, Any]:
         """Like ``ctx.storage.list(prefix=, start=, end=, limit=, reverse=)``.
 
         ``await t.storage("ROOMS", "kitchen").list(prefix="msg:", limit=10)``
         """
-        return await self._storage().list(**options)
+        with self._storage() as storage:
+            return await storage.list(**options)
 
     async def snapshot(self, prefix: str | None = None) -> dict[str, Any]:
         """Every key and value (those under ``prefix``), in key order.
 
         ``assert await t.storage("COUNTERS", "a").snapshot() == {"count": 3}``
         """
-        return await self._storage().list(prefix=prefix)
+        with self._storage() as storage:
+            return await storage.list(prefix=prefix)
 
     async def get_alarm(self) -> int | None:
         """When the object's alarm goes off, in epoch milliseconds, or None.
 
         ``assert await t.storage("ROOMS", "kitchen").get_alarm() is None``
         """
-        return await self._storage().get_alarm()
+        with self._storage() as storage:
+            return await storage.get_alarm()
 
 
 class Harness:

@@ -37,6 +37,7 @@ EXAMPLE_KINDS = {
     "tutorial": "test_tutorial_rooms_broadcast_and_survive_hibernation",
     "chat test": "test_the_chat_walkthrough_test_passes",
     "api example": "test_api_example_runs_in_a_handler",
+    "sql example": "test_sql_example_runs_in_a_handler_and_its_data_survives_hibernation",
     "config file": "test_config_file_example_loads",
     "proxy config": "tests/system/test_proxies.py (nginx, haproxy, and the wsecho command line)",
     "tornado mount": "test_the_tornado_mount_example_serves_beside_its_own_handler",
@@ -212,6 +213,27 @@ async def test_api_example_runs_in_a_handler(example):
         await t.connect("/lab/websocket")
         answer = await t.fetch("/lab/run", method="POST", body=source)
         assert (answer.status, answer.body.decode()) == (200, "ran"), f"{page.name}: {name}"
+
+
+class SqlLab(Lab):
+    """The lab of a class with SQL storage (``ctx.storage.sql``)."""
+
+    storage = "sql"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("example", examples("sql example"))
+async def test_sql_example_runs_in_a_handler_and_its_data_survives_hibernation(example, tmp_path):
+    page, name, source = example
+    app = App(fetch=lab_worker, bindings={"LAB": SqlLab, "ROOMS": Room})
+    async with serve_app(app, data_dir=tmp_path) as t:
+        await t.connect("/lab/websocket")
+        for _ in range(2):  # the second run finds the first one's tables and rows
+            answer = await t.fetch("/lab/run", method="POST", body=source)
+            assert (answer.status, answer.body.decode()) == (200, "ran"), f"{page.name}: {name}"
+            await t.settle()
+            t.hibernate("LAB", "lab")
+        assert await t.storage("LAB", "lab").get("last_seen") == 123
 
 
 # -- the config file example ---------------------------------------------------------------

@@ -415,7 +415,7 @@ class DurableObject:
     ``0`` hibernates the object the moment it is idle (every event wakes it).
     ``eager_handlers = False`` runs every async handler in a task of its own.
     ``fanout_overflow`` and ``fanout_queue_bytes`` are the slow-consumer policy of
-    ``ctx.broadcast``.
+    ``ctx.broadcast``. ``storage = "sql"`` gives each object its own SQLite database.
     """
 
     hibernate_after: ClassVar[float | None] = None
@@ -431,6 +431,9 @@ class DurableObject:
     #: ``asyncio.current_task()`` is not its own; set this to False in a class whose
     #: handlers need their own task from the first line (``asyncio.timeout()``).
     eager_handlers: ClassVar[bool] = True
+    #: ``"sql"``: each object has its own SQLite database (``ctx.storage.sql``, and the
+    #: key-value API in the same database); ``"kv"``: the key-value API only.
+    storage: ClassVar[str] = "kv"
 
     def __init__(self, ctx: DurableObjectState, env: Env) -> None:
         self.ctx = ctx

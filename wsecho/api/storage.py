@@ -43,7 +43,8 @@ MAX_KEYS_PER_CALL = 128
 #: Committed values an awake object keeps in memory (it forgets them when it hibernates).
 CACHE_ENTRIES = 10_000
 
-_MISSING: Any = object()
+#: put()'s default value: none was given.
+MISSING: Any = object()
 
 
 def object_key(id: DurableObjectId) -> str:  # noqa: A002
@@ -92,7 +93,7 @@ class StoragePort(Protocol):
     def quota_refused(self, which: str, message: str) -> None: ...
 
 
-def _check_key(key: object) -> str:
+def check_key(key: object) -> str:
     if not isinstance(key, str):
         msg = f"storage keys must be str, got {type(key).__name__}"
         raise InvalidArgumentError(msg)
@@ -103,15 +104,15 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _check_keys(keys: Iterable[object], what: str) -> list[str]:
-    out = [_check_key(k) for k in keys]
+def check_keys(keys: Iterable[object], what: str) -> list[str]:
+    out = [check_key(k) for k in keys]
     if len(out) > MAX_KEYS_PER_CALL:
         msg = f"{what}() of {len(out)} keys; the limit is {MAX_KEYS_PER_CALL} per call"
         raise InvalidArgumentError(msg)
     return out
 
 
-def _encode_value(key: str, value: Any) -> bytes:
+def encode_value(key: str, value: Any) -> bytes:
     if value is None:
         msg = f"put({key!r}, None): None cannot be stored; use delete({key!r})"
         raise InvalidArgumentError(msg)
@@ -122,6 +123,23 @@ def _encode_value(key: str, value: Any) -> bytes:
     return data
 
 
+def encode_entries(key: str | Mapping[str, Any], value: Any) -> dict[str, bytes]:
+    """What ``put(key, value)`` or ``put(entries)`` stores: key -> encoded value (checked)."""
+    if isinstance(key, str):
+        if value is MISSING:
+            msg = "put(key, value) needs a value; put(entries) takes a dict"
+            raise InvalidArgumentError(msg)
+        return {check_key(key): encode_value(key, value)}
+    if isinstance(key, Mapping):
+        if value is not MISSING:
+            msg = "put(entries) takes a dict and no value"
+            raise InvalidArgumentError(msg)
+        check_keys(key.keys(), "put")
+        return {k: encode_value(k, v) for k, v in key.items()}
+    msg = f"put() takes a str key and a value, or a dict, not {type(key).__name__}"
+    raise InvalidArgumentError(msg)
+
+
 def _prefix_end(prefix: str) -> str | None:
     """The smallest string greater than every string that starts with ``prefix``."""
     while prefix:
@@ -130,6 +148,25 @@ def _prefix_end(prefix: str) -> str | None:
             return prefix[:-1] + chr(last + 1)
         prefix = prefix[:-1]
     return None
+
+
+def list_range(
+    prefix: str | None, start: str | None, end: str | None, limit: int | None
+) -> tuple[str | None, str | None]:
+    """The keys ``[lo, hi)`` a ``list()`` with these options covers (after checking them)."""
+    for bound in (prefix, start, end):
+        if bound is not None:
+            check_key(bound)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        msg = f"list(): limit must be a positive integer, got {limit!r}"
+        raise InvalidArgumentError(msg)
+    lo, hi = start, end
+    if prefix is not None:
+        lo = prefix if lo is None or prefix > lo else lo
+        p_end = _prefix_end(prefix)
+        if p_end is not None and (hi is None or p_end < hi):
+            hi = p_end
+    return lo, hi
 
 
 def _epoch_ms(when: datetime | float) -> int:
@@ -211,9 +248,9 @@ class DurableObjectStorage:
     async def get(self, key: str | Iterable[str]) -> Any:
         """The value of ``key`` (None if absent), or a dict of the found keys of a list."""
         if isinstance(key, str):
-            found = await self._read([_check_key(key)])
+            found = await self._read([check_key(key)])
             return codec.decode(found[key]) if key in found else None
-        keys = _check_keys(key, "get")
+        keys = check_keys(key, "get")
         return {k: codec.decode(v) for k, v in (await self._read(keys)).items()}
 
     async def list(
@@ -227,18 +264,7 @@ class DurableObjectStorage:
     ) -> dict[str, Any]:
         """Keys and values in key order (descending if ``reverse``): those that start with
         ``prefix``, are ``>= start`` and ``< end``; at most ``limit`` of them."""
-        for bound in (prefix, start, end):
-            if bound is not None:
-                _check_key(bound)
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            msg = f"list(): limit must be a positive integer, got {limit!r}"
-            raise InvalidArgumentError(msg)
-        lo, hi = start, end
-        if prefix is not None:
-            lo = prefix if lo is None or prefix > lo else lo
-            p_end = _prefix_end(prefix)
-            if p_end is not None and (hi is None or p_end < hi):
-                hi = p_end
+        lo, hi = list_range(prefix, start, end, limit)
 
         def wanted(key: str) -> bool:
             return (lo is None or key >= lo) and (hi is None or key < hi) and (prefix is None or key.startswith(prefix))
@@ -284,22 +310,9 @@ class DurableObjectStorage:
         if not self._transactions:
             self._host.flush_soon(self)
 
-    async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
+    async def put(self, key: str | Mapping[str, Any], value: Any = MISSING) -> None:
         """Store ``value`` at ``key``, or every item of a dict (at most 128)."""
-        if isinstance(key, str):
-            if value is _MISSING:
-                msg = "put(key, value) needs a value; put(entries) takes a dict"
-                raise InvalidArgumentError(msg)
-            encoded = {_check_key(key): _encode_value(key, value)}
-        elif isinstance(key, Mapping):
-            if value is not _MISSING:
-                msg = "put(entries) takes a dict and no value"
-                raise InvalidArgumentError(msg)
-            _check_keys(key.keys(), "put")
-            encoded = {k: _encode_value(k, v) for k, v in key.items()}
-        else:
-            msg = f"put() takes a str key and a value, or a dict, not {type(key).__name__}"
-            raise InvalidArgumentError(msg)
+        encoded = encode_entries(key, value)
         growth = 0
         for k, data in encoded.items():
             known, old = self._overlay(k)
@@ -314,7 +327,7 @@ class DurableObjectStorage:
 
     async def delete(self, key: str | Iterable[str]) -> bool | int:
         """Delete ``key`` (True if it existed) or every key of a list (how many existed)."""
-        keys = [_check_key(key)] if isinstance(key, str) else _check_keys(key, "delete")
+        keys = [check_key(key)] if isinstance(key, str) else check_keys(key, "delete")
         existed = await self._read(keys)
         batch = self._batch()
         for k in keys:
@@ -343,8 +356,8 @@ class DurableObjectStorage:
             raise
         finally:
             self._transactions -= 1
-            txn._closed = True
-        if txn._rolled_back:
+            txn.close()
+        if txn.rolled_back:
             self._restore(saved)
         if self._transactions == 0 and self._pending is not None:
             # What waited for the transaction (its writes, or writes made just before it whose
@@ -479,6 +492,23 @@ class DurableObjectStorage:
     def in_transaction(self) -> bool:
         return self._transactions > 0
 
+    def close(self) -> None:
+        """The object hibernates or is reset (an object with its own database closes it)."""
+
+    async def commit_database(self) -> None:
+        """Commit the object's own database, if it has one (after :meth:`take_pending`)."""
+
+    # -- SQL storage (a class with ``storage = "sql"``: wsecho.api.sql) --------------------
+
+    @property
+    def sql(self) -> Any:
+        msg = f'ctx.storage.sql needs SQL storage: set storage = "sql" on {self._host.id.namespace}\'s class'
+        raise InvalidStateError(msg)
+
+    def transaction_sync(self, fn: Callable[[], T]) -> T:
+        msg = f'transaction_sync() needs SQL storage: set storage = "sql" on {self._host.id.namespace}\'s class'
+        raise InvalidStateError(msg)
+
 
 class Transaction:
     """The ``txn`` a ``transaction(fn)`` callback gets: the storage API plus ``rollback()``."""
@@ -498,10 +528,18 @@ class Transaction:
         """Undo every write of this transaction when ``fn`` returns."""
         self._rolled_back = True
 
+    @property
+    def rolled_back(self) -> bool:
+        return self._rolled_back
+
+    def close(self) -> None:
+        """``fn`` returned: the transaction takes no more calls."""
+        self._closed = True
+
     async def get(self, key: str | Iterable[str]) -> Any:
         return await self._live().get(key)
 
-    async def put(self, key: str | Mapping[str, Any], value: Any = _MISSING) -> None:
+    async def put(self, key: str | Mapping[str, Any], value: Any = MISSING) -> None:
         await self._live().put(key, value)
 
     async def delete(self, key: str | Iterable[str]) -> bool | int:

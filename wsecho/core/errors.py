@@ -70,6 +70,12 @@ class StorageError(WsechoError):
     """The storage backend failed (a disk error, a locked or too-new database)."""
 
 
+class SqlError(WsechoError):
+    """A statement of ``ctx.storage.sql.exec()`` failed (SQLite's message), or was refused
+    because it would reach outside the object's database (``ATTACH``, a durability
+    ``PRAGMA``, ``VACUUM INTO``, a transaction statement: use ``transaction_sync``)."""
+
+
 class QuotaExceededError(WsechoError):
     """A write would take an object, or all objects together, past a storage quota.
 

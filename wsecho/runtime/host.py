@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -18,9 +19,11 @@ import attrs
 
 from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
+from wsecho.api.sql import SqlObjectStorage
 from wsecho.api.storage import DurableObjectStorage
 from wsecho.api.websocket import CURRENT_OWNER, SocketLink
 from wsecho.backends.base import Backend
+from wsecho.backends.objectdb import ObjectDatabases
 from wsecho.core.alarms import AlarmSchedule, Due
 from wsecho.core.errors import (
     InvalidArgumentError,
@@ -63,6 +66,8 @@ class Services(Protocol):
     alarms: AlarmSchedule
     backend: Backend
     committer: GroupCommitter
+    #: Where objects of SQL-storage classes keep their databases (None: nowhere, no such class).
+    databases: ObjectDatabases | None
 
     def forget_socket(self, host: ObjectHost, link: SocketLink) -> None: ...
 
@@ -382,7 +387,7 @@ class ObjectHost:
 
     def open_storage(self) -> DurableObjectStorage:
         if self.storage is None:
-            self.storage = DurableObjectStorage(self)
+            self.storage = SqlObjectStorage(self) if self.cls.storage == "sql" else DurableObjectStorage(self)
         return self.storage
 
     def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
@@ -427,3 +432,22 @@ class ObjectHost:
 
     def quota_refused(self, which: str, message: str) -> None:
         self.runtime.quota_refused(which, message)
+
+    # -- for ctx.storage of a SQL-storage class (DatabasePort) ------------------------------
+
+    def _databases(self) -> ObjectDatabases:
+        databases = self.runtime.databases
+        assert databases is not None, "the runtime refuses SQL-storage classes where there is no place for them"
+        return databases
+
+    def open_database(self) -> sqlite3.Connection:
+        return self._databases().open(self.id.namespace, self.id.hex)
+
+    def close_database(self, conn: sqlite3.Connection) -> None:
+        self._databases().close(self.id.namespace, self.id.hex, conn)
+
+    def remove_database(self, conn: sqlite3.Connection) -> None:
+        self._databases().remove(self.id.namespace, self.id.hex, conn)
+
+    async def run_database(self, fn: Callable[[], T]) -> T:
+        return await self._databases().run(fn)

@@ -27,9 +27,11 @@ from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
 from wsecho.api.storage import DurableObjectStorage
 from wsecho.api.websocket import CURRENT_OWNER, HeldFanout, SocketLink
 from wsecho.backends.base import Backend, MemoryBackend
+from wsecho.backends.objectdb import ObjectDatabases, databases_for
 from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
 from wsecho.core.batches import Batch
 from wsecho.core.errors import (
+    ConfigError,
     InvalidArgumentError,
     InvalidStateError,
     NotOwnerError,
@@ -153,6 +155,8 @@ class Runtime:
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
+        self.databases: ObjectDatabases | None = databases_for(self.backend)
+        self._check_storage_kinds()
         self.committer.on_health = self._storage_health
         self._probe_timer: asyncio.TimerHandle | None = None
         #: Seconds between the writes that probe a failing storage.
@@ -162,6 +166,21 @@ class Runtime:
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
         self._alarm_timer: asyncio.TimerHandle | None = None
+
+    def _check_storage_kinds(self) -> None:
+        """Refuse at start a class whose ``storage`` this server cannot give (decision 0008)."""
+        for name, cls in self.app.bindings.items():
+            kind = cls.storage
+            if kind not in ("kv", "sql"):
+                msg = f'{cls.__name__} (bound as {name}) has storage = {kind!r}; use "kv" or "sql"'
+                raise ConfigError("storage", msg)
+            if kind == "sql" and self.databases is None:
+                msg = (
+                    f'{cls.__name__} (bound as {name}) declares storage = "sql", and this server keeps '
+                    f"objects' data in {type(self.backend).__name__}, which has no database per object; "
+                    "SQL storage needs --storage sqlite (the default) or --data-dir :memory:"
+                )
+                raise ConfigError("storage", msg)
 
     async def start(self) -> None:
         """Open storage and schedule the stored alarms (those missed while down fire now)."""
@@ -189,6 +208,11 @@ class Runtime:
                 with contextlib.suppress(StorageError):
                     await self.flush_storage(host, host.storage)
         await self.committer.idle()
+        for host in self._hosts.values():
+            if host.storage is not None:
+                host.storage.close()
+        if self.databases is not None:
+            self.databases.shutdown()
         await self.backend.close()
 
     # -- entry points -----------------------------------------------------------------
@@ -380,21 +404,26 @@ class Runtime:
 
     async def flush_storage(self, host: ObjectHost, storage: DurableObjectStorage) -> None:
         """Commit the pending batch; once nothing is left in flight, open the gate."""
-        batch = storage.take_pending()
+        batch = None
         try:
-            if batch is not None:
-                try:
-                    change = await self.committer.commit(batch)
-                except Exception as exc:
+            try:
+                # An object with its own database commits it in commit_database(), on a thread
+                # (decision 0008); its batch holds only its alarm, for the server's database.
+                batch = storage.take_pending()
+                await storage.commit_database()
+                change = await self.committer.commit(batch) if batch is not None else 0
+            except Exception as exc:
+                if batch is not None:
                     storage.failed(batch)
-                    self.stats.storage_errors += 1
-                    # The output gate breaks: what waited for these writes must never be
-                    # sent (the finally below would otherwise release it before the reset).
-                    if host.storage is storage or host.storage is None:
-                        host.gate = None
-                    if isinstance(exc, StorageError):
-                        raise
-                    raise StorageError(str(exc)) from exc
+                self.stats.storage_errors += 1
+                # The output gate breaks: what waited for these writes must never be
+                # sent (the finally below would otherwise release it before the reset).
+                if host.storage is storage or host.storage is None:
+                    host.gate = None
+                if isinstance(exc, StorageError):
+                    raise
+                raise StorageError(str(exc)) from exc
+            if batch is not None:
                 storage.committed(batch, change)
                 self._alarm_committed(batch)
             if storage.in_flight():
@@ -696,6 +725,8 @@ class Runtime:
                 work.extend(self._construct(host))
             elif isinstance(effect, DropInstance):
                 host.instance = None
+                if host.storage is not None:
+                    host.storage.close()  # an object's own database closes while it hibernates
                 host.storage = None
                 self._idle.discard(host)
             elif isinstance(effect, CloseSockets):
