@@ -76,6 +76,8 @@ class ObjectPort(SocketOwner, Protocol):
 
     def add_socket(self, link: SocketLink) -> None: ...
 
+    def retag(self, link: SocketLink, tags: tuple[str, ...]) -> None: ...
+
     def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]: ...
 
     def wait_until(self, aw: Awaitable[Any]) -> None: ...
@@ -230,7 +232,7 @@ class DurableObjectState:
         limits = host.limits
         link = link_of(ws)
         link.require_acceptable("accept_web_socket")
-        clean = _validate_tags(tags, limits)
+        clean = _validate_tags(tags, limits, "accept_web_socket")
         if host.hibernatable_count >= limits.sockets_per_object:
             msg = (
                 f"accept_web_socket(): this object already has {host.hibernatable_count} "
@@ -249,6 +251,29 @@ class DurableObjectState:
 
     def get_tags(self, ws: WebSocket) -> list[str]:
         return list(self._own(ws, "get_tags").tags)
+
+    def set_tags(self, ws: WebSocket, tags: Iterable[str]) -> None:
+        """Give ``ws`` these ``tags`` instead of its own (the limits of ``accept_web_socket``);
+        ``get_web_sockets(tag)``, ``count_web_sockets(tag)`` and ``broadcast(tag=...)`` see the
+        change at once, and it survives hibernation. A violation changes nothing."""
+        link = self._tagged_link(ws, "set_tags")
+        self._host.retag(link, _validate_tags(tags, self._host.limits, "set_tags"))
+
+    def add_tag(self, ws: WebSocket, tag: str) -> None:
+        """Add ``tag`` to the tags of ``ws`` (at the end); a tag it has already is left where it is."""
+        link = self._tagged_link(ws, "add_tag")
+        if isinstance(tag, str) and tag in link.tags:
+            return
+        self._host.retag(link, _validate_tags((*link.tags, _one_tag(tag, "add_tag")), self._host.limits, "add_tag"))
+
+    def remove_tag(self, ws: WebSocket, tag: str) -> bool:
+        """Take ``tag`` off ``ws``; False if it did not have it."""
+        link = self._tagged_link(ws, "remove_tag")
+        tag = _one_tag(tag, "remove_tag")
+        if tag not in link.tags:
+            return False
+        self._host.retag(link, tuple(t for t in link.tags if t != tag))
+        return True
 
     def broadcast(self, message: str | bytes, tag: str | None = None, exclude: Iterable[WebSocket] = ()) -> int:
         """Send ``message`` (text for ``str``, binary for bytes) to every open socket of this
@@ -358,9 +383,20 @@ class DurableObjectState:
         self._host.abort(reason)
 
     def _own(self, ws: WebSocket, what: str) -> SocketLink:
+        if not isinstance(ws, WebSocket):
+            msg = f"{what}(): takes a WebSocket, got {ws!r}"
+            raise InvalidArgumentError(msg)
         link = link_of(ws)
         if link.owner is not self._host or not link.hibernatable:
             msg = f"{what}(): the WebSocket is not a hibernatable socket of this object"
+            raise InvalidStateError(msg)
+        return link
+
+    def _tagged_link(self, ws: WebSocket, what: str) -> SocketLink:
+        """A socket whose tags may change: one of this object's that is still in its index."""
+        link = self._own(ws, what)
+        if link not in self._host.sockets:
+            msg = f"{what}(): the WebSocket's final event was delivered already; it has left this object"
             raise InvalidStateError(msg)
         return link
 
@@ -385,24 +421,32 @@ def _excluded(exclude: Iterable[WebSocket]) -> frozenset[SocketLink] | set[Socke
     return skip
 
 
-def _validate_tags(tags: Iterable[str], limits: Limits) -> tuple[str, ...]:
+def _validate_tags(tags: Iterable[str], limits: Limits, what: str) -> tuple[str, ...]:
+    """``tags`` checked against the limits for ``what()``, duplicates dropped, order kept."""
     if isinstance(tags, str):
-        msg = f"accept_web_socket(): tags must be a list of str, not the str {tags!r}"
+        msg = f"{what}(): tags must be a list of str, not the str {tags!r}"
         raise InvalidArgumentError(msg)
     clean: dict[str, None] = {}
     for tag in tags:
         if not isinstance(tag, str):
-            msg = f"accept_web_socket(): every tag must be a str, got {tag!r}"
+            msg = f"{what}(): every tag must be a str, got {tag!r}"
             raise InvalidArgumentError(msg)
-        size = len(utf8(tag, "accept_web_socket(): a tag"))
+        size = len(utf8(tag, f"{what}(): a tag"))
         if size > limits.tag_bytes:
-            msg = f"accept_web_socket(): tag {tag[:40]!r}… is {size} UTF-8 bytes; the limit is {limits.tag_bytes}"
+            msg = f"{what}(): tag {tag[:40]!r}… is {size} UTF-8 bytes; the limit is {limits.tag_bytes}"
             raise InvalidArgumentError(msg)
         clean[tag] = None
     if len(clean) > limits.tags_per_socket:
-        msg = f"accept_web_socket(): {len(clean)} distinct tags; the limit is {limits.tags_per_socket}"
+        msg = f"{what}(): {len(clean)} distinct tags; the limit is {limits.tags_per_socket}"
         raise InvalidArgumentError(msg)
     return tuple(clean)
+
+
+def _one_tag(tag: str, what: str) -> str:
+    if not isinstance(tag, str):
+        msg = f"{what}(): the tag must be a str, got {tag!r}"
+        raise InvalidArgumentError(msg)
+    return tag
 
 
 class DurableObject:

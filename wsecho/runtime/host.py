@@ -357,8 +357,7 @@ class ObjectHost:
         self.sockets[link] = None
         if link.hibernatable:
             self.hibernatable_count += 1
-            for tag in link.tags:
-                self.tagged.setdefault(tag, {})[link] = None
+            self._index(link, link.tags)
 
     def remove_socket(self, link: SocketLink) -> bool:
         """Forget ``link``; True if it was a socket of this object."""
@@ -367,12 +366,27 @@ class ObjectHost:
         del self.sockets[link]
         if link.hibernatable:
             self.hibernatable_count -= 1
-            for tag in link.tags:
-                members = self.tagged[tag]
-                del members[link]
-                if not members:
-                    del self.tagged[tag]
+            self._unindex(link, link.tags)
         return True
+
+    def retag(self, link: SocketLink, tags: tuple[str, ...]) -> None:
+        """Give ``link`` (a hibernatable socket of this object) ``tags`` instead of its own,
+        in the index too; a tag it keeps keeps its place in that tag's order."""
+        old = link.tags
+        self._unindex(link, tuple(t for t in old if t not in tags))
+        self._index(link, tuple(t for t in tags if t not in old))
+        link.tags = tags
+
+    def _index(self, link: SocketLink, tags: tuple[str, ...]) -> None:
+        for tag in tags:
+            self.tagged.setdefault(tag, {})[link] = None
+
+    def _unindex(self, link: SocketLink, tags: tuple[str, ...]) -> None:
+        for tag in tags:
+            members = self.tagged[tag]
+            del members[link]
+            if not members:
+                del self.tagged[tag]
 
     # -- for ctx and sockets (ObjectPort, SocketOwner) ----------------------------------
 
