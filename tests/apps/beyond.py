@@ -3,7 +3,7 @@ change, several and binary auto-responses, per-handler idle control and counting
 
 ``/<room>/ws?tags=a,b`` joins room ``<room>`` of ``env.ROOMS``. A text message is a JSON
 command ``{"op": ..., ...}`` answered with ``{"ok": result}`` or
-``{"error": "<ExceptionType>: message"}``; ``op`` names a method of the object below
+``{"error": "<ExceptionType>: message"}`` (anything else is echoed after ``handler:``); ``op`` names a method of the object below
 (``op_<name>``), and ``ws`` is the sender. Everything an object sees goes to ``env.REC``.
 """
 
@@ -48,9 +48,9 @@ class BeyondRoom(DurableObject):
         return Response(status=101, web_socket=client)
 
     def web_socket_message(self, ws, message):
-        if isinstance(message, bytes):
-            self.rec.record("binary", message)
-            ws.send(b"handler:" + message)
+        if isinstance(message, bytes) or not message.startswith("{"):
+            self.rec.record("message", message)  # not a command: the handler echoes it
+            ws.send((b"handler:" if isinstance(message, bytes) else "handler:") + message)
             return
         cmd = json.loads(message)
         try:

@@ -121,3 +121,104 @@ async def test_changing_tags_has_the_limits_of_accept_and_a_violation_changes_no
         )
         assert await ask(ann, "tags") == [f"t{i}" for i in range(10)]
         assert sorted(runtime.find("ROOMS", "v").tagged) == sorted(f"t{i}" for i in range(10))
+
+
+# -- 4. auto-responses for real protocols ------------------------------------------------------
+
+#: MQTT's keep-alive: PINGREQ (0xC0 0x00) is answered with PINGRESP (0xD0 0x00).
+MQTT_PING = {"hex": ["c000", "d000"]}
+
+
+@pytest.mark.gen_test
+async def test_several_pairs_text_and_binary_are_answered_without_waking(url, runtime, clock, recorder, flags):
+    flags["pairs"] = [["ping", "pong"], MQTT_PING, ["2", "3"]]
+    async with joined(url, "a", []) as (ws,):
+        host = hibernate(runtime, clock, "a")
+        await ws.send(b"\xc0\x00")
+        await ws.send("ping")
+        await ws.send("2")
+        assert await receive(ws, 3) == [b"\xd0\x00", "pong", "3"]
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        assert len(recorder.of("constructor")) == 1
+        assert runtime.stats.auto_responses == 3
+        # the same characters as text are not the binary request: they reach the handler
+        await ws.send("\xc0\x00")
+        assert await receive(ws) == ["handler:\xc0\x00"]
+        await ws.send(b"\xc0\x01")  # no pair has this request
+        assert await receive(ws) == [b"handler:\xc0\x01"]
+        assert await ask(ws, "pairs") == {
+            "all": [["ping", "pong"], ["c000", "d000"], ["2", "3"]],
+            "one": ["ping", "pong"],
+        }
+
+
+@pytest.mark.gen_test
+async def test_each_pair_has_its_own_last_used_time_across_hibernation(url, runtime, clock, flags):
+    flags["pairs"] = [["ping", "pong"], MQTT_PING]
+    async with joined(url, "s", []) as (ws,):
+        assert await ask(ws, "stamp", request="ping") is None
+        hibernate(runtime, clock, "s")
+        await ws.send("ping")
+        assert await receive(ws) == ["pong"]
+        pinged = clock.now().isoformat()
+        clock.advance(5)
+        await ws.send(b"\xc0\x00")
+        assert await receive(ws) == [b"\xd0\x00"]
+        mqtt = clock.now().isoformat()
+        assert mqtt != pinged
+        # a new instance reads each pair's time on this socket, and the latest of all
+        assert await ask(ws, "stamp", request="ping") == pinged
+        assert await ask(ws, "stamp", hex="c000") == mqtt
+        assert await ask(ws, "stamp") == mqtt
+        assert await ask(ws, "stamp", request="c000") is None  # text, not the binary request
+
+
+@pytest.mark.gen_test
+async def test_the_one_pair_call_still_replaces_and_clears_every_pair(url, flags):
+    flags["pairs"] = [["a", "1"], ["b", "2"]]
+    async with joined(url, "o", []) as (ws,):
+        assert await ask(ws, "set_pair", pair=["c", "3"]) is None
+        assert await ask(ws, "pairs") == {"all": [["c", "3"]], "one": ["c", "3"]}
+        await ws.send("a")  # no longer a request: the handler gets it
+        assert await receive(ws) == ["handler:a"]
+        await ws.send("c")
+        assert await receive(ws) == ["3"]
+        assert await ask(ws, "set_pair") is None
+        assert await ask(ws, "pairs") == {"all": [], "one": None}
+        assert await ask(ws, "set_pairs", pairs=[MQTT_PING]) is None
+        assert await ask(ws, "pairs") == {"all": [["c000", "d000"]], "one": ["c000", "d000"]}
+        await ws.send(b"\xc0\x00")
+        assert await receive(ws) == [b"\xd0\x00"]
+
+
+@pytest.mark.gen_test
+async def test_pairs_have_limits_and_a_bad_list_changes_nothing(url, flags):
+    flags["pairs"] = [["ping", "pong"]]
+    async with joined(url, "l", []) as (ws,):
+        assert await ask(ws, "set_pairs", pairs=[[f"q{i}", "r"] for i in range(17)]) == (
+            "error: InvalidArgumentError: set_web_socket_auto_responses(): 17 pairs; the limit is 16"
+        )
+        assert await ask(ws, "set_pairs", pairs=[["x", "1"], ["x", "2"]]) == (
+            "error: InvalidArgumentError: set_web_socket_auto_responses(): two pairs have the request 'x'; "
+            "each request needs one response"
+        )
+        assert await ask(ws, "set_pairs", pairs=[{"hex": ["00" * 2049, "00"]}]) == (
+            "error: InvalidArgumentError: set_web_socket_auto_responses(): the request is 2049 bytes; the limit is 2048"
+        )
+        assert await ask(ws, "pairs") == {"all": [["ping", "pong"]], "one": ["ping", "pong"]}
+        await ws.send("ping")
+        assert await receive(ws) == ["pong"]
+
+
+@pytest.mark.gen_test
+async def test_the_times_a_socket_keeps_are_bounded_by_the_pairs_limit(url, runtime, flags):
+    async with joined(url, "b", []) as (ws,):
+        for round_ in range(4):
+            requests = [f"r{round_}-{i}" for i in range(16)]
+            assert await ask(ws, "set_pairs", pairs=[[r, "ok"] for r in requests]) is None
+            for r in requests:
+                await ws.send(r)
+            assert await receive(ws, 16) == ["ok"] * 16
+        (link,) = runtime.find("ROOMS", "b").sockets
+        assert sorted(link.auto_response_times) == sorted(f"r3-{i}" for i in range(16))
+        assert await ask(ws, "stamp", request="r0-0") is None

@@ -79,6 +79,7 @@ LIMIT_FLAGS = [
     ("--max-tag-bytes", "4", "tag_bytes", 4),
     ("--max-attachment-bytes", "1KiB", "attachment_bytes", 1024),
     ("--max-auto-response-bytes", "8", "auto_response_bytes", 8),
+    ("--max-auto-responses", "2", "auto_responses", 2),
     ("--max-event-timeout", "1000", "event_timeout_ms", 1000),
     ("--max-object-storage", "1MiB", "object_storage_bytes", 1024**2),
     ("--max-storage", "off", "storage_bytes", None),

@@ -78,6 +78,10 @@ class ObjectPort(SocketOwner, Protocol):
 
     def retag(self, link: SocketLink, tags: tuple[str, ...]) -> None: ...
 
+    def auto_response_pairs(self) -> list[WebSocketRequestResponsePair]: ...
+
+    def set_auto_responses(self, pairs: list[WebSocketRequestResponsePair]) -> None: ...
+
     def block_concurrency_while(self, fn: Callable[[], Awaitable[T]]) -> asyncio.Future[T]: ...
 
     def wait_until(self, aw: Awaitable[Any]) -> None: ...
@@ -232,7 +236,7 @@ class DurableObjectState:
         limits = host.limits
         link = link_of(ws)
         link.require_acceptable("accept_web_socket")
-        clean = _validate_tags(tags, limits, "accept_web_socket")
+        clean = _validate_tags(tags, limits)
         if host.hibernatable_count >= limits.sockets_per_object:
             msg = (
                 f"accept_web_socket(): this object already has {host.hibernatable_count} "
@@ -322,29 +326,43 @@ class DurableObjectState:
     # -- auto-response ----------------------------------------------------------------
 
     def set_web_socket_auto_response(self, pair: WebSocketRequestResponsePair | None = None) -> None:
-        """Answer a text frame equal to ``pair.request`` with ``pair.response``, without
-        waking the object or calling a handler; ``None`` removes the pair."""
-        if pair is not None:
-            if not isinstance(pair, WebSocketRequestResponsePair):
-                msg = (
-                    "set_web_socket_auto_response() takes a WebSocketRequestResponsePair or None, "
-                    f"not {type(pair).__name__}"
-                )
-                raise InvalidArgumentError(msg)
-            limit = self._host.limits.auto_response_bytes
-            for name, text in (("request", pair.request), ("response", pair.response)):
-                size = len(utf8(text, f"set_web_socket_auto_response(): the {name}"))
-                if size > limit:
-                    msg = f"set_web_socket_auto_response(): the {name} is {size} UTF-8 bytes; the limit is {limit}"
-                    raise InvalidArgumentError(msg)
-        self._host.auto_response = pair
+        """Answer a message equal to ``pair.request`` with ``pair.response``, without
+        waking the object or calling a handler; ``None`` removes it. It replaces every pair
+        ``set_web_socket_auto_responses`` set."""
+        what = "set_web_socket_auto_response"
+        if pair is not None and not isinstance(pair, WebSocketRequestResponsePair):
+            msg = f"{what}() takes a WebSocketRequestResponsePair or None, not {type(pair).__name__}"
+            raise InvalidArgumentError(msg)
+        self._host.set_auto_responses(_checked_pairs([] if pair is None else [pair], self._host.limits, what))
+
+    def set_web_socket_auto_responses(self, pairs: Iterable[WebSocketRequestResponsePair]) -> None:
+        """Several pairs at once (each request different; text or binary): each message equal
+        to one of the requests is answered with its response without waking the object. They
+        replace the object's pairs; an empty list removes them."""
+        what = "set_web_socket_auto_responses"
+        if isinstance(pairs, WebSocketRequestResponsePair):
+            msg = f"{what}() takes a list of pairs, not one pair (write [pair])"
+            raise InvalidArgumentError(msg)
+        self._host.set_auto_responses(_checked_pairs(list(pairs), self._host.limits, what))
 
     def get_web_socket_auto_response(self) -> WebSocketRequestResponsePair | None:
+        """The pair (the first one, when ``set_web_socket_auto_responses`` set several), or None."""
         return self._host.auto_response
 
-    def get_web_socket_auto_response_timestamp(self, ws: WebSocket) -> datetime | None:
-        """When the runtime last answered ``ws`` with the auto-response (UTC), or None."""
-        return self._own(ws, "get_web_socket_auto_response_timestamp").auto_response_at
+    def get_web_socket_auto_responses(self) -> list[WebSocketRequestResponsePair]:
+        """Every pair, in the order they were set."""
+        return self._host.auto_response_pairs()
+
+    def get_web_socket_auto_response_timestamp(
+        self, ws: WebSocket, request: str | bytes | None = None
+    ) -> datetime | None:
+        """When the runtime last answered ``ws`` with an auto-response (UTC), or None; with
+        ``request``, when it last answered that request on ``ws``."""
+        link = self._own(ws, "get_web_socket_auto_response_timestamp")
+        if request is None:
+            return link.auto_response_at
+        times = link.auto_response_times
+        return None if times is None else times.get(request)
 
     # -- object control ----------------------------------------------------------------
 
@@ -421,7 +439,7 @@ def _excluded(exclude: Iterable[WebSocket]) -> frozenset[SocketLink] | set[Socke
     return skip
 
 
-def _validate_tags(tags: Iterable[str], limits: Limits, what: str) -> tuple[str, ...]:
+def _validate_tags(tags: Iterable[str], limits: Limits, what: str = "accept_web_socket") -> tuple[str, ...]:
     """``tags`` checked against the limits for ``what()``, duplicates dropped, order kept."""
     if isinstance(tags, str):
         msg = f"{what}(): tags must be a list of str, not the str {tags!r}"
@@ -440,6 +458,31 @@ def _validate_tags(tags: Iterable[str], limits: Limits, what: str) -> tuple[str,
         msg = f"{what}(): {len(clean)} distinct tags; the limit is {limits.tags_per_socket}"
         raise InvalidArgumentError(msg)
     return tuple(clean)
+
+
+def _checked_pairs(
+    pairs: list[WebSocketRequestResponsePair], limits: Limits, what: str
+) -> list[WebSocketRequestResponsePair]:
+    if len(pairs) > limits.auto_responses:
+        msg = f"{what}(): {len(pairs)} pairs; the limit is {limits.auto_responses}"
+        raise InvalidArgumentError(msg)
+    seen: set[str | bytes] = set()
+    limit = limits.auto_response_bytes
+    for pair in pairs:
+        if not isinstance(pair, WebSocketRequestResponsePair):
+            msg = f"{what}() takes WebSocketRequestResponsePairs, got {pair!r}"
+            raise InvalidArgumentError(msg)
+        for name, message in (("request", pair.request), ("response", pair.response)):
+            size = len(message) if isinstance(message, bytes) else len(utf8(message, f"{what}(): the {name}"))
+            if size > limit:
+                unit = "bytes" if isinstance(message, bytes) else "UTF-8 bytes"
+                msg = f"{what}(): the {name} is {size} {unit}; the limit is {limit}"
+                raise InvalidArgumentError(msg)
+        if pair.request in seen:
+            msg = f"{what}(): two pairs have the request {pair.request!r}; each request needs one response"
+            raise InvalidArgumentError(msg)
+        seen.add(pair.request)
+    return pairs
 
 
 def _one_tag(tag: str, what: str) -> str:

@@ -179,8 +179,10 @@ class SocketLink:
     tags: tuple[str, ...] = ()
     #: The attachment as compact JSON text (see wsecho.api.attachment), or None.
     attachment: str | None = None
-    #: When the runtime last answered this socket with the auto-response.
+    #: When the runtime last answered this socket with an auto-response (any pair) ...
     auto_response_at: datetime | None = None
+    #: ... and with each request's (at most ``Limits.auto_responses`` requests are kept).
+    auto_response_times: dict[str | bytes, datetime] | None = None
 
     def move(self, what: SocketInput) -> Final:
         """Apply one input of the socket table; return the final event it calls for."""
@@ -337,16 +339,17 @@ def link_of(ws: WebSocket) -> SocketLink:
 
 @attrs.frozen
 class WebSocketRequestResponsePair:
-    """For ``ctx.set_web_socket_auto_response``: a text frame equal to ``request`` is
-    answered with ``response`` by the runtime, without waking the object."""
+    """For ``ctx.set_web_socket_auto_response(s)``: a message equal to ``request`` (a text
+    frame for a ``str``, a binary frame for bytes) is answered with ``response`` (text or
+    binary, likewise) by the runtime, without waking the object."""
 
-    request: str = attrs.field(validator=lambda _, a, v: _require_str(a.name, v))
-    response: str = attrs.field(validator=lambda _, a, v: _require_str(a.name, v))
+    request: str | bytes = attrs.field(validator=lambda _, a, v: _require_message(a.name, v))
+    response: str | bytes = attrs.field(validator=lambda _, a, v: _require_message(a.name, v))
 
 
-def _require_str(name: str, value: object) -> None:
-    if not isinstance(value, str):
-        msg = f"WebSocketRequestResponsePair: {name} must be a str, got {type(value).__name__}"
+def _require_message(name: str, value: object) -> None:
+    if not isinstance(value, str | bytes):
+        msg = f"WebSocketRequestResponsePair: {name} must be a str or bytes, got {type(value).__name__}"
         raise InvalidArgumentError(msg)
 
 

@@ -42,6 +42,8 @@ class Limits:
     attachment_bytes: int = attrs.field(default=16_384, validator=_positive)
     #: UTF-8 length of the auto-response request and of its response.
     auto_response_bytes: int = attrs.field(default=2_048, validator=_positive)
+    #: Request/response pairs one object may set (wsecho's; Cloudflare allows one).
+    auto_responses: int = attrs.field(default=16, validator=_positive)
     #: The largest hibernatable-socket event timeout an object may set (7 days).
     event_timeout_ms: int = attrs.field(default=604_800_000, validator=_positive)
     #: Bytes one object may store (keys in UTF-8 plus encoded values); None: no quota.

@@ -314,7 +314,10 @@ class ObjectHost:
     #: Hibernatable sockets by tag, each in acceptance order.
     tagged: dict[str, dict[SocketLink, None]] = attrs.field(factory=dict)
     hibernatable_count: int = 0
+    #: The first (or only) auto-response pair: the one the hot path compares first ...
     auto_response: WebSocketRequestResponsePair | None = None
+    #: ... and every pair by its request, when there are two or more (else None).
+    auto_responses: dict[str | bytes, WebSocketRequestResponsePair] | None = None
     event_timeout_ms: int | None = None
     instance: DurableObject | None = None
     #: How many times the constructor ran (the first creation included).
@@ -376,6 +379,24 @@ class ObjectHost:
         self._unindex(link, tuple(t for t in old if t not in tags))
         self._index(link, tuple(t for t in tags if t not in old))
         link.tags = tags
+
+    def auto_response_pairs(self) -> list[WebSocketRequestResponsePair]:
+        if self.auto_responses is not None:
+            return list(self.auto_responses.values())
+        return [] if self.auto_response is None else [self.auto_response]
+
+    def set_auto_responses(self, pairs: list[WebSocketRequestResponsePair]) -> None:
+        """The object's pairs (checked already): the first one apart, the table if several."""
+        self.auto_response = pairs[0] if pairs else None
+        self.auto_responses = {p.request: p for p in pairs} if len(pairs) > 1 else None
+
+    def answers(self, request: str | bytes) -> bool:
+        """Whether one of the current pairs has this request."""
+        table = self.auto_responses
+        if table is not None:
+            return request in table
+        pair = self.auto_response
+        return pair is not None and type(pair.request) is type(request) and pair.request == request
 
     def _index(self, link: SocketLink, tags: tuple[str, ...]) -> None:
         for tag in tags:

@@ -25,7 +25,7 @@ from wsecho.api.http import Request, Response
 from wsecho.api.ids import DurableObjectId
 from wsecho.api.objects import DurableObjectNamespace, DurableObjectState, Env
 from wsecho.api.storage import DurableObjectStorage
-from wsecho.api.websocket import CURRENT_OWNER, HeldFanout, SocketLink
+from wsecho.api.websocket import CURRENT_OWNER, HeldFanout, SocketLink, WebSocketRequestResponsePair
 from wsecho.backends.base import Backend, MemoryBackend
 from wsecho.backends.objectdb import ObjectDatabases, databases_for
 from wsecho.core.alarms import MAX_RETRIES, AlarmSchedule, Due, retry_delay_ms
@@ -662,13 +662,14 @@ class Runtime:
         if host is None:
             return None  # its object moved away (drop_slots): what the peer still sends reaches nobody
         pair = host.auto_response
-        if pair is not None and message == pair.request:
-            # Answered by the runtime: the object is neither woken nor called.
-            if link.state is SocketState.OPEN:
-                link.ws.send(pair.response)
-                link.auto_response_at = self.wall_clock()
-                self.stats.auto_responses += 1
-            return None
+        if pair is not None:
+            # One comparison for an object with one pair; a table look-up for several.
+            if message != pair.request:
+                table = host.auto_responses
+                pair = None if table is None else table.get(message)
+            if pair is not None:
+                self._auto_respond(host, link, pair)
+                return None
         event = MessageEvent(link, message)
         self.submit(host, event)
         lc = host.lifecycle
@@ -676,6 +677,23 @@ class Runtime:
             return None
         event.started = asyncio.get_running_loop().create_future()
         return event.started
+
+    def _auto_respond(self, host: ObjectHost, link: SocketLink, pair: WebSocketRequestResponsePair) -> None:
+        """Answered by the runtime: the object is neither woken nor called."""
+        if link.state is not SocketState.OPEN:
+            return
+        link.ws.send(pair.response)
+        now = link.auto_response_at = self.wall_clock()
+        request = pair.request
+        times = link.auto_response_times
+        if times is None:
+            link.auto_response_times = {request: now}
+        else:
+            if request not in times and len(times) >= self.limits.auto_responses:
+                # The pairs were replaced: keep the times of current requests only (bounded).
+                times = link.auto_response_times = {r: t for r, t in times.items() if host.answers(r)}
+            times[request] = now
+        self.stats.auto_responses += 1
 
     def peer_closed(self, link: SocketLink, code: int | None, reason: str) -> None:
         """The peer sent Close (``code`` None when the frame had no status: 1005)."""

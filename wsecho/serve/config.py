@@ -496,6 +496,14 @@ OPTIONS = (
         "BYTES",
     ),
     _limit(
+        "--max-auto-responses",
+        "auto_responses",
+        _at_least(1),
+        "request/response pairs one object may set with set_web_socket_auto_responses(); "
+        "more raise InvalidArgumentError",
+        "N",
+    ),
+    _limit(
         "--max-event-timeout",
         "event_timeout_ms",
         _at_least(1),
@@ -639,6 +647,7 @@ class Settings:
     max_tag_bytes: int = DEFAULTS["max_tag_bytes"]
     max_attachment_bytes: int = DEFAULTS["max_attachment_bytes"]
     max_auto_response_bytes: int = DEFAULTS["max_auto_response_bytes"]
+    max_auto_responses: int = DEFAULTS["max_auto_responses"]
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
