@@ -9,6 +9,7 @@ command ``{"op": ..., ...}`` answered with ``{"ok": result}`` or
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime
 from urllib.parse import parse_qs, urlsplit
@@ -109,8 +110,13 @@ class BeyondRoom(DurableObject):
     def op_hibernate_now(self, ws):
         return self.ctx.hibernate_now()
 
-    def op_keep_awake_until(self, ws, iso=None):
-        return self.ctx.keep_awake_until(None if iso is None else datetime.fromisoformat(iso))
+    def op_hibernate_soon(self, ws):
+        """hibernate_now() from outside any event: a callback after this turn."""
+        asyncio.get_running_loop().call_soon(self.ctx.hibernate_now)
+
+    def op_keep_awake_until(self, ws, iso=None, raw=None):
+        """``iso``: an aware datetime; ``raw``: the value itself (epoch ms, or something wrong)."""
+        return self.ctx.keep_awake_until(datetime.fromisoformat(iso) if iso is not None else raw)
 
     # -- counting ------------------------------------------------------------------------
 

@@ -4,12 +4,14 @@ and counting sockets without building them; each also across a hibernation."""
 
 import asyncio
 import contextlib
+import datetime
 import json
 
 import pytest
 from websockets.asyncio.client import connect
 
 from tests.apps.beyond import beyond_app
+from tests.helpers import until
 from wsecho.core.lifecycle import ObjectState
 
 #: Served by the standalone gateway and by objects mounted in a Tornado application.
@@ -222,3 +224,65 @@ async def test_the_times_a_socket_keeps_are_bounded_by_the_pairs_limit(url, runt
         (link,) = runtime.find("ROOMS", "b").sockets
         assert sorted(link.auto_response_times) == sorted(f"r3-{i}" for i in range(16))
         assert await ask(ws, "stamp", request="r0-0") is None
+
+
+# -- 5. idle time from a handler ---------------------------------------------------------------
+
+
+@pytest.mark.gen_test
+async def test_hibernate_now_hibernates_when_the_turn_ends_and_the_socket_stays(url, runtime, recorder):
+    async with joined(url, "h", ["x"]) as (ws,):
+        host = runtime.find("ROOMS", "h")
+        assert await ask(ws, "hibernate_now") is None
+        assert host.lifecycle.state is ObjectState.HIBERNATING  # no sweep: at the end of the turn
+        assert host.instance is None
+        # the socket stays open with its tags, and the next message builds a new instance
+        assert await ask(ws, "tags") == ["x"]
+        assert len(recorder.of("constructor")) == 2
+        assert host.lifecycle.state is ObjectState.ACTIVE
+        assert runtime.sweep(now=runtime.clock() + 9) == 0  # and the class's idle time applies again
+        # called outside any event, by an idle object: at once
+        assert await ask(ws, "hibernate_soon") is None
+        await until(lambda: host.lifecycle.state is ObjectState.HIBERNATING)
+
+
+@pytest.mark.gen_test
+async def test_keep_awake_until_holds_off_the_idle_time_until_then(url, runtime, clock, recorder):
+    async with joined(url, "k", []) as (ws,):
+        host = runtime.find("ROOMS", "k")
+        later = clock.now() + datetime.timedelta(seconds=60)
+        assert await ask(ws, "keep_awake_until", iso=later.isoformat()) is None
+        start = clock.monotonic()
+        assert runtime.sweep(now=start + 30) == 0  # idle for 30 s with hibernate_after = 10
+        assert host.lifecycle.state is ObjectState.ACTIVE
+        # from that time on, the usual idle time counts
+        assert runtime.sweep(now=start + 65) == 0
+        assert runtime.sweep(now=start + 71) == 1
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        # a hibernation ends it: the next instance has the usual idle time
+        assert await ask(ws, "tags") == []
+        assert runtime.sweep(now=start + 82) == 1
+        assert len(recorder.of("constructor")) == 2
+
+
+@pytest.mark.gen_test
+async def test_keep_awake_until_is_cancelled_by_none_by_the_past_and_by_hibernate_now(url, runtime, clock):
+    async with joined(url, "n", []) as (ws,):
+        host = runtime.find("ROOMS", "n")
+        far = (clock.now() + datetime.timedelta(hours=1)).timestamp() * 1000
+        assert await ask(ws, "keep_awake_until", raw=far) is None  # epoch milliseconds
+        assert await ask(ws, "keep_awake_until") is None
+        assert runtime.sweep(now=clock.monotonic() + 10) == 1
+        assert await ask(ws, "keep_awake_until", raw=far) is None
+        assert await ask(ws, "keep_awake_until", raw=0) is None  # already past
+        assert runtime.sweep(now=clock.monotonic() + 10) == 1
+        assert await ask(ws, "keep_awake_until", raw=far) is None
+        assert await ask(ws, "hibernate_now") is None
+        assert host.lifecycle.state is ObjectState.HIBERNATING
+        assert await ask(ws, "keep_awake_until", raw="soon") == (
+            "error: InvalidArgumentError: keep_awake_until() takes a datetime or epoch milliseconds, got 'soon'"
+        )
+        assert await ask(ws, "keep_awake_until", iso="2030-01-01T00:00:00") == (
+            "error: InvalidArgumentError: keep_awake_until(): give an aware datetime (with tzinfo) "
+            "or epoch milliseconds"
+        )

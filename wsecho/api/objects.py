@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from wsecho.api.codec import utf8
 from wsecho.api.http import Request
 from wsecho.api.ids import DurableObjectId
+from wsecho.api.storage import epoch_ms
 from wsecho.api.websocket import (
     HeldFanout,
     SocketLink,
@@ -87,6 +88,10 @@ class ObjectPort(SocketOwner, Protocol):
     def wait_until(self, aw: Awaitable[Any]) -> None: ...
 
     def abort(self, reason: str | None) -> None: ...
+
+    def hibernate_now(self) -> None: ...
+
+    def keep_awake_until(self, at_ms: int | None) -> None: ...
 
 
 class DurableObjectNamespace:
@@ -399,6 +404,19 @@ class DurableObjectState:
         """Reset the object now: every socket closes with 1011, the instance and its
         queued events are dropped. In the constructor it raises ``ObjectResetError``."""
         self._host.abort(reason)
+
+    def hibernate_now(self) -> None:
+        """Hibernate this object as soon as it is idle, without waiting for its
+        ``hibernate_after``: when the current handler returns (and its writes are committed,
+        its ``wait_until`` work done), or at once when called outside any event. Its sockets
+        stay open; the next event builds a new instance. Cancels ``keep_awake_until``."""
+        self._host.hibernate_now()
+
+    def keep_awake_until(self, when: datetime | float | None) -> None:
+        """Do not hibernate this object for being idle before ``when`` (an aware datetime or
+        epoch milliseconds, like ``set_alarm``); from then on its ``hibernate_after`` applies
+        again. ``None`` (or a time already past) cancels it; so does ``hibernate_now()``."""
+        self._host.keep_awake_until(None if when is None else epoch_ms(when, "keep_awake_until"))
 
     def _own(self, ws: WebSocket, what: str) -> SocketLink:
         if not isinstance(ws, WebSocket):

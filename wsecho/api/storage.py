@@ -169,15 +169,16 @@ def list_range(
     return lo, hi
 
 
-def _epoch_ms(when: datetime | float) -> int:
+def epoch_ms(when: datetime | float, what: str = "set_alarm") -> int:
+    """``when`` (an aware datetime or epoch milliseconds, as ``what()`` takes it) in epoch ms."""
     if isinstance(when, datetime):
         if when.tzinfo is None:
-            msg = "set_alarm(): give an aware datetime (with tzinfo) or epoch milliseconds"
+            msg = f"{what}(): give an aware datetime (with tzinfo) or epoch milliseconds"
             raise InvalidArgumentError(msg)
         return int(when.timestamp() * 1000)
     if isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when):
         return int(when)
-    msg = f"set_alarm() takes a datetime or epoch milliseconds, got {when!r}"
+    msg = f"{what}() takes a datetime or epoch milliseconds, got {when!r}"
     raise InvalidArgumentError(msg)
 
 
@@ -432,7 +433,7 @@ class DurableObjectStorage:
 
     async def set_alarm(self, when: datetime | float) -> None:
         """Call the object's ``alarm()`` at ``when`` (an aware datetime or epoch ms); one per object."""
-        at_ms = _epoch_ms(when)
+        at_ms = epoch_ms(when)
         hid = self._host.id
         self._batch().alarm = AlarmRow(self._object, hid.namespace, hid.hex, hid.name, at_ms)
 

@@ -79,6 +79,10 @@ class Services(Protocol):
 
     def abort(self, host: ObjectHost, reason: str | None) -> None: ...
 
+    def hibernate_soon(self, host: ObjectHost) -> None: ...
+
+    def keep_awake_until(self, host: ObjectHost, at_ms: int | None) -> None: ...
+
     def batch_started(self, host: ObjectHost) -> None: ...
 
     def flush_soon(self, host: ObjectHost, storage: DurableObjectStorage) -> None: ...
@@ -334,6 +338,11 @@ class ObjectHost:
     storage: DurableObjectStorage | None = None
     #: When the current wake began (the clock's time), until its first event starts.
     wake_started: float | None = None
+    #: ``ctx.hibernate_now()`` in a turn: hibernate the moment the object is next idle ...
+    hibernate_soon: bool = False
+    #: ... or ``ctx.keep_awake_until()``: not before this time (the runtime's clock), else None.
+    #: Each cancels the other, and a hibernation or a reset cancels both.
+    awake_until: float | None = None
     #: The output gate: frames held back until the object's writes are durable, or None.
     gate: list[Held] | None = None
     #: The gate also waits for the current turn to end (it has an event timeout to keep).
@@ -433,6 +442,12 @@ class ObjectHost:
 
     def abort(self, reason: str | None) -> None:
         self.runtime.abort(self, reason)
+
+    def hibernate_now(self) -> None:
+        self.runtime.hibernate_soon(self)
+
+    def keep_awake_until(self, at_ms: int | None) -> None:
+        self.runtime.keep_awake_until(self, at_ms)
 
     # -- for ctx.storage (StoragePort) ----------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
@@ -153,6 +154,9 @@ class Runtime:
         self.env = Env({**app.vars, **self.namespaces})
         self._hosts: dict[DurableObjectId, ObjectHost] = {}
         self._idle: IdleIndex[ObjectHost] = IdleIndex()
+        #: Objects ``ctx.keep_awake_until()`` keeps out of the idle index, and the earliest time.
+        self._kept_awake: dict[ObjectHost, None] = {}
+        self._kept_awake_next = math.inf
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
         self.databases: ObjectDatabases | None = databases_for(self.backend)
@@ -363,10 +367,61 @@ class Runtime:
             self.submit(host, BlockEvent(reply, _nothing))
             await reply
 
+    def hibernate_soon(self, host: ObjectHost) -> None:
+        """``ctx.hibernate_now()``: hibernate ``host`` at once if it is idle (a call from a task
+        of its own), else the moment it is (see ``_became_idle``)."""
+        if host.awake_until is not None:
+            self._stop_keeping_awake(host)
+        lc = host.lifecycle
+        if lc.state is ObjectState.ACTIVE and lc.hibernation_blocker() is None and not host.blockers:
+            self.hibernate(host)
+        else:
+            host.hibernate_soon = True
+
+    def keep_awake_until(self, host: ObjectHost, at_ms: int | None) -> None:
+        """``ctx.keep_awake_until()``: ``host`` is not hibernated for being idle before ``at_ms``."""
+        host.hibernate_soon = False
+        now = self.clock()
+        at = None if at_ms is None else now + (at_ms / 1000 - self.wall_clock().timestamp())
+        if at is None or at <= now:
+            if host.awake_until is not None:
+                self._stop_keeping_awake(host)
+                self._index_if_idle(host, now)
+            return
+        host.awake_until = at
+        self._kept_awake[host] = None
+        self._kept_awake_next = min(self._kept_awake_next, at)
+        self._idle.discard(host)
+
+    def _stop_keeping_awake(self, host: ObjectHost) -> None:
+        host.awake_until = None
+        self._kept_awake.pop(host, None)
+
+    def _index_if_idle(self, host: ObjectHost, since: float) -> None:
+        """Put an idle object whose idle time was held back in the idle index, from ``since``."""
+        lc = host.lifecycle
+        if lc.idle_since is not None and lc.hibernation_blocker() is None:
+            self._idle.touch(host, max(host.hibernate_after, 0.0), max(since, lc.idle_since))
+
+    def _release_kept_awake(self, now: float) -> None:
+        """The objects whose ``keep_awake_until`` time has come are idle objects again."""
+        upcoming = math.inf
+        for host in list(self._kept_awake):
+            at = host.awake_until
+            assert at is not None
+            if at > now:
+                upcoming = min(upcoming, at)
+                continue
+            self._stop_keeping_awake(host)
+            self._index_if_idle(host, at)
+        self._kept_awake_next = upcoming
+
     def sweep(self, now: float | None = None) -> int:
         """Hibernate every object idle for its ``hibernate_after`` at ``now``; return how many."""
         if now is None:
             now = self.clock()
+        if now >= self._kept_awake_next:
+            self._release_kept_awake(now)
         evicted = 0
         for host in self._idle.pop_due(now):
             # An object that is busy again is re-indexed when it next becomes idle.
@@ -747,6 +802,9 @@ class Runtime:
                     host.storage.close()  # an object's own database closes while it hibernates
                 host.storage = None
                 self._idle.discard(host)
+                host.hibernate_soon = False  # an instance's wishes go with it
+                if host.awake_until is not None:
+                    self._stop_keeping_awake(host)
             elif isinstance(effect, CloseSockets):
                 for link in list(host.sockets):
                     link.close_now(effect.code, effect.reason)
@@ -765,6 +823,12 @@ class Runtime:
         self._maybe_forget(host)
 
     def _became_idle(self, host: ObjectHost, since: float) -> list[Effect[Event]]:
+        if host.hibernate_soon:  # ctx.hibernate_now() in the turn that just ended
+            host.hibernate_soon = False
+            self.stats.evictions["idle"] += 1
+            return host.lifecycle.evict(since)
+        if host.awake_until is not None:
+            return []  # ctx.keep_awake_until(): the sweep indexes it again at that time
         if host.hibernate_after <= 0:
             # hibernate_after = 0: hibernate the moment the object is idle.
             self.stats.evictions["idle"] += 1
