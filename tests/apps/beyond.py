@@ -121,10 +121,24 @@ class BeyondRoom(DurableObject):
     # -- counting ------------------------------------------------------------------------
 
     def op_count(self, ws, tag=None, state=None):
-        return self.ctx.count_web_sockets(tag, state=None if state is None else ReadyState(state))
+        return self.ctx.count_web_sockets(tag, state=state)  # an int: ReadyState is an IntEnum
+
+    def op_close_tagged(self, ws, tag, keep):
+        """Close the sockets with ``tag`` whose tags are not ``keep``, then count in the same turn."""
+        ctx = self.ctx
+        for other in ctx.get_web_sockets(tag):
+            if ctx.get_tags(other) != keep:
+                other.close(4000, "closed by the room")
+        return {
+            "closing": ctx.count_web_sockets(state=ReadyState.CLOSING),
+            "open": ctx.count_web_sockets(state=ReadyState.OPEN),
+            "open blue": ctx.count_web_sockets("blue", state=ReadyState.OPEN),
+            "listed closing": len(ctx.get_web_sockets(state=ReadyState.CLOSING)),
+            "all": ctx.count_web_sockets(),
+        }
 
     def op_listed(self, ws, tag=None, state=None):
-        return len(self.ctx.get_web_sockets(tag, state=None if state is None else ReadyState(state)))
+        return len(self.ctx.get_web_sockets(tag, state=state))
 
 
 async def beyond_worker(request, env):

@@ -8,11 +8,14 @@ import datetime
 import json
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 from tests.apps.beyond import beyond_app
 from tests.helpers import until
 from wsecho.core.lifecycle import ObjectState
+from wsecho.serve.config import Settings
+from wsecho.serve.server import Server
 
 #: Served by the standalone gateway and by objects mounted in a Tornado application.
 SERVINGS = ("standalone", "tornado")
@@ -286,3 +289,67 @@ async def test_keep_awake_until_is_cancelled_by_none_by_the_past_and_by_hibernat
             "error: InvalidArgumentError: keep_awake_until(): give an aware datetime (with tzinfo) "
             "or epoch milliseconds"
         )
+
+
+# -- 6. counting without waking ----------------------------------------------------------------
+
+OPEN, CLOSING = 1, 2
+
+
+@pytest.mark.gen_test
+async def test_counts_and_state_filters_agree_with_the_sockets_across_hibernation(url, runtime, clock, recorder):
+    async with joined(url, "n", ["red"], ["red", "blue"], ["blue"]) as (ann, bob, cat):
+        assert await ask(ann, "count") == 3
+        assert await ask(ann, "count", tag="red") == 2
+        assert await ask(ann, "count", tag="nobody") == 0
+        hibernate(runtime, clock, "n")
+        await ask(bob, "remove_tag", tag="red")
+        await ask(bob, "add_tag", tag="green")
+        assert await ask(ann, "count", tag="red") == 1
+        assert await ask(ann, "count", tag="blue") == 2
+        hibernate(runtime, clock, "n")
+        # the object closes cat: until cat answers, cat is closing
+        assert await ask(ann, "close_tagged", tag="blue", keep=["blue", "green"]) == {
+            "closing": 1,
+            "open": 2,
+            "open blue": 1,
+            "listed closing": 1,
+            "all": 3,
+        }
+        async with asyncio.timeout(5):
+            await cat.wait_closed()
+        await recorder.wait_for(lambda r: r.of("close"))
+        assert await ask(ann, "count") == 2
+        assert await ask(ann, "count", state=CLOSING) == 0
+        assert await ask(ann, "listed", tag="blue", state=OPEN) == 1
+        assert await ask(ann, "count", tag=5) == (
+            "error: InvalidArgumentError: count_web_sockets(): tag must be a str or None, got 5"
+        )
+        assert await ask(ann, "listed", state=7) == (
+            "error: InvalidArgumentError: get_web_sockets(): state must be a ReadyState (0 to 3) or None, got 7"
+        )
+
+
+@pytest.fixture
+def admin_server(io_loop, tmp_path, recorder):
+    server = Server(beyond_app(recorder, {}), Settings(port=0, admin_port=0, data_dir=str(tmp_path / "d")))
+    io_loop.run_sync(server.start)
+    yield server
+    if server.phase != "stopped":
+        io_loop.run_sync(server.stop)
+
+
+@pytest.mark.gen_test
+async def test_objects_shows_the_sockets_per_tag_of_a_hibernated_object(admin_server, io_loop):
+    server = admin_server
+    base = f"ws://127.0.0.1:{server.port}/lobby/ws?tags="
+    async with connect(base + "player,red") as ann, connect(base + "player,blue"), connect(base + "player"):
+        await ask(ann, "add_tag", tag="captain")
+        assert server.runtime.sweep(now=io_loop.time() + 60) == 1
+        answer = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{server.admin_port}/objects")
+        (room,) = json.loads(answer.body)["objects"]
+        assert room["state"] == "hibernating"
+        assert room["hibernatable_sockets"] == 3
+        assert room["tags"] == {"player": 3, "red": 1, "blue": 1, "captain": 1}
+        assert next(iter(room["tags"])) == "player"  # the biggest first
+        assert room["distinct_tags"] == 4

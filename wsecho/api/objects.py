@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
@@ -22,7 +22,9 @@ from wsecho.api.http import Request
 from wsecho.api.ids import DurableObjectId
 from wsecho.api.storage import epoch_ms
 from wsecho.api.websocket import (
+    SOCKET_STATES,
     HeldFanout,
+    ReadyState,
     SocketLink,
     SocketOwner,
     WebSocket,
@@ -252,11 +254,35 @@ class DurableObjectState:
         link.hibernatable = True
         host.add_socket(link)
 
-    def get_web_sockets(self, tag: str | None = None) -> list[WebSocket]:
-        """The hibernatable sockets (with ``tag``, if given) whose final event is not delivered yet."""
+    def get_web_sockets(self, tag: str | None = None, state: ReadyState | None = None) -> list[WebSocket]:
+        """The hibernatable sockets (with ``tag``, if given; in ``state``, if given) whose final
+        event is not delivered yet, in acceptance order."""
+        members = self._members(tag, "get_web_sockets")
+        if state is None:
+            if tag is None:
+                return [link.ws for link in members if link.hibernatable]
+            return [link.ws for link in members]
+        states = _socket_states(state, "get_web_sockets")
+        return [link.ws for link in members if link.hibernatable and link.state in states]
+
+    def count_web_sockets(self, tag: str | None = None, state: ReadyState | None = None) -> int:
+        """How many sockets ``get_web_sockets(tag, state)`` would list, from the index: without
+        a ``state``, no socket is looked at at all."""
+        members = self._members(tag, "count_web_sockets")
+        if state is None:
+            return self._host.hibernatable_count if tag is None else len(members)
+        states = _socket_states(state, "count_web_sockets")
+        return sum(1 for link in members if link.hibernatable and link.state in states)
+
+    def _members(self, tag: str | None, what: str) -> Collection[SocketLink]:
+        """Every socket of the object (``tag`` None: non-hibernatable ones too), or those with ``tag``."""
+        host = self._host
         if tag is None:
-            return [link.ws for link in self._host.sockets if link.hibernatable]
-        return [link.ws for link in self._host.tagged.get(tag, ())]
+            return host.sockets
+        if isinstance(tag, str):
+            return host.tagged.get(tag, _NOBODY)
+        msg = f"{what}(): tag must be a str or None, got {tag!r}"
+        raise InvalidArgumentError(msg)
 
     def get_tags(self, ws: WebSocket) -> list[str]:
         return list(self._own(ws, "get_tags").tags)
@@ -298,13 +324,7 @@ class DurableObjectState:
         """
         message = checked_message(message, "broadcast()")
         host = self._host
-        if tag is None:
-            members: Iterable[SocketLink] = host.sockets
-        elif isinstance(tag, str):
-            members = host.tagged.get(tag, ())
-        else:
-            msg = f"broadcast(): tag must be a str or None, got {tag!r}"
-            raise InvalidArgumentError(msg)
+        members = self._members(tag, "broadcast")
         skip = _excluded(exclude)
         targets: list[SocketLink] = []
         joining = 0
@@ -440,6 +460,14 @@ class DurableObjectState:
 _OPEN = SocketState.OPEN
 _CONNECTING = SocketState.CONNECTING
 _NOBODY: frozenset[SocketLink] = frozenset()
+
+
+def _socket_states(state: ReadyState, what: str) -> frozenset[SocketState]:
+    try:
+        return SOCKET_STATES[ReadyState(state)]
+    except (ValueError, TypeError):
+        msg = f"{what}(): state must be a ReadyState (0 to 3) or None, got {state!r}"
+        raise InvalidArgumentError(msg) from None
 
 
 def _excluded(exclude: Iterable[WebSocket]) -> frozenset[SocketLink] | set[SocketLink]:

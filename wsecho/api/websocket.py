@@ -39,6 +39,13 @@ class ReadyState(enum.IntEnum):
 
 
 _OPEN = SocketState.OPEN
+#: The socket states each ready state stands for (``get_web_sockets(state=...)`` filters by them).
+SOCKET_STATES: dict[ReadyState, frozenset[SocketState]] = {
+    ReadyState.CONNECTING: frozenset({SocketState.CONNECTING}),
+    ReadyState.OPEN: frozenset({SocketState.OPEN}),
+    ReadyState.CLOSING: frozenset({SocketState.CLOSE_RECEIVED, SocketState.CLOSE_SENT}),
+    ReadyState.CLOSED: frozenset({SocketState.CLOSED, SocketState.LOST}),
+}
 _READY_STATE = {
     SocketState.CONNECTING: ReadyState.CONNECTING,
     SocketState.OPEN: ReadyState.OPEN,

@@ -10,6 +10,7 @@ runtime through :class:`Services`, which :class:`~wsecho.runtime.runtime.Runtime
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -388,6 +389,11 @@ class ObjectHost:
         self._unindex(link, tuple(t for t in old if t not in tags))
         self._index(link, tuple(t for t in tags if t not in old))
         link.tags = tags
+
+    def tag_counts(self, limit: int) -> dict[str, int]:
+        """Sockets per tag for the ``limit`` tags with the most, most first (from the index)."""
+        tagged = self.tagged
+        return {tag: len(tagged[tag]) for tag in heapq.nlargest(limit, tagged, key=lambda t: len(tagged[t]))}
 
     def auto_response_pairs(self) -> list[WebSocketRequestResponsePair]:
         if self.auto_responses is not None:

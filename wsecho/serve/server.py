@@ -71,6 +71,8 @@ LAG_INTERVAL = 1.0
 LAG_PROBE = 0.01
 #: How often systemd's STATUS= line is refreshed.
 STATUS_INTERVAL = 10.0
+#: How many of an object's tags /objects counts the sockets of (those with the most).
+TAGS_SHOWN = 20
 
 
 class Sweeper:
@@ -513,7 +515,8 @@ class Server:
         return self.describe_objects(limit, state)
 
     def describe_objects(self, limit: int, state: ObjectState | None) -> dict[str, Any]:
-        """What /objects shows: each object's id, class, state, sockets, idle time and blocker.
+        """What /objects shows: each object's id, class, state, sockets (and how many have each
+        of its ``TAGS_SHOWN`` biggest tags), idle time and blocker.
 
         Only ``limit`` objects are described; the others are only counted.
         """
@@ -532,6 +535,9 @@ class Server:
                     "class": host.cls.__name__,
                     "state": lc.state.value,
                     "sockets": len(host.sockets),
+                    "hibernatable_sockets": host.hibernatable_count,
+                    "tags": host.tag_counts(TAGS_SHOWN),
+                    "distinct_tags": len(host.tagged),
                     "idle_seconds": None if lc.idle_since is None else round(now - lc.idle_since, 3),
                     "hibernate_after": host.hibernate_after,
                     "cannot_hibernate_because": lc.hibernation_blocker() if active else None,
