@@ -20,6 +20,8 @@ class GrantingStore:
         self.members = [name, *members]
         self.statement_timeout = 10.0
         self.closed = False
+        self.refused: set[int] = set()
+        self.released: list[int] = []
 
     async def create_schema(self):
         pass
@@ -28,10 +30,10 @@ class GrantingStore:
         return self.members
 
     async def acquire(self, slots, ttl):
-        return dict.fromkeys(slots, 7)
+        return {s: 7 for s in slots if s not in self.refused}
 
     async def release(self, slots):
-        pass
+        self.released += slots
 
     async def leave(self):
         pass
@@ -43,8 +45,9 @@ class GrantingStore:
         pass
 
 
-def member(name="M#0", members=(), ttl=2.0):
-    return ClusterMember(GrantingStore(name, members), ttl=ttl, clock=lambda: 100.0, on_lost=lambda *_: None)
+def member(name="M#0", members=(), ttl=2.0, lost=None):
+    on_lost = (lambda slots, why: lost.append((list(slots), why))) if lost is not None else (lambda *_: None)
+    return ClusterMember(GrantingStore(name, members), ttl=ttl, clock=lambda: 100.0, on_lost=on_lost)
 
 
 def an_id_owned_by(owner, members):
@@ -102,3 +105,27 @@ async def test_a_member_that_never_started_closes_its_store():
     m = member()
     await m.close()
     assert m.store.closed
+
+
+@pytest.mark.gen_test
+async def test_a_round_drops_slots_taken_or_moved_and_recovers_from_an_error():
+    lost = []
+    m = member("M#0", lost=lost)
+    await m.round()
+    assert m.table.slots() == frozenset(range(SLOTS))  # alone: every slot
+    m.store.refused = {5}  # another member holds slot 5 now
+    await m.round()
+    assert lost == [([5], "another member holds their leases")]
+    assert 5 not in m.table.slots()
+    m.store.members.append("N#0")  # a member joins: its share moves to it
+    await m.round()
+    moved = sorted(set(range(SLOTS)) - m.desired - {5})
+    assert lost[-1] == (moved, "the slots moved to another member")
+    assert m.store.released == moved
+    m.last_error = "connection refused"  # (what the loop records when a round fails)
+    await m.round()
+    assert m.last_error is None
+    assert m.ready()
+    await m.drain()
+    assert not m.ready()
+    assert lost[-1] == (sorted(m.desired - {5}), "this process is stopping")
