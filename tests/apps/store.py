@@ -133,6 +133,13 @@ class Store(DurableObject):
         await self.ctx.storage.sync()
         return await self.flags["after_sync"]()
 
+    async def sync_alone(self):
+        """sync() in a turn that wrote nothing, then what flags["after_sync"]() finds durable
+        (flags["syncing"] is resolved just before the call)."""
+        self.flags["syncing"].set_result(None)
+        await self.ctx.storage.sync()
+        return await self.flags["after_sync"]()
+
     async def put_then_fail(self, key, value):
         await self.ctx.storage.put(key, value)
         raise RuntimeError("the handler failed after writing")

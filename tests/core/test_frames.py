@@ -381,6 +381,19 @@ def test_a_pass_consumes_at_most_its_budget_then_resume_goes_on():
     assert not parser.held
 
 
+def test_a_pass_that_ends_in_a_partial_frame_is_not_held_and_the_frame_spends_what_is_left():
+    message = client_frame(2, b"x" * 20)  # 26 bytes
+    big = client_frame(2, b"y" * 30)  # 36 bytes: it starts at 26, with 34 bytes of the pass left
+    parser = FrameParser(1000, pass_bytes=60)
+    assert parser.feed(message + big[:10]) == [(BINARY, b"x" * 20)]
+    assert not parser.held  # the budget is not spent: the caller waits for bytes, not for resume()
+    # The big frame completes in the same pass and crosses its end: the message behind it waits.
+    assert parser.feed(big[10:] + message) == [(BINARY, b"y" * 30)]
+    assert parser.held
+    assert parser.resume() == [(BINARY, b"x" * 20)]
+    assert not parser.held
+
+
 @given(
     st.lists(st.binary(max_size=300).map(lambda b: (2, b)), max_size=8),
     st.integers(min_value=1, max_value=64),

@@ -53,3 +53,9 @@ def test_a_lease_is_provable_until_the_send_time_plus_the_ttl_minus_the_margin()
     assert table.expired(deadline) == [8]
     table.drop([8])
     assert table.slots() == frozenset({7})
+
+
+def test_every_version_computes_the_same_owner_of_a_slot():
+    # A rolling restart runs two versions side by side: if they disagreed on who should own a
+    # slot, each would keep taking it from the other. The score is blake2b-64 of "slot\0member".
+    assert [rendezvous_owner(s, ["a", "b", "c"]) for s in range(12)] == list("bcaabbbaccab")

@@ -841,6 +841,27 @@ async def test_an_overwrite_one_byte_longer_at_the_quota_is_refused(make_runtime
 
 
 @pytest.mark.gen_test
+async def test_an_object_over_a_lowered_quota_may_still_overwrite_without_growing(make_runtime):
+    # The quota was lowered across a restart below what the object stores: writes that do not
+    # grow it pass (so it can still change its data, or make room); a write that grows it is refused.
+    first = await make_runtime(Limits(object_storage_bytes=None, storage_bytes=None))
+    try:
+        await stub(first).do("put", "a", "x" * 600)
+    finally:
+        await first.close()
+    size = entry_bytes("a", codec.encode("x" * 600))
+    rt = await make_runtime(Limits(object_storage_bytes=size // 2, storage_bytes=None))
+    try:
+        steps = [("get", ("a",), {}), ("put", ("a", "y" * 600), {})]
+        assert await stub(rt).script(steps) == ["x" * 600, None]
+        with pytest.raises(QuotaExceededError):
+            await stub(rt).do("put", "a", "y" * 601)
+        assert await stub(rt).do("get", "a") == "y" * 600
+    finally:
+        await rt.close()
+
+
+@pytest.mark.gen_test
 async def test_a_spent_alarm_does_not_fire_again_after_a_restart(make_runtime, recorder):
     first = await make_runtime()
     await stub(first).do("set_alarm", NOW_MS + 1000)
@@ -932,6 +953,31 @@ async def test_sync_returns_once_the_writes_so_far_are_durable(rt, flags):
 
 
 @pytest.mark.gen_test
+async def test_sync_waits_for_an_earlier_write_still_being_committed(recorder, flags):
+    # A write outside a turn is being committed (the backend holds it); a turn that wrote
+    # nothing itself calls sync(): it returns only once that write is durable.
+    backend = GatedBackend()
+    clock = FakeClock(start=NOW)
+    rt = Runtime(store_app(recorder, flags), clock=clock.monotonic, wall_clock=clock.now, backend=backend)
+    await rt.start()
+    try:
+        loop = asyncio.get_running_loop()
+        flags["gate"], flags["written"], flags["syncing"] = (loop.create_future() for _ in range(3))
+        flags["after_sync"] = lambda: durable(rt, "later", ["a"])
+        await stub(rt, "later").write_later({"a": 1})
+        flags["gate"].set_result(None)
+        await asyncio.wait_for(flags["written"], 5)
+        await until(lambda: backend.waiting == 1)
+        syncing = asyncio.ensure_future(stub(rt, "later").sync_alone())
+        await asyncio.wait_for(flags["syncing"], 5)
+        backend.gate.set()
+        assert await asyncio.wait_for(syncing, 5) == {"a": 1}
+    finally:
+        backend.gate.set()
+        await rt.close()
+
+
+@pytest.mark.gen_test
 async def test_get_alarm_sees_the_turns_own_alarm_changes(rt):
     s = stub(rt)
     await s.do("set_alarm", NOW_MS + 1000)
@@ -987,6 +1033,9 @@ class ReadCountingHost:
             await self.hold
         return {}
 
+    async def scan(self, obj, start, end, limit, reverse):
+        return []
+
 
 @pytest.mark.gen_test
 async def test_a_read_that_raced_a_commit_does_not_hide_the_committed_value_afterwards():
@@ -1000,6 +1049,17 @@ async def test_a_read_that_raced_a_commit_does_not_hide_the_committed_value_afte
     host.hold.set_result(None)  # the read answers what the backend held before: nothing
     assert await racing is None
     assert await storage.get("k") == 1  # the stale answer was not remembered
+
+
+@pytest.mark.gen_test
+async def test_list_sees_a_write_still_being_committed_beside_the_turns_own():
+    host = ReadCountingHost()
+    storage = DurableObjectStorage(host)
+    await storage.put("a", 1)
+    storage.take_pending()  # submitted: its commit has not returned yet
+    await storage.put("b", 2)
+    assert await storage.list() == {"a": 1, "b": 2}
+    assert await storage.list(limit=1) == {"a": 1}
 
 
 @pytest.mark.gen_test
