@@ -146,7 +146,10 @@ class MemoryDatabases:
         return fn()  # no disk to wait for
 
     def shutdown(self) -> None:
-        pass
+        """The databases go with the server (their data lives only in memory)."""
+        for conn in self._open.values():
+            conn.close()
+        self._open.clear()
 
 
 def databases_for(backend: Backend) -> ObjectDatabases | None:
