@@ -92,6 +92,20 @@ class WorkerUnavailableError(Exception):
         self.owner = owner
 
 
+def read_control(sock: socket.socket) -> bytes | None:
+    """What the other end of a supervisor-worker control socket sent (call when it is readable):
+    None if nothing after all, ``b""`` once that end closed — the loop then stops watching it."""
+    try:
+        data = sock.recv(4096)
+    except BlockingIOError:
+        return None
+    except OSError:
+        data = b""
+    if not data:
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+    return data
+
+
 def stream_path(directory: Path, index: int) -> Path:
     return directory / f"w{index}.sock"
 

@@ -42,6 +42,7 @@ from wsecho.serve.mesh import (
     ENV_SUPERVISOR,
     MeshClient,
     WorkerUnavailableError,
+    read_control,
 )
 from wsecho.serve.metrics import merge_pages
 from wsecho.serve.sdnotify import Notifier
@@ -175,14 +176,8 @@ class Supervisor:
 
     def _control_readable(self, worker: WorkerProcess) -> None:
         assert worker.control is not None
-        try:
-            data = worker.control.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
+        data = read_control(worker.control)
         if not data:
-            asyncio.get_running_loop().remove_reader(worker.control.fileno())
             return
         for line in data.decode("utf-8", errors="replace").splitlines():
             if line == "READY=1" and not worker.ready:

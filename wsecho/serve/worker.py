@@ -42,6 +42,7 @@ from wsecho.serve.mesh import (
     MeshClient,
     MeshServer,
     encode_values,
+    read_control,
     request_from,
     response_state,
 )
@@ -105,14 +106,7 @@ class Worker:
         asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
 
     def _control_readable(self) -> None:
-        try:
-            data = self.control.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self.control.fileno())
+        if read_control(self.control) == b"":
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def stopped(self) -> None:
