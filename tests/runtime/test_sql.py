@@ -7,11 +7,10 @@ import sqlite3
 import pytest
 
 from tests.apps import sql_app
-from tests.helpers import until
 from wsecho import App, DurableObject, InvalidArgumentError, Limits, QuotaExceededError
 from wsecho.backends.base import MemoryBackend, SQLiteBackend
 from wsecho.backends.objectdb import FileDatabases
-from wsecho.core.errors import ConfigError, InvalidStateError, SqlError
+from wsecho.core.errors import ConfigError, InvalidStateError, ObjectResetError, SqlError
 from wsecho.runtime.runtime import Runtime
 from wsecho.testing import FakeClock
 
@@ -68,10 +67,9 @@ async def test_the_counter_counts_across_hibernation_and_keeps_kv_beside_it(rt):
 async def test_a_reset_mid_turn_loses_the_turns_sql_and_kv_writes_together(rt):
     counter = rt.env.COUNTER.get_by_name("r")
     assert await counter.increment("ann") == 1
-    # (An RPC whose method aborts its object gets no answer, on main too: the call is left.)
-    call = asyncio.ensure_future(counter.increment_and_abort())
-    await until(lambda: rt.stats.evictions["abort"] == 1)
-    call.cancel()
+    with pytest.raises(ObjectResetError, match="the test resets the object mid-turn"):
+        await asyncio.wait_for(counter.increment_and_abort(), 10)
+    assert rt.stats.evictions["abort"] == 1
     assert await counter.read() == {"value": 1, "last": "ann"}
     assert await counter.increment("bob") == 2
 

@@ -71,6 +71,7 @@ from wsecho.runtime.host import (
     PIN_WAIT_UNTIL,
     AlarmEvent,
     BlockEvent,
+    CallEvent,
     CloseEvent,
     ErrorEvent,
     Event,
@@ -680,6 +681,7 @@ class Runtime:
             counted(len(host.sockets), "WebSocket"),
         )
         host.reset_reason = why
+        current = host.lifecycle.current
         if host.storage is not None:
             host.storage.discard_pending()  # a reset loses the writes not yet committed ...
         host.gate = None  # ... and the outputs that waited for them
@@ -689,6 +691,10 @@ class Runtime:
             task.cancel()
         host.turn_task = None
         self._run(host, host.lifecycle.reset(self.clock()))
+        if isinstance(current, CallEvent):
+            # The event in hand when the object was reset (an RPC that called ctx.abort(),
+            # a fetch whose commit failed): its caller gets the reset, not silence.
+            current.dropped(f"{host.cls.__name__} {host.id} was reset: {why}")
 
     # -- socket events from the server glue ---------------------------------------------
 
