@@ -5,6 +5,7 @@ hibernates, and the upstream's messages and Close reach the object through the s
 import asyncio
 import contextlib
 import json
+import socket
 
 import pytest
 from websockets.asyncio.client import connect
@@ -177,6 +178,44 @@ async def test_losing_the_slot_closes_the_upstream_with_1012(url, runtime, upstr
         assert closed[0][0] == 1012
         with contextlib.suppress(Exception):
             await client.wait_closed()
+
+
+@pytest.mark.gen_test
+async def test_a_lost_upstream_is_web_socket_close_1006(url, recorder, upstream):
+    async with connect(url("/l/ws", "ws")) as client:
+        await ask(client, "connect", url=upstream.url())
+        upstream.peers[0].ws_connection.stream.close()  # TCP gone, no Close frame
+        (close,) = await recorder.wait_for(lambda r: r.of("close"))
+        assert close[1:] == (["upstream"], 1006, "", False)
+        assert await ask(client, "count") == 0
+
+
+@pytest.mark.gen_test
+async def test_an_upstream_breaking_the_protocol_is_web_socket_error(url, recorder, upstream):
+    async with connect(url("/e/ws", "ws")) as client:
+        await ask(client, "connect", url=upstream.url())
+        upstream.peers[0].ws_connection.stream.write(b"\x81\x01\xff")  # a text frame that is not UTF-8
+        (error,) = await recorder.wait_for(lambda r: r.of("error"))
+        assert error[1] == ["upstream"]
+        assert "1007" in error[2]
+        assert (await upstream.wait_for(lambda: upstream.closed))[0][0] == 1007
+
+
+@pytest.mark.gen_test
+async def test_an_upstream_that_never_answers_times_out_and_leaves_nothing(url, runtime):
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts TCP (the backlog), never answers
+    try:
+        runtime.dialer.connect_timeout = 0.2
+        target = f"ws://127.0.0.1:{silent.getsockname()[1]}/"
+        async with connect(url("/t/ws", "ws")) as client:
+            assert await ask(client, "connect", url=target) == (
+                f"error: OutboundConnectError: connect_web_socket({target!r}): no answer within 0.2 s "
+                "(--outbound-connect-timeout)"
+            )
+            assert await ask(client, "count") == 0
+        assert runtime.dialer.open == 0
+    finally:
+        silent.close()
 
 
 # -- limits, options and TLS -------------------------------------------------
