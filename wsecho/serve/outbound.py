@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import tornado.httpclient
@@ -56,13 +57,16 @@ class Dialer:
         self.ping_interval = ping_interval or None
         self.ping_timeout = ping_timeout or None
         self.connections: set[OutboundConnection] = set()
+        #: The TLS context of wss:// and the CA file it was made with (made on first use).
+        self._tls: tuple[str | None, ssl.SSLContext] | None = None
 
     @property
     def open(self) -> int:
         return len(self.connections)
 
     async def connect(self, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]) -> None:
-        request = client_request(url, self.connect_timeout, headers, self.ca_file)
+        tls = self.tls() if url.startswith("wss:") else None
+        request = client_request(url, self.connect_timeout, headers, tls)
         conn = OutboundConnection(self, link, url, request, protocols)
         self.connections.add(conn)
         try:
@@ -72,6 +76,15 @@ class Dialer:
             conn.tcp_client.close()
             self.runtime.stats.outbound_failed += 1
             raise self._failure(url, exc) from exc
+
+    def tls(self) -> ssl.SSLContext:
+        """The context that checks wss:// upstreams: the system's CAs, or only ``ca_file``'s.
+
+        A context of the dialer's own, not Tornado's process-wide default (cached the first
+        time any client uses it, with whatever ``SSL_CERT_FILE`` said then)."""
+        if self._tls is None or self._tls[0] != self.ca_file:
+            self._tls = (self.ca_file, ssl.create_default_context(cafile=self.ca_file))
+        return self._tls[1]
 
     def _failure(self, url: str, exc: Exception) -> OutboundConnectError:
         what = f"connect_web_socket({url!r})"

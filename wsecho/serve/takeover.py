@@ -279,7 +279,7 @@ def peer_close_protocol(handler: tornado.websocket.WebSocketHandler) -> tornado.
 
 
 def client_request(
-    url: str, timeout: float, headers: dict[str, str], ca_certs: str | None
+    url: str, timeout: float, headers: dict[str, str], tls: ssl.SSLContext | None
 ) -> tornado.httpclient.HTTPRequest:
     """The handshake request of an outbound WebSocket, with the client's defaults filled in
     as ``tornado.websocket.websocket_connect`` fills them (through Tornado's private proxy)."""
@@ -288,7 +288,7 @@ def client_request(
         headers=tornado.httputil.HTTPHeaders(headers),
         connect_timeout=timeout,
         request_timeout=timeout,
-        ca_certs=ca_certs,
+        ssl_options=tls,
     )
     proxy = tornado.httpclient._RequestProxy(request, tornado.httpclient.HTTPRequest._DEFAULTS)
     return cast(tornado.httpclient.HTTPRequest, proxy)
