@@ -43,6 +43,9 @@ PRIVATE_ALLOWED = {
     ("wsecho.serve.takeover", "_total_write_done_index"),
     # The mounted path's WebSocket protocol is built like Tornado's own (get_websocket_protocol).
     ("wsecho.serve.takeover", "_WebSocketParams"),
+    # An outbound WebSocket's handshake request gets the client's defaults as websocket_connect's does.
+    ("wsecho.serve.takeover", "_RequestProxy"),
+    ("wsecho.serve.takeover", "_DEFAULTS"),
     # The stack of the event loop's thread, for the blocked-loop warning (no public API).
     ("wsecho.runtime.watchdog", "_current_frames"),
     # os._exit is public despite its name: the second SIGTERM exits at once.

@@ -84,6 +84,8 @@ LIMIT_FLAGS = [
     ("--max-object-storage", "1MiB", "object_storage_bytes", 1024**2),
     ("--max-storage", "off", "storage_bytes", None),
     ("--max-fanout-queue", "256KiB", "fanout_queue_bytes", 256 * 1024),
+    ("--max-outbound-per-object", "2", "outbound_per_object", 2),
+    ("--max-outbound", "100", "outbound_sockets", 100),
 ]
 
 

@@ -18,12 +18,13 @@ from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 import wsecho
+from tests.apps.outbound import Upstream
 from wsecho import App, DurableObject, Request, Response, WebSocketPair
 from wsecho.core.lifecycle import ObjectState, transition_tables_markdown
 from wsecho.serve.cli import load_app
 from wsecho.serve.config import OPTIONS, Settings, parse
 from wsecho.serve.server import Server
-from wsecho.testing import serve_app
+from wsecho.testing import receive, serve_app
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -41,6 +42,7 @@ EXAMPLE_KINDS = {
     "config file": "test_config_file_example_loads",
     "proxy config": "tests/system/test_proxies.py (nginx, haproxy, and the wsecho command line)",
     "tornado mount": "test_the_tornado_mount_example_serves_beside_its_own_handler",
+    "outbound example": "test_the_relay_example_hibernates_between_upstream_messages",
 }
 
 
@@ -234,6 +236,34 @@ async def test_sql_example_runs_in_a_handler_and_its_data_survives_hibernation(e
             await t.settle()
             t.hibernate("LAB", "lab")
         assert await t.storage("LAB", "lab").get("last_seen") == 123
+
+
+@pytest.mark.gen_test
+async def test_the_relay_example_hibernates_between_upstream_messages(io_loop):
+    ((_page, _name, code),) = [p.values[0] for p in examples("outbound example")]
+    namespace: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), namespace)
+    upstream = Upstream()
+    example = namespace["app"]
+    app = App(fetch=example.fetch, bindings=example.bindings, vars={"FEED_URL": upstream.url()})
+    try:
+        async with serve_app(app) as t:
+            client = await t.connect("/feed")
+            await client.send("hello")
+            await upstream.wait_for(lambda: upstream.received == ["hello"])
+            assert await receive(client) == "echo:hello"
+            await t.settle()
+            t.hibernate("RELAY", "feed")
+            upstream.peers[0].write_message("tick")
+            assert await receive(client) == "tick"
+            assert t.constructions("RELAY", "feed") == 2
+            upstream.peers[0].close(1001)
+            assert await receive(client) == "feed closed (1001)"
+            await client.send("again")  # the next client message connects again
+            await upstream.wait_for(lambda: upstream.received == ["hello", "again"])
+            assert len(upstream.peers) == 1
+    finally:
+        await upstream.stop()
 
 
 # -- the config file example ---------------------------------------------------------------

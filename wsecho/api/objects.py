@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import re
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -94,6 +95,12 @@ class ObjectPort(SocketOwner, Protocol):
     def hibernate_now(self) -> None: ...
 
     def keep_awake_until(self, at_ms: int | None) -> None: ...
+
+    async def connect_web_socket(
+        self, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]
+    ) -> None:
+        """Open ``link`` (tags set, not yet a socket of the object) as a client WebSocket to ``url``."""
+        ...
 
 
 class DurableObjectNamespace:
@@ -253,6 +260,35 @@ class DurableObjectState:
         link.tags = clean
         link.hibernatable = True
         host.add_socket(link)
+
+    async def connect_web_socket(
+        self,
+        url: str,
+        *,
+        tags: Iterable[str] = (),
+        protocols: Iterable[str] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> WebSocket:
+        """Open a client WebSocket to ``url`` (``ws://`` or ``wss://``) held by the runtime: it
+        is a hibernatable socket of this object like an accepted one (tags, attachment,
+        ``get_web_sockets``, ``send``, ``close``, auto-responses). A message on it wakes the
+        object and goes to ``web_socket_message``; the upstream's Close to ``web_socket_close``.
+
+        Raises ``ValueError`` for a bad ``url``, ``InvalidStateError`` over a limit
+        (``--max-outbound-per-object``, ``--max-outbound``), and ``OutboundConnectError``
+        (``.status``: the upstream's answer when it was not 101) when it cannot connect.
+        """
+        host = self._host
+        clean_url = _outbound_url(url)
+        clean = _validate_tags(tags, host.limits, "connect_web_socket")
+        offered = _protocols(protocols)
+        extra = _headers(headers)
+        link = link_of(WebSocket())
+        link.tags = clean
+        link.hibernatable = True
+        link.outbound = True
+        await host.connect_web_socket(link, clean_url, offered, extra)
+        return link.ws
 
     def get_web_sockets(self, tag: str | None = None, state: ReadyState | None = None) -> list[WebSocket]:
         """The hibernatable sockets (with ``tag``, if given; in ``state``, if given) whose final
@@ -529,6 +565,61 @@ def _checked_pairs(
             raise InvalidArgumentError(msg)
         seen.add(pair.request)
     return pairs
+
+
+def _outbound_url(url: object) -> str:
+    """``url`` if it is a ws:// or wss:// URL with a host (else ValueError naming it)."""
+    if not isinstance(url, str):
+        msg = f"connect_web_socket(): the url must be a str, got {url!r}"
+        raise InvalidArgumentError(msg)
+    why = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        why = str(exc)
+    else:
+        if parts.scheme not in ("ws", "wss"):
+            why = "the scheme must be ws or wss"
+        elif not parts.hostname:
+            why = "it has no host"
+        elif parts.fragment:
+            why = "a WebSocket URL has no fragment (RFC 6455 §3)"
+    if why is not None:
+        msg = f"connect_web_socket(): bad url {url!r}: {why}"
+        raise InvalidArgumentError(msg)
+    return url
+
+
+def _protocols(protocols: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(protocols, str):
+        msg = f"connect_web_socket(): protocols must be a list of str, not the str {protocols!r}"
+        raise InvalidArgumentError(msg)
+    offered = tuple(protocols)
+    for name in offered:
+        if not isinstance(name, str) or not name or not _TOKEN.fullmatch(name):
+            msg = f"connect_web_socket(): every protocol must be an HTTP token, got {name!r}"
+            raise InvalidArgumentError(msg)
+    return offered
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    extra = dict(headers or {})
+    for name, value in extra.items():
+        if (
+            not isinstance(name, str)
+            or not _TOKEN.fullmatch(name)
+            or not isinstance(value, str)
+            or "\n" in value
+            or "\r" in value
+        ):
+            msg = f"connect_web_socket(): bad header {name!r}: {value!r}"
+            raise InvalidArgumentError(msg)
+    return extra
+
+
+#: An HTTP token (RFC 9110 §5.6.2): a header name, a subprotocol.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def _one_tag(tag: str, what: str) -> str:

@@ -179,6 +179,8 @@ class SocketLink:
     #: The object that accepted this (server) end; set by ``accept_web_socket`` or ``accept``.
     owner: SocketOwner | None = None
     hibernatable: bool = False
+    #: A client WebSocket this object opened (``ctx.connect_web_socket``), not one it accepted.
+    outbound: bool = False
     transport: Transport | None = None
     #: Frames sent before the handshake finished, and a Close if one was asked for.
     early: list[str | bytes] | None = None

@@ -62,6 +62,16 @@ class WebSocketProtocolError(WsechoError):
         super().__init__(f"closed with {code}: {reason}")
 
 
+class OutboundConnectError(WsechoError, ConnectionError):
+    """``ctx.connect_web_socket(url)`` could not open its connection: the upstream answered the
+    handshake with ``status`` (not 101), or (``status`` None) it could not be reached in time."""
+
+    def __init__(self, url: str, status: int | None, message: str) -> None:
+        self.url = url
+        self.status = status
+        super().__init__(message)
+
+
 class ObjectResetError(WsechoError, RuntimeError):
     """An event was dropped because its object was reset before it could run."""
 

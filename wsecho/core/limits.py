@@ -54,3 +54,6 @@ class Limits:
     #: ``fanout_overflow`` to it, unless the class sets ``fanout_queue_bytes`` (far below the
     #: 16 MiB at which any send cuts a slow peer).
     fanout_queue_bytes: int = attrs.field(default=1024 * 1024, validator=_fanout_queue)
+    #: Outbound WebSockets (``ctx.connect_web_socket``) one object may hold, and the process.
+    outbound_per_object: int = attrs.field(default=16, validator=_positive)
+    outbound_sockets: int = attrs.field(default=1024, validator=_positive)

@@ -118,6 +118,9 @@ class Stats:
     broadcasts: int = 0
     fanout_dropped: int = 0
     fanout_closed: int = 0
+    #: Outbound WebSockets (``ctx.connect_web_socket``) opened, and attempts that failed.
+    outbound_opened: int = 0
+    outbound_failed: int = 0
     #: Final events by :func:`close_code_bucket` (1006 for dropped connections, 1009/1007/1002
     #: for failures): at most 19 keys, whatever codes the peers send.
     closed_by_code: Counter[tuple[str, str]] = attrs.field(factory=Counter)
@@ -165,6 +168,8 @@ class StatsSnapshot:
     broadcasts: int
     fanout_dropped: int
     fanout_closed: int
+    outbound_opened: int
+    outbound_failed: int
     closed_by_code: dict[tuple[str, str], int]
     handler_errors: dict[str, int]
     evictions: dict[str, int]

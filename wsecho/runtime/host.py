@@ -84,6 +84,10 @@ class Services(Protocol):
 
     def keep_awake_until(self, host: ObjectHost, at_ms: int | None) -> None: ...
 
+    async def connect_web_socket(
+        self, host: ObjectHost, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]
+    ) -> None: ...
+
     def batch_started(self, host: ObjectHost) -> None: ...
 
     def flush_soon(self, host: ObjectHost, storage: DurableObjectStorage) -> None: ...
@@ -454,6 +458,15 @@ class ObjectHost:
 
     def keep_awake_until(self, at_ms: int | None) -> None:
         self.runtime.keep_awake_until(self, at_ms)
+
+    async def connect_web_socket(
+        self, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]
+    ) -> None:
+        await self.runtime.connect_web_socket(self, link, url, protocols, headers)
+
+    def outbound_count(self) -> int:
+        """How many of this object's sockets it opened itself (connect_web_socket)."""
+        return sum(1 for link in self.sockets if link.outbound)
 
     # -- for ctx.storage (StoragePort) ----------------------------------------------------
 

@@ -124,6 +124,21 @@ class Remote(Protocol):
     ) -> Any: ...
 
 
+class Dialer(Protocol):
+    """How the runtime opens a client WebSocket for ``ctx.connect_web_socket`` (the serve
+    layer's :class:`~wsecho.serve.outbound.Dialer`, carrying frames with Tornado)."""
+
+    @property
+    def open(self) -> int:
+        """Outbound connections open (or opening) in this process."""
+        ...
+
+    async def connect(self, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]) -> None:
+        """Open the connection; once the upstream answered 101, call :meth:`Runtime.outbound_opened`
+        before any frame of it is read. Raises ``OutboundConnectError`` when it cannot."""
+        ...
+
+
 class Runtime:
     """All objects of one application in one process (or, with ``placement``, the objects of
     one worker's slots; ``remote`` reaches the others)."""
@@ -171,6 +186,8 @@ class Runtime:
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
         self._alarm_timer: asyncio.TimerHandle | None = None
+        #: Opens ``ctx.connect_web_socket``'s connections; the serve layer sets it (set_dialer).
+        self.dialer: Dialer | None = None
 
     def _check_storage_kinds(self) -> None:
         """Refuse at start a class whose ``storage`` this server cannot give (decision 0008)."""
@@ -777,6 +794,56 @@ class Runtime:
             self.submit(host, CloseEvent(link, code, reason, clean))
         else:
             self.submit(host, ErrorEvent(link, WebSocketProtocolError(code, reason)))
+
+    # -- outbound sockets (ctx.connect_web_socket; docs/decisions/0011) ------------------
+
+    def set_dialer(self, dialer: Dialer) -> None:
+        self.dialer = dialer
+
+    async def connect_web_socket(
+        self, host: ObjectHost, link: SocketLink, url: str, protocols: tuple[str, ...], headers: dict[str, str]
+    ) -> None:
+        """Open ``link`` as a client WebSocket of ``host``: it joins the object at once (as a
+        connecting socket, counted against the limits) and leaves without an event if the
+        connection cannot be made."""
+        dialer = self.dialer
+        if dialer is None:
+            msg = (
+                "connect_web_socket(): this runtime is not served (no wsecho server or Mount opens connections for it)"
+            )
+            raise InvalidStateError(msg)
+        limits = self.limits
+        mine = host.outbound_count()
+        if mine >= limits.outbound_per_object:
+            msg = (
+                f"connect_web_socket(): this object already has {mine} outbound WebSockets; "
+                f"the limit is {limits.outbound_per_object} (--max-outbound-per-object)"
+            )
+            raise InvalidStateError(msg)
+        if dialer.open >= limits.outbound_sockets:
+            msg = (
+                f"connect_web_socket(): this process already has {dialer.open} outbound WebSockets; "
+                f"the limit is {limits.outbound_sockets} (--max-outbound)"
+            )
+            raise InvalidStateError(msg)
+        if host.hibernatable_count >= limits.sockets_per_object:
+            msg = (
+                f"connect_web_socket(): this object already has {host.hibernatable_count} "
+                f"hibernatable WebSockets; the limit is {limits.sockets_per_object}"
+            )
+            raise InvalidStateError(msg)
+        host.add_socket(link)
+        try:
+            await dialer.connect(link, url, protocols, headers)
+        except BaseException:
+            if link.state is SocketState.CONNECTING or link.state is SocketState.CLOSE_SENT:
+                self.handshake_failed(link)
+            raise
+
+    def outbound_opened(self, link: SocketLink, transport: Transport, url: str, protocol: str | None) -> None:
+        """The upstream answered 101: frames go both ways from now on."""
+        self.stats.outbound_opened += 1
+        link.attach(transport, url, protocol, "")
 
     # -- carrying out effects -----------------------------------------------------------
 

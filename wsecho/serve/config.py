@@ -521,6 +521,36 @@ OPTIONS = (
         "BYTES",
         show=_bytes_text,
     ),
+    _limit(
+        "--max-outbound-per-object",
+        "outbound_per_object",
+        _at_least(1),
+        "outbound WebSockets one object may hold (ctx.connect_web_socket); beyond it the call raises InvalidStateError",
+        "N",
+    ),
+    _limit(
+        "--max-outbound",
+        "outbound_sockets",
+        _at_least(1),
+        "outbound WebSockets this process may hold, all objects together (each worker of --workers "
+        "has its own); beyond it ctx.connect_web_socket raises InvalidStateError",
+        "N",
+    ),
+    Option(
+        "--outbound-connect-timeout",
+        _positive_seconds,
+        "10",
+        "seconds ctx.connect_web_socket may take to connect, do TLS and get the upstream's 101; "
+        "then it raises OutboundConnectError",
+        "SECONDS",
+    ),
+    Option(
+        "--outbound-ca-file",
+        _any_text,
+        "",
+        "PEM file of the CAs that wss:// upstreams of ctx.connect_web_socket must be signed by (empty: the system's)",
+        "PATH",
+    ),
     Option(
         "--warn-blocked",
         _non_negative_seconds,
@@ -650,6 +680,10 @@ class Settings:
     max_auto_responses: int = DEFAULTS["max_auto_responses"]
     max_event_timeout: int = DEFAULTS["max_event_timeout"]
     max_fanout_queue: int = DEFAULTS["max_fanout_queue"]
+    max_outbound_per_object: int = DEFAULTS["max_outbound_per_object"]
+    max_outbound: int = DEFAULTS["max_outbound"]
+    outbound_connect_timeout: float = DEFAULTS["outbound_connect_timeout"]
+    outbound_ca_file: str = DEFAULTS["outbound_ca_file"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
     lease_ttl: float = DEFAULTS["lease_ttl"]
     lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]

@@ -37,6 +37,7 @@ from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
 from wsecho.serve.mesh import HANDED_OVER_FROM, UPGRADING, HandOver, MeshClient, RoutingError, WorkerUnavailableError
+from wsecho.serve.outbound import Dialer
 from wsecho.serve.takeover import take_socket, take_tls_socket
 from wsecho.serve.tls import TLSTransport
 
@@ -658,6 +659,8 @@ def make_application(
     ``allowed_hosts`` defaults to any host: only the caller knows the address it binds
     (:class:`Server` passes ``AllowedHosts.for_listener`` of its own).
     """
+    if runtime.dialer is None:
+        runtime.set_dialer(Dialer(runtime, max_message_size=max_message_size))
     connections = ConnectionSettings(
         runtime,
         max_message_size=max_message_size,

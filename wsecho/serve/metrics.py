@@ -57,6 +57,8 @@ COUNTERS = {
         "wsecho_fanout_closed",
         "sockets closed with 1008 because their queue was over the fan-out limit (fanout_overflow close)",
     ),
+    "outbound_opened": ("wsecho_outbound_opened", "outbound WebSockets opened (ctx.connect_web_socket)"),
+    "outbound_failed": ("wsecho_outbound_failed", "outbound WebSockets that could not connect"),
 }
 
 

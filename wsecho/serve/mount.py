@@ -38,6 +38,7 @@ from wsecho.core.limits import Limits
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.connection import CutLog
 from wsecho.serve.gateway import CLIENT_ADDRESS_HEADER, log_unaccepted_101
+from wsecho.serve.outbound import Dialer
 from wsecho.serve.server import Sweeper, backend_for, utc_now
 from wsecho.serve.takeover import peer_close_protocol, queued_bytes
 
@@ -87,6 +88,8 @@ class Mount:
             limits=limits,
             backend=backend if backend is not None else backend_for(data_dir),
         )
+        if self.runtime.dialer is None:
+            self.runtime.set_dialer(Dialer(self.runtime))
         self._sweeper = Sweeper(self.runtime) if sweeper else None
         #: Warnings about sockets a broadcast closed for reading too slowly, rate-limited.
         self.cut_log = CutLog()

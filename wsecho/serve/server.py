@@ -55,6 +55,7 @@ from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_applicatio
 from wsecho.serve.haproxy import RouteKey, Teacher
 from wsecho.serve.mesh import MeshClient
 from wsecho.serve.metrics import ListenerStats, make_registry, render
+from wsecho.serve.outbound import Dialer
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
 from wsecho.serve.tls import load_context
@@ -240,6 +241,16 @@ class Server:
             backend=backend,
             placement=placement,
             remote=mesh,
+        )
+        self.runtime.set_dialer(
+            Dialer(
+                self.runtime,
+                connect_timeout=settings.outbound_connect_timeout,
+                ca_file=settings.outbound_ca_file or None,
+                max_message_size=settings.max_message_size,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+            )
         )
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).

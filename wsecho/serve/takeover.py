@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import tornado.httpclient
 import tornado.httpserver
 import tornado.httputil
 import tornado.netutil
@@ -277,6 +278,29 @@ def peer_close_protocol(handler: tornado.websocket.WebSocketHandler) -> tornado.
     return PeerCloseProtocol(handler, False, params)
 
 
+def client_request(
+    url: str, timeout: float, headers: dict[str, str], tls: ssl.SSLContext | None
+) -> tornado.httpclient.HTTPRequest:
+    """The handshake request of an outbound WebSocket, with the client's defaults filled in
+    as ``tornado.websocket.websocket_connect`` fills them (through Tornado's private proxy)."""
+    request = tornado.httpclient.HTTPRequest(
+        url,
+        headers=tornado.httputil.HTTPHeaders(headers),
+        connect_timeout=timeout,
+        request_timeout=timeout,
+        ssl_options=tls,
+    )
+    proxy = tornado.httpclient._RequestProxy(request, tornado.httpclient.HTTPRequest._DEFAULTS)
+    return cast(tornado.httpclient.HTTPRequest, proxy)
+
+
+def client_protocol(
+    handler: tornado.websocket.WebSocketClientConnection, params: tornado.websocket._WebSocketParams
+) -> tornado.websocket.WebSocketProtocol:
+    """:class:`PeerCloseProtocol` for an outbound WebSocket (its frames masked, as a client's must be)."""
+    return PeerCloseProtocol(handler, True, params)
+
+
 def check_tornado(
     tcp_server: type[tornado.tcpserver.TCPServer] = tornado.tcpserver.TCPServer,
     iostream: type[IOStream] = IOStream,
@@ -306,6 +330,11 @@ def check_tornado(
                 ("WebSocketProtocol13._handle_message", callable(getattr(protocol, "_handle_message", None))),
                 ("WebSocketProtocol._run_callback", callable(getattr(protocol, "_run_callback", None))),
                 ("websocket._WebSocketParams", callable(getattr(tornado.websocket, "_WebSocketParams", None))),
+                ("httpclient._RequestProxy", callable(getattr(tornado.httpclient, "_RequestProxy", None))),
+                (
+                    "HTTPRequest._DEFAULTS",
+                    isinstance(getattr(tornado.httpclient.HTTPRequest, "_DEFAULTS", None), dict),
+                ),
             )
         finally:
             sock.close()
