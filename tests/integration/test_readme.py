@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect
 import wsecho
 from wsecho import App, DurableObject, Request, Response, WebSocketPair
 from wsecho.core.lifecycle import ObjectState, transition_tables_markdown
-from wsecho.serve.cli import load_app
+from wsecho.serve.appcode import load_app
 from wsecho.serve.config import OPTIONS, Settings, parse
 from wsecho.serve.server import Server
 from wsecho.testing import serve_app
