@@ -3,8 +3,9 @@ reload (``--reload-code``, ``--reload``), and noticing that its files changed.
 
 Which modules are the application's: the app module and every module loaded from the
 directory of its top-level package (or, for a module that is no package, from its own
-directory), except wsecho's own, anything installed (site-packages, the standard library)
-and extension modules, which Python cannot load twice. A reload takes them all out of
+directory), except wsecho's own, other installed code (site-packages, the standard library;
+an application installed as a package keeps its own package) and extension modules, which
+Python cannot load twice. A reload takes them all out of
 ``sys.modules`` and imports the app module again, so the application's modules run afresh
 in the order it imports them (``importlib.reload`` would run one module again inside the
 old one's namespace, leaving names the new code removed and the modules it imports as they
@@ -105,7 +106,7 @@ def _root(module: ModuleType) -> Path | None:
     root = path.parents[depth - 1] if depth else path.parent
     if top == "wsecho":
         root = path.parent  # an example shipped with wsecho: its own directory only
-    if any(root.is_relative_to(d) for d in INSTALLED_DIRS):
+    if root in INSTALLED_DIRS:
         return None  # an installed top-level module: only the module itself
     return root
 
@@ -124,8 +125,8 @@ def app_modules(spec: str) -> dict[str, ModuleType]:
         path = _source(other) if other is not None else None
         if path is None or not path.is_relative_to(root) or path.is_relative_to(WSECHO_DIR):
             continue
-        if any(path.is_relative_to(d) for d in INSTALLED_DIRS):
-            continue
+        if any(path.is_relative_to(d) and not root.is_relative_to(d) for d in INSTALLED_DIRS):
+            continue  # installed code under the application's directory (a venv in it)
         found[other_name] = other
     return found
 
