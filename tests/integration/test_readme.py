@@ -21,7 +21,7 @@ import wsecho
 from tests.apps.outbound import Upstream
 from wsecho import App, DurableObject, Request, Response, WebSocketPair
 from wsecho.core.lifecycle import ObjectState, transition_tables_markdown
-from wsecho.serve.cli import load_app
+from wsecho.serve.appcode import load_app
 from wsecho.serve.config import OPTIONS, Settings, parse
 from wsecho.serve.server import Server
 from wsecho.testing import receive, serve_app

@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from wsecho.core.errors import ConfigError
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.lifecycle import ObjectState
-from wsecho.serve.cli import load_app
+from wsecho.serve.appcode import load_app
 from wsecho.serve.config import build_parser, parse, settings_from
 from wsecho.serve.server import Server
 

@@ -121,6 +121,10 @@ class DurableObjectNamespace:
         """The class bound to this namespace."""
         return self._cls
 
+    def bind_class(self, cls: type[DurableObject]) -> None:
+        """Bind the class a code reload imported (the runtime's; stubs follow at once)."""
+        self._cls = cls
+
     def id_from_name(self, name: str) -> DurableObjectId:
         """The same name always gives the same id (in this namespace)."""
         if not isinstance(name, str):
@@ -640,6 +644,8 @@ class DurableObject:
     ``eager_handlers = False`` runs every async handler in a task of its own.
     ``fanout_overflow`` and ``fanout_queue_bytes`` are the slow-consumer policy of
     ``ctx.broadcast``. ``storage = "sql"`` gives each object its own SQLite database.
+    ``attachment_version`` and ``upgrade_attachment`` carry socket attachments across a
+    code reload (docs/api.md, "Attachments across versions").
     """
 
     hibernate_after: ClassVar[float | None] = None
@@ -658,7 +664,17 @@ class DurableObject:
     #: ``"sql"``: each object has its own SQLite database (``ctx.storage.sql``, and the
     #: key-value API in the same database); ``"kv"``: the key-value API only.
     storage: ClassVar[str] = "kv"
+    #: Stored with every attachment this class writes; raise it when the attachment's shape
+    #: changes, and ``upgrade_attachment`` is called for those an older version wrote.
+    attachment_version: ClassVar[int] = 0
 
     def __init__(self, ctx: DurableObjectState, env: Env) -> None:
         self.ctx = ctx
         self.env = env
+
+    @classmethod
+    def upgrade_attachment(cls, value: Any, from_version: int) -> Any:
+        """An attachment written at ``from_version`` (lower than ``attachment_version``), as
+        this version reads it. Called by ``ws.deserialize_attachment()`` once per socket; the
+        result is stored back. The default delivers the old value as it is."""
+        return value

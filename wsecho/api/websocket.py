@@ -157,6 +157,16 @@ class SocketOwner(Protocol):
         """``ws.accept()`` in this object's handler: the socket joins it and pins it in memory."""
         ...
 
+    @property
+    def attachment_version(self) -> int:
+        """The ``attachment_version`` of the object's class (stored with each attachment)."""
+        ...
+
+    def upgrade_attachment(self, value: Any, from_version: int) -> Any:
+        """The class's ``upgrade_attachment`` hook: ``value``, written at ``from_version``, as
+        the current code reads it."""
+        ...
+
 
 #: The object whose handler (or constructor) runs in this context; the runtime sets it.
 CURRENT_OWNER: ContextVar[SocketOwner | None] = ContextVar("wsecho_current_owner", default=None)
@@ -186,8 +196,10 @@ class SocketLink:
     early: list[str | bytes] | None = None
     early_close: tuple[int | None, str] | None = None
     tags: tuple[str, ...] = ()
-    #: The attachment as compact JSON text (see wsecho.api.attachment), or None.
+    #: The attachment as compact JSON text (see wsecho.api.attachment), or None ...
     attachment: str | None = None
+    #: ... and the ``attachment_version`` of the class that wrote it (0: none declared).
+    attachment_version: int = 0
     #: When the runtime last answered this socket with an auto-response (any pair) ...
     auto_response_at: datetime | None = None
     #: ... and with each request's (at most ``Limits.auto_responses`` requests are kept).
@@ -332,13 +344,31 @@ class WebSocket:
     def serialize_attachment(self, value: Any) -> None:
         """Keep a JSON-compatible copy of ``value`` with the socket; it survives hibernation."""
         link = self._link
-        limit = link.owner.limits.attachment_bytes if link.owner is not None else Limits().attachment_bytes
+        owner = link.owner
+        limit = owner.limits.attachment_bytes if owner is not None else Limits().attachment_bytes
         link.attachment = attachment.encode(value, limit)
+        link.attachment_version = owner.attachment_version if owner is not None else 0
 
     def deserialize_attachment(self) -> Any:
-        """A fresh copy of the attachment, or None if none was set."""
-        text = self._link.attachment
-        return None if text is None else attachment.decode(text)
+        """A fresh copy of the attachment, or None if none was set.
+
+        One written by an older ``attachment_version`` of the class (before a code reload) goes
+        through the class's ``upgrade_attachment`` hook first, once: the upgraded value is
+        stored back with the current version.
+        """
+        link = self._link
+        text = link.attachment
+        if text is None:
+            return None
+        value = attachment.decode(text)
+        owner = link.owner
+        if owner is not None and link.attachment_version < owner.attachment_version:
+            value = owner.upgrade_attachment(value, link.attachment_version)
+            self.serialize_attachment(value)
+            stored = link.attachment
+            assert stored is not None
+            value = attachment.decode(stored)  # the copy, as every later read will see it
+        return value
 
 
 def link_of(ws: WebSocket) -> SocketLink:

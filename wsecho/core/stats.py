@@ -130,6 +130,8 @@ class Stats:
     evictions: Counter[str] = attrs.field(factory=Counter)
     #: put() calls refused by a storage quota: "object" or "total".
     quota_refusals: Counter[str] = attrs.field(factory=Counter)
+    #: Code reloads (``--reload-code``, ``--reload``) by result: "ok" or "failed".
+    code_reloads: Counter[str] = attrs.field(factory=Counter)
     #: From an event's arrival at a hibernated object to the start of its handler.
     wake_latency: Histogram = attrs.field(factory=lambda: Histogram(WAKE_BUCKETS))
 
@@ -144,6 +146,7 @@ class Stats:
             handler_errors=dict(self.handler_errors),
             evictions={reason: self.evictions[reason] for reason in EVICTION_REASONS},
             quota_refusals={which: self.quota_refusals[which] for which in ("object", "total")},
+            code_reloads={result: self.code_reloads[result] for result in ("ok", "failed")},
             wake_latency=tuple(self.wake_latency.cumulative()),
             wake_latency_sum=self.wake_latency.total,
         )
@@ -174,6 +177,7 @@ class StatsSnapshot:
     handler_errors: dict[str, int]
     evictions: dict[str, int]
     quota_refusals: dict[str, int]
+    code_reloads: dict[str, int]
     #: ``[(upper bound, observations <= it), ..., ("+Inf", all)]``
     wake_latency: tuple[tuple[str, int], ...]
     wake_latency_sum: float

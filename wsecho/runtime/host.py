@@ -361,13 +361,25 @@ class ObjectHost:
     def __attrs_post_init__(self) -> None:
         self.stats = self.runtime.stats
         self.limits = self.runtime.limits
-        cls = self.cls
+        self.take_class(self.cls, self.hibernate_after)
+
+    def __repr__(self) -> str:
+        return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
+
+    def take_class(self, cls: type[DurableObject], hibernate_after: float) -> None:
+        """Serve the next instance from ``cls`` (a code reload; the object has no instance)."""
+        self.cls = cls
+        self.hibernate_after = hibernate_after
         self.fanout_policy = policy_for(
             cls.__name__, cls.fanout_overflow, cls.fanout_queue_bytes, self.limits.fanout_queue_bytes
         )
 
-    def __repr__(self) -> str:
-        return f"<ObjectHost {self.cls.__name__} {self.id!r} {self.lifecycle.state.value}>"
+    @property
+    def attachment_version(self) -> int:
+        return self.cls.attachment_version
+
+    def upgrade_attachment(self, value: Any, from_version: int) -> Any:
+        return self.cls.upgrade_attachment(value, from_version)
 
     def add_socket(self, link: SocketLink) -> None:
         link.owner = self

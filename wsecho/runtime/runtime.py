@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import types
@@ -88,8 +89,12 @@ T = TypeVar("T")
 
 #: Queued events per object beyond which a socket that adds one stops being read.
 QUEUE_HIGH_WATER = 100
+#: Events held during a code reload beyond which a socket that adds one stops being read.
+HELD_HIGH_WATER = 10_000
 
 
+#: How often a code reload checks whether every running turn has finished.
+QUIESCE_POLL = 0.01
 #: How often a write is tried while storage is failing, to notice that it works again.
 STORAGE_PROBE_INTERVAL = 2.0
 #: At most one log line per this many seconds about the total storage quota.
@@ -183,15 +188,20 @@ class Runtime:
         self.storage_probe_interval = STORAGE_PROBE_INTERVAL
         self._quota_logged_at = -QUOTA_LOG_INTERVAL
         self.stats = Stats()
+        #: During a code reload: the events that arrived, in order, to deliver after it.
+        self._held: deque[tuple[ObjectHost, Event]] | None = None
+        #: After a code reload: each replaced class, by the one that replaced it (an object
+        #: still awake then wakes with the new class; see ``_class_now``).
+        self._replaced: dict[type[DurableObject], type[DurableObject]] = {}
         #: Every stored alarm, by object key.
         self.alarms = AlarmSchedule()
         self._alarm_timer: asyncio.TimerHandle | None = None
         #: Opens ``ctx.connect_web_socket``'s connections; the serve layer sets it (set_dialer).
         self.dialer: Dialer | None = None
 
-    def _check_storage_kinds(self) -> None:
+    def _check_storage_kinds(self, app: App | None = None) -> None:
         """Refuse at start a class whose ``storage`` this server cannot give (decision 0008)."""
-        for name, cls in self.app.bindings.items():
+        for name, cls in (app or self.app).bindings.items():
             kind = cls.storage
             if kind not in ("kv", "sql"):
                 msg = f'{cls.__name__} (bound as {name}) has storage = {kind!r}; use "kv" or "sql"'
@@ -325,9 +335,11 @@ class Runtime:
             if self.placement is not None and not self.placement.is_local(id.hex):
                 # One live instance per object: only its owner may ever build one.
                 raise self._not_owner(id)
-            after = cls.hibernate_after if cls.hibernate_after is not None else self.hibernate_after
-            host = self._hosts[id] = ObjectHost(id, cls, self, float(after))
+            host = self._hosts[id] = ObjectHost(id, cls, self, self._hibernate_after_of(cls))
         return host
+
+    def _hibernate_after_of(self, cls: type[DurableObject]) -> float:
+        return float(cls.hibernate_after if cls.hibernate_after is not None else self.hibernate_after)
 
     def set_hibernate_after(self, seconds: float) -> None:
         """A new default idle time; objects whose class sets its own keep theirs."""
@@ -360,6 +372,11 @@ class Runtime:
             why = f"this process no longer holds the lease of slot {slot_of(host.id.hex)}"
             event.dropped(why)
             self.drop_slots({slot_of(host.id.hex)}, why)
+            return
+        if self._held is not None and CURRENT_OWNER.get() is None:
+            # A code reload is under way: no new turn starts (except those a running turn
+            # waits for, such as a call to another object, which the reload waits for too).
+            self._held.append((host, event))
             return
         if host.lifecycle.try_start(event):  # an awake, idle object: its turn starts now
             self._run(host, self._deliver(host, event))
@@ -451,6 +468,95 @@ class Runtime:
             self.stats.evictions["idle"] += evicted
             log.info("hibernated %s (%d remain in memory)", counted(evicted, "idle object"), len(self._idle))
         return evicted
+
+    # -- code reload (docs/decisions/0009-reload-code.md) ---------------------------------
+
+    def check_classes(self, app: App) -> None:
+        """Raise :class:`ConfigError` if ``app`` (re-imported) cannot replace the running one:
+        a binding it no longer has (its objects' sockets would have no code), or a class
+        whose ``storage`` kind changed or cannot be given."""
+        for name, ns in self.namespaces.items():
+            cls = app.bindings.get(name)
+            if cls is None:
+                msg = (
+                    f"the new code has no binding {name!r} (it had {ns.object_class.__name__}); "
+                    "removing a class needs a restart, after its objects' sockets are gone"
+                )
+                raise ConfigError("reload", msg)
+            if cls.storage != ns.object_class.storage:
+                msg = (
+                    f"{cls.__name__} (bound as {name}) changed storage from {ns.object_class.storage!r} "
+                    f"to {cls.storage!r}; that needs a restart"
+                )
+                raise ConfigError("reload", msg)
+        self._check_storage_kinds(app)
+
+    def hold_events(self) -> None:
+        """Start a code reload: events are held, in arrival order, until ``release_events``."""
+        if self._held is None:
+            self._held = deque()
+
+    async def quiesce(self, timeout: float) -> list[ObjectHost]:
+        """Wait (at most ``timeout`` seconds) until no object handles, has queued or commits
+        anything, then hibernate every object that can be; return those left awake (a
+        non-hibernatable socket, ``wait_until`` work, or a turn still running at the bound)."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline and any(self._still_working(h) for h in self._hosts.values()):
+            await asyncio.sleep(QUIESCE_POLL)
+        awake = []
+        for host in list(self._hosts.values()):
+            if host.lifecycle.state is ObjectState.HIBERNATING:
+                continue
+            if host.lifecycle.hibernation_blocker() is None and not host.blockers:
+                self.hibernate(host)
+            else:
+                awake.append(host)
+        return awake
+
+    @staticmethod
+    def _still_working(host: ObjectHost) -> bool:
+        lc = host.lifecycle
+        return lc.busy() or PIN_STORAGE in lc.pins or bool(host.blockers)
+
+    def rebind(self, app: App) -> None:
+        """Serve ``app`` (checked by ``check_classes``): its classes build every next instance."""
+        replaced = self._replaced
+        for name, cls in app.bindings.items():
+            ns = self.namespaces.get(name)
+            if ns is None:
+                self.namespaces[name] = DurableObjectNamespace(name, cls, self)
+                continue
+            old = ns.object_class
+            ns.bind_class(cls)
+            for was, now in list(replaced.items()):
+                if now is old:
+                    replaced[was] = cls
+            replaced[old] = cls
+        self.app = app
+        self.env = Env({**app.vars, **self.namespaces})
+        in_use = set()
+        held = [host for host, _ in self._held or ()]
+        for host in itertools.chain(self._hosts.values(), held):
+            if host.instance is None:
+                self._class_now(host)
+            else:
+                in_use.add(host.cls)
+        # Only the classes of instances still alive need to be looked up later.
+        self._replaced = {was: now for was, now in replaced.items() if was in in_use}
+
+    def _class_now(self, host: ObjectHost) -> None:
+        """Give ``host`` (about to be constructed) the class that replaced its own, if any."""
+        new = self._replaced.get(host.cls)
+        if new is not None and new is not host.cls:
+            host.take_class(new, self._hibernate_after_of(new))
+
+    def release_events(self) -> int:
+        """End a code reload: deliver the held events, in order; return how many."""
+        held, self._held = self._held, None
+        for host, event in held or ():
+            # A host with nothing left may have been forgotten meanwhile: it is the same object.
+            self.submit(self._hosts.setdefault(host.id, host), event)
+        return len(held or ())
 
     # -- storage ------------------------------------------------------------------------
 
@@ -751,7 +857,8 @@ class Runtime:
         event = MessageEvent(link, message)
         self.submit(host, event)
         lc = host.lifecycle
-        if len(lc.queue) < QUEUE_HIGH_WATER or lc.current is event:
+        held = self._held  # during a code reload, many held events stop the reading too
+        if (held is None or len(held) < HELD_HIGH_WATER) and (len(lc.queue) < QUEUE_HIGH_WATER or lc.current is event):
             return None
         event.started = asyncio.get_running_loop().create_future()
         return event.started
@@ -910,6 +1017,8 @@ class Runtime:
         return []
 
     def _construct(self, host: ObjectHost) -> list[Effect[Event]]:
+        if self._replaced:
+            self._class_now(host)
         ctx = DurableObjectState(host)
         token = CURRENT_OWNER.set(host)
         try:

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import resource
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from wsecho.api.app import App
 from wsecho.core.errors import AppLoadError, ConfigError, StorageError
 from wsecho.core.wording import counted
+from wsecho.serve.appcode import load_app
 from wsecho.serve.config import Settings, config_failure, parse, settings_from
 from wsecho.serve.logs import LogSetup
 from wsecho.serve.sdnotify import Notifier
@@ -34,51 +33,6 @@ class WorkerSetup(Protocol):
     async def started(self, server: Server) -> None: ...
 
     async def stopped(self) -> None: ...
-
-
-def load_app(spec: str) -> App:
-    """Import ``module:attr`` (``module`` alone means ``module:app``), like uvicorn."""
-    module_name, _, attr = spec.partition(":")
-    attr = attr or "app"
-    if not module_name:
-        msg = f"cannot load {spec!r}: expected MODULE or MODULE:ATTR"
-        raise AppLoadError(msg)
-    # Like uvicorn: modules in the working directory are importable.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except SyntaxError as exc:
-        msg = f"cannot load {spec!r}: {exc.filename}, line {exc.lineno}: {exc.msg}"
-        raise AppLoadError(msg) from exc
-    except ImportError as exc:
-        missing_app = exc.name is not None and (module_name + ".").startswith(exc.name + ".")
-        msg = f"cannot load {spec!r}: {exc}{'' if missing_app else _origin(exc)}"
-        raise AppLoadError(msg) from exc
-    except Exception as exc:
-        # The module's own code raised while it was imported.
-        msg = f"cannot load {spec!r}: importing it raised {type(exc).__name__}: {exc}{_origin(exc)}"
-        raise AppLoadError(msg) from exc
-    app = getattr(module, attr, None)
-    if not isinstance(app, App):
-        found = "nothing" if app is None else type(app).__name__
-        msg = f"cannot load {spec!r}: {module_name}.{attr} must be a wsecho.App, found {found}"
-        raise AppLoadError(msg)
-    return app
-
-
-IMPORTLIB_DIR = os.path.dirname(importlib.__file__)
-
-
-def _origin(exc: BaseException) -> str:
-    """`` (FILE, line N)``: the deepest frame of the application's code that raised ``exc``, so
-    that one line points at it where a traceback would bury it under importlib's frames."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith(("<frozen ", IMPORTLIB_DIR)) and f.filename != __file__
-    ]
-    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 #: The soft open-file limit asked for when the hard limit is unlimited (macOS refuses infinity).
@@ -116,7 +70,8 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then drain (sockets closed with 1001, storage flushed).
 
     A second SIGTERM/SIGINT exits at once. SIGHUP re-opens the log file and, with
-    ``reload``, re-reads the settings and applies those that can change live.
+    ``reload``, re-reads the settings and applies those that can change live; with
+    ``--reload-code`` it then reloads the application's code (wsecho.serve.appcode).
     ``worker``: this process is one worker of ``--workers N`` (wsecho.serve.worker).
     """
     from wsecho.serve.server import Server, storage_label  # Tornado loads only when serving
@@ -167,8 +122,13 @@ async def serve(
     def on_hup() -> None:
         if logs is not None:
             logs.reopen()
-        if reload is None:
-            return
+        if reload is not None:
+            reread()
+        if server.settings.reload_code:
+            server.reloader.request("SIGHUP")
+
+    def reread() -> None:
+        assert reload is not None
         try:
             new = reload()
         except ConfigError as exc:

@@ -441,6 +441,21 @@ OPTIONS = (
         "on SIGTERM, how long to wait for peers to answer the 1001 Close before cutting them",
         "SECONDS",
     ),
+    Option(
+        "--reload-code",
+        _switch,
+        "off",
+        "on SIGHUP, also reload the application's code in place: its objects hibernate, its "
+        "modules are imported again, WebSockets stay open; on or off",
+        "on|off",
+    ),
+    Option(
+        "--reload",
+        _switch,
+        "off",
+        "for development: reload the application's code the same way whenever one of its files changes; on or off",
+        "on|off",
+    ),
     _limit(
         "--max-object-storage",
         "object_storage_bytes",
@@ -626,7 +641,17 @@ OPTIONS = (
 
 #: Settings that SIGHUP applies to a running server; the others need a restart.
 RELOADABLE = frozenset(
-    {"hibernate_after", "log_level", "log_format", "log_file", "access_log", "drain_timeout", "certfile", "keyfile"}
+    {
+        "hibernate_after",
+        "log_level",
+        "log_format",
+        "log_file",
+        "access_log",
+        "drain_timeout",
+        "certfile",
+        "keyfile",
+        "reload_code",
+    }
 )
 #: Reloadable only while TLS stays on: turning it on or off needs a restart.
 TLS_FILES = frozenset({"certfile", "keyfile"})
@@ -666,6 +691,8 @@ class Settings:
     admin_host: str = DEFAULTS["admin_host"]
     admin_port: int | None = DEFAULTS["admin_port"]
     drain_timeout: float = DEFAULTS["drain_timeout"]
+    reload_code: bool = DEFAULTS["reload_code"]
+    reload: bool = DEFAULTS["reload"]
     #: Empty (both): no TLS. The files are read when the server starts and on SIGHUP.
     certfile: str = DEFAULTS["certfile"]
     keyfile: str = DEFAULTS["keyfile"]

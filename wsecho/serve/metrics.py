@@ -122,6 +122,12 @@ class RuntimeCollector(Collector):
         for which, n in stats.quota_refusals.items():
             refusals.add_metric([which], n)
         yield refusals
+        reloads = CounterMetricFamily(
+            "wsecho_code_reloads", "code reloads (--reload-code, --reload), by result", labels=["result"]
+        )
+        for result, n in stats.code_reloads.items():
+            reloads.add_metric([result], n)
+        yield reloads
 
         yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
         yield _counter(

@@ -49,6 +49,7 @@ from wsecho.serve.admin import (
     log_admin_request,
     readiness_of,
 )
+from wsecho.serve.appcode import WATCH_INTERVAL, CodeReloader
 from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
@@ -299,6 +300,8 @@ class Server:
         self._http: Listener | None = None
         self._admin: Listener | None = None
         self._sweeper = Sweeper(self.runtime)
+        #: Reloads the application's code (``--reload-code`` on SIGHUP, ``--reload``).
+        self.reloader = CodeReloader(self.runtime, settings.app)
         #: Whether the sweeper runs (``sweeper=False``: whoever moves the clock sweeps).
         self.sweeps = sweeper
         self._periodic: list[PeriodicCallback] = []
@@ -353,6 +356,9 @@ class Server:
         if self.settings.ping_interval > 0:
             self._start_periodic(self._ping_peers, min(max(self.settings.ping_interval / 4, 0.05), 5.0))
         self._start_periodic(self._report_status, STATUS_INTERVAL)
+        if self.settings.reload:
+            self.reloader.watch()  # the files' state at start
+            self._start_periodic(self.reloader.watch, WATCH_INTERVAL)
         if self.notifier.watchdog_interval is not None:
             # From the event loop itself: a stuck loop stops the pings and systemd restarts us.
             self._start_periodic(self._watchdog, self.notifier.watchdog_interval)
@@ -517,6 +523,9 @@ class Server:
         readiness = readiness_of(self.phase, self.runtime.storage_failure())
         if readiness.ready and self.cluster is not None and not self.cluster.ready():
             return Readiness(False, f"cluster: {self.cluster.status()}", expected=self.cluster.last_error is None)
+        if readiness.ready and self.reloader.failure is not None:
+            # Still ready: the previous code serves every object (decision 0009).
+            return Readiness(True, f"ready; {self.reloader.failure}")
         return readiness
 
     async def metrics_page(self) -> bytes:
@@ -604,6 +613,7 @@ class Server:
             timeout = self.settings.drain_timeout
         if self._http is not None:
             self._http.stop()
+        await self.reloader.wait()  # a reload under way holds events: let it deliver them
         self._sweeper.stop()
         self.runtime.close_all(1001, "Going Away")
         deadline = IOLoop.current().time() + timeout

@@ -290,6 +290,7 @@ class Supervisor:
         if self.phase != "ready":
             return Readiness(False, self.phase, expected=True)
         answers = await self._ask("readiness", None)
+        details = []
         for worker in self.workers:
             answer = answers.get(worker.index)
             if answer is None or not worker.ready:
@@ -297,7 +298,9 @@ class Supervisor:
             ready, text, expected = answer
             if not ready:
                 return Readiness(False, f"worker {worker.index}: {text}", expected=expected)
-        return Readiness(True, "ready")
+            if text != "ready":  # ready, with a detail (a failed code reload)
+                details.append(f"worker {worker.index}: {text}")
+        return Readiness(True, "; ".join(["ready", *details]))
 
     async def metrics_page(self) -> bytes:
         pages = await self._ask("metrics", None)

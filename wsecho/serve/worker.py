@@ -28,7 +28,8 @@ from wsecho.api.ids import DurableObjectId
 from wsecho.core.errors import AppLoadError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.placement import Placement
-from wsecho.serve.cli import event_loop, load_app, serve
+from wsecho.serve.appcode import load_app
+from wsecho.serve.cli import event_loop, serve
 from wsecho.serve.config import Settings, config_failure, parse, settings_from
 from wsecho.serve.logs import LogSetup
 from wsecho.serve.mesh import (
