@@ -25,6 +25,7 @@ from wsecho.core.errors import NotOwnerError
 from wsecho.core.leases import rendezvous_owner
 from wsecho.core.placement import slot_of
 from wsecho.serve.config import Settings
+from wsecho.serve.peers import SIGNATURE, sign
 from wsecho.serve.server import Server
 
 TTL = 1.0
@@ -130,6 +131,9 @@ async def test_a_call_without_the_clusters_secret_is_refused_and_logged(postgres
         loop = asyncio.get_running_loop()
         unsigned = await loop.run_in_executor(None, post, b.port, "/.wsecho/call", b"j[]", {})
         assert unsigned == (403, "refused: the call is not signed with this cluster's --cluster-secret")
+        signed = {SIGNATURE: sign(b"not the same", "/.wsecho/call", b"j[]")}
+        malformed = await loop.run_in_executor(None, post, b.port, "/.wsecho/call", b"j[]", signed)
+        assert malformed == (400, "a malformed call: not [namespace, id, name, ...]")
         c = await start(postgres_url, "C", secret="a third secret")
         await until(lambda: c.cluster.ready() and len(b.cluster.members) == 3)
         on_b = name_moving_to("B", {"A", "B", "C"})

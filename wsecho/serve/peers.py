@@ -63,6 +63,10 @@ class Unreachable(Exception):  # noqa: N818 - internal: "the call was not delive
     before it was read): safe to send again."""
 
 
+def is_object_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def sign(secret: bytes, path: str, body: bytes) -> str:
     return hmac.new(secret, path.encode() + b"\n" + body, hashlib.sha256).hexdigest()
 
@@ -301,6 +305,8 @@ class PeerChannel:
             payload = codec.decode(body)
         except (InvalidArgumentError, ValueError) as exc:
             return 400, f"a malformed call: {exc}".encode()
+        if not (isinstance(payload, list) and len(payload) >= 4 and is_object_id(payload[1])):
+            return 400, b"a malformed call: not [namespace, id, name, ...]"
         return 200, codec.encode(await self.answer([op, payload]))
 
     async def answer(self, message: Any, *, forwarded: bool = False) -> dict[str, Any]:
