@@ -5,6 +5,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,11 +22,11 @@ from tests.cluster.test_members import aget, name_moving_to, until
 from tests.integration.test_workers_mesh import ROOM
 from tests.pg import free_port
 from wsecho.backends.leases import PostgresLeases
-from wsecho.core.errors import NotOwnerError
+from wsecho.core.errors import ConfigError, NotOwnerError
 from wsecho.core.leases import rendezvous_owner
 from wsecho.core.placement import slot_of
-from wsecho.serve.config import Settings
-from wsecho.serve.peers import SIGNATURE, sign
+from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.peers import SIGNATURE, error_from, error_state, sign
 from wsecho.serve.server import Server
 
 TTL = 1.0
@@ -203,3 +204,34 @@ async def test_a_call_to_a_stopped_owner_fails_within_the_call_timeout(postgres_
             b.wait(10)
         log.close()
         await stop(a)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--cluster-secret", "s", "--host", "0.0.0.0"],
+            "--cluster-address: --host 0.0.0.0 listens on every interface, so the other members of the cluster "
+            "cannot be told where to reach this one: give --cluster-address HOST:PORT",
+        ),
+        (["--cluster-address", "0.0.0.0:8787"], "must be HOST:PORT that the other members can reach"),
+        (["--cluster-address", "web1"], "must be HOST:PORT that the other members can reach"),
+    ],
+)
+def test_a_member_that_cannot_say_where_to_reach_it_does_not_start(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_from(build_parser().parse_args(["app:app", *argv]), {})
+
+
+def test_the_secret_is_never_in_the_settings_repr():
+    settings = settings_from(build_parser().parse_args(["app:app"]), {"WSECHO_CLUSTER_SECRET": "hunter2"})
+    assert settings.cluster_secret == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+def test_a_callees_exception_comes_back_as_its_class_only_when_loaded_here():
+    assert type(error_from(error_state(LookupError("gone")))) is LookupError
+    again = error_from(error_state(NotOwnerError("moved", "ab")))
+    assert (type(again), str(again)) == (NotOwnerError, "moved")
+    unknown = error_from(["not.loaded.anywhere", "Boom", "bang"])
+    assert (type(unknown), str(unknown)) == (RuntimeError, "Boom: bang")

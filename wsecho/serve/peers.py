@@ -116,7 +116,11 @@ class PeerClient:
             except Unreachable:
                 continue  # the member closed this idle connection before it read the call
         reader, writer = await self._open(address)
-        return await self._exchange(address, reader, writer, path, body)
+        try:
+            return await self._exchange(address, reader, writer, path, body)
+        except Unreachable as exc:
+            # A new connection that closes unanswered: the member may have run the call and died.
+            raise ConnectionError(str(exc)) from None
 
     async def _open(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host, _, port = address.rpartition(":")
