@@ -206,6 +206,42 @@ async def test_a_call_to_a_stopped_owner_fails_within_the_call_timeout(postgres_
         await stop(a)
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_a_call_to_a_machine_with_workers_reaches_the_worker_that_owns_the_object(postgres_url, tmp_path):
+    port, admin = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "wsecho", "tests.apps.workers_app", "--port", str(port), "--admin-port", str(admin),
+        "--storage", postgres_url, "--member-name", "B", "--lease-ttl", "3", "--cluster-secret", SECRET,
+        "--workers", "2",
+    ]  # fmt: skip
+    log = (tmp_path / "b.log").open("wb")
+    b = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    a = None
+    try:
+        a = await start(postgres_url, "A", lease_ttl=3.0)
+        await until(lambda: a.cluster.ready() and len(a.cluster.members) == 3, timeout=60)
+        async with asyncio.timeout(60):
+            while (await aget(admin, "/readyz"))[0] != 200:
+                await asyncio.sleep(0.05)
+        everyone = {"A", "B#0", "B#1"}
+        # Both workers share the port: one connection reaches one of them, which passes the
+        # other's call on over the machine's mesh.
+        names = [owned_by(("B#0", everyone)), owned_by(("B#1", everyone))]
+        for name in names:
+            first, instance = await stub(a, name).hit()
+            assert first == 1
+            assert await stub(a, name).hit() == [2, instance]  # one instance, wherever the call landed
+    finally:
+        b.terminate()
+        try:
+            b.wait(20)
+        except subprocess.TimeoutExpired:
+            b.kill()
+            b.wait(10)
+        log.close()
+        await stop(a)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
