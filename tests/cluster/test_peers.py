@@ -2,6 +2,7 @@
 members on one real PostgreSQL, in process and as a real process, real HTTP between them."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -173,73 +174,71 @@ async def test_a_call_reaches_the_new_owner_once_when_members_leave_and_join(pos
         await stop(a, b, c, b2)
 
 
-@pytest.mark.gen_test(timeout=90)
-async def test_a_call_to_a_stopped_owner_fails_within_the_call_timeout(postgres_url, tmp_path):
+@contextlib.contextmanager
+def member_process(postgres_url: str, tmp_path: Path, *extra: str):
+    """Member B as a real process (``wsecho tests.apps.workers_app``); yields its admin port."""
     port, admin = free_port(), free_port()
     command = [
         sys.executable, "-m", "wsecho", "tests.apps.workers_app", "--port", str(port), "--admin-port", str(admin),
-        "--storage", postgres_url, "--member-name", "B", "--lease-ttl", "3", "--cluster-secret", SECRET,
+        "--storage", postgres_url, "--member-name", "B", "--lease-ttl", "3", "--cluster-secret", SECRET, *extra,
     ]  # fmt: skip
-    log = (tmp_path / "b.log").open("wb")
-    b = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    a = None
-    try:
-        a = await start(postgres_url, "A", lease_ttl=3.0, cluster_call_timeout=2.0)
-        await until(lambda: a.cluster.ready() and len(a.cluster.members) == 2, timeout=30)
-        async with asyncio.timeout(30):
-            while (await aget(admin, "/readyz"))[0] != 200:
-                await asyncio.sleep(0.05)
-        callee = name_moving_to("B", {"A", "B"})
-        assert (await stub(a, callee).hit())[0] == 1  # served by the process B
-        os.kill(b.pid, signal.SIGSTOP)
-        with pytest.raises(NotOwnerError, match=r"member B at 127.0.0.1:\d+, which holds its lease, did not answer "):
-            await asyncio.wait_for(stub(a, callee).hit(), 10)
-    finally:
-        os.kill(b.pid, signal.SIGCONT)
-        b.terminate()
+    with (tmp_path / "b.log").open("wb") as log:
+        b = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            b.wait(10)
-        except subprocess.TimeoutExpired:
-            b.kill()
-            b.wait(10)
-        log.close()
-        await stop(a)
+            yield b, admin
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+            b.terminate()
+            try:
+                b.wait(20)
+            except subprocess.TimeoutExpired:
+                b.kill()
+                b.wait(10)
+
+
+async def until_ready(admin: int) -> None:
+    async with asyncio.timeout(60):
+        while (await aget(admin, "/readyz"))[0] != 200:
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_call_to_a_stopped_owner_fails_within_the_call_timeout(postgres_url, tmp_path):
+    a = None
+    with member_process(postgres_url, tmp_path) as (b, admin):
+        try:
+            a = await start(postgres_url, "A", lease_ttl=3.0, cluster_call_timeout=2.0)
+            await until(lambda: a.cluster.ready() and len(a.cluster.members) == 2, timeout=30)
+            await until_ready(admin)
+            callee = name_moving_to("B", {"A", "B"})
+            assert (await stub(a, callee).hit())[0] == 1  # served by the process B
+            os.kill(b.pid, signal.SIGSTOP)
+            message = r"member B at 127.0.0.1:\d+, which holds its lease, did not answer within 2s"
+            with pytest.raises(NotOwnerError, match=message):
+                await asyncio.wait_for(stub(a, callee).hit(), 10)
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+            await stop(a)
 
 
 @pytest.mark.gen_test(timeout=120)
 async def test_a_call_to_a_machine_with_workers_reaches_the_worker_that_owns_the_object(postgres_url, tmp_path):
-    port, admin = free_port(), free_port()
-    command = [
-        sys.executable, "-m", "wsecho", "tests.apps.workers_app", "--port", str(port), "--admin-port", str(admin),
-        "--storage", postgres_url, "--member-name", "B", "--lease-ttl", "3", "--cluster-secret", SECRET,
-        "--workers", "2",
-    ]  # fmt: skip
-    log = (tmp_path / "b.log").open("wb")
-    b = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     a = None
-    try:
-        a = await start(postgres_url, "A", lease_ttl=3.0)
-        await until(lambda: a.cluster.ready() and len(a.cluster.members) == 3, timeout=60)
-        async with asyncio.timeout(60):
-            while (await aget(admin, "/readyz"))[0] != 200:
-                await asyncio.sleep(0.05)
-        everyone = {"A", "B#0", "B#1"}
-        # Both workers share the port: one connection reaches one of them, which passes the
-        # other's call on over the machine's mesh.
-        names = [owned_by(("B#0", everyone)), owned_by(("B#1", everyone))]
-        for name in names:
-            first, instance = await stub(a, name).hit()
-            assert first == 1
-            assert await stub(a, name).hit() == [2, instance]  # one instance, wherever the call landed
-    finally:
-        b.terminate()
+    with member_process(postgres_url, tmp_path, "--workers", "2") as (_, admin):
         try:
-            b.wait(20)
-        except subprocess.TimeoutExpired:
-            b.kill()
-            b.wait(10)
-        log.close()
-        await stop(a)
+            a = await start(postgres_url, "A", lease_ttl=3.0)
+            await until(lambda: a.cluster.ready() and len(a.cluster.members) == 3, timeout=60)
+            await until_ready(admin)
+            everyone = {"A", "B#0", "B#1"}
+            # Both workers share the port: one connection reaches one of them, which passes the
+            # other's call on over the machine's mesh.
+            names = [owned_by(("B#0", everyone)), owned_by(("B#1", everyone))]
+            for name in names:
+                first, instance = await stub(a, name).hit()
+                assert first == 1
+                assert await stub(a, name).hit() == [2, instance]  # one instance, wherever the call landed
+        finally:
+            await stop(a)
 
 
 @pytest.mark.parametrize(
