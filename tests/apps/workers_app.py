@@ -78,6 +78,11 @@ class Room(DurableObject):
     def leak(self):
         return object()
 
+    def hit(self):
+        """How many calls this instance took, and which instance (a call served twice shows)."""
+        self.hits = getattr(self, "hits", 0) + 1
+        return [self.hits, self.instance]
+
 
 async def fetch(request, env):
     parts = urlsplit(request.url).path.strip("/").split("/")

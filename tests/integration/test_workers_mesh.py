@@ -43,9 +43,11 @@ def owned_by(worker: int, prefix: str, count: int = 2) -> str:
 async def two_workers(tmp_path, apps=(workers_app.app, workers_app.app), owner_wait=5.0, start=(0, 1)):
     servers: dict[int, Server] = {}
     mesh_servers: list[MeshServer] = []
+    meshes: list[MeshClient] = []
     try:
         for i in start:
             mesh = MeshClient(tmp_path, i, owner_wait=owner_wait)
+            meshes.append(mesh)
             server = Server(
                 apps[i], Settings(port=0, data_dir=":memory:"), placement=Placement(i, len(apps)), mesh=mesh
             )
@@ -58,8 +60,8 @@ async def two_workers(tmp_path, apps=(workers_app.app, workers_app.app), owner_w
     finally:
         for server in servers.values():
             await server.stop(timeout=1)
-            assert server.runtime.remote is not None
-            server.runtime.remote.close()  # type: ignore[attr-defined]
+        for mesh in meshes:
+            mesh.close()
         for mesh_server in mesh_servers:
             await mesh_server.close()
 

@@ -71,13 +71,13 @@ def test_a_member_bounds_each_statement_by_a_quarter_of_the_ttl():
 
 
 @pytest.mark.gen_test
-async def test_the_owner_is_a_worker_of_this_machine_or_none():
+async def test_the_owner_is_a_worker_of_this_machine_or_another_machines_member_or_none():
     everyone = {"M#0", "M#1", "N#1"}
     m = member("M#0", ["M#1", "N#1"])
     await m.round()
     assert m.owner(an_id_owned_by("M#1", everyone)) == 1  # hand it to worker 1 of this machine
     assert m.owner(an_id_owned_by("M#0", everyone)) is None  # its own
-    assert m.owner(an_id_owned_by("N#1", everyone)) is None  # another machine's
+    assert m.owner(an_id_owned_by("N#1", everyone)) == "N#1"  # another machine's: the peer channel
     assert m.expected_owner(an_id_owned_by("N#1", everyone)) == "N#1"
 
 

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 from wsecho.core.errors import StorageError
 from wsecho.core.placement import SLOTS
 
@@ -39,6 +41,9 @@ SCHEMA = (
         expires_at timestamptz NOT NULL DEFAULT '-infinity'
     )""",
     f"INSERT INTO wsecho_slots (slot) SELECT generate_series(0, {SLOTS - 1}) ON CONFLICT DO NOTHING",
+    # Where the other members reach this one's peer channel (docs/decisions/0012); added to the
+    # table of a cluster that ran an older version, whose members then advertise no address.
+    "ALTER TABLE wsecho_members ADD COLUMN IF NOT EXISTS address text",
     # The fencing check, run by the server inside a commit's one message (no round trip to the
     # member while the rows are locked): every slot held by the member at that epoch, else an
     # error with FENCED_SQLSTATE. The rows stay key-share-locked until the commit ends.
@@ -65,6 +70,18 @@ MEMBER_GRACE = 1.5
 FENCED_SQLSTATE = "WSF01"
 
 
+@attrs.frozen
+class SlotOwner:
+    """The member that holds a slot's lease, as the lease table says: its id for this life,
+    its name, its peer channel's ``host:port`` (None: it advertises none) and the epoch."""
+
+    slot: int
+    member: str
+    name: str
+    address: str | None
+    epoch: int
+
+
 class FencedError(StorageError):
     """A commit for slots whose lease this member no longer holds at the epoch it acted under."""
 
@@ -76,40 +93,47 @@ class PostgresLeases:
     #: The longest one statement may take (a member's round must end within a third of the ttl).
     statement_timeout = 2.0
 
-    def __init__(self, conninfo: str, member: str, name: str | None = None) -> None:
+    def __init__(self, conninfo: str, member: str, name: str | None = None, address: str | None = None) -> None:
         """``member``: unique to this process's life (the lease owner); ``name``: what the
         slots are spread by and what the load balancer calls it, stable across restarts
-        (default: ``member``)."""
+        (default: ``member``); ``address``: ``host:port`` of its peer channel (None: none)."""
         self.conninfo = conninfo
         self.member = member
         self.name = member if name is None else name
+        self.address = address
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        #: A second connection for :meth:`locate`: look-ups for calls between members must not
+        #: queue in front of a renewal.
+        self._lookups: psycopg.AsyncConnection[Any] | None = None
 
     async def _connection(self) -> psycopg.AsyncConnection[Any]:
-        import psycopg
-        from psycopg.conninfo import conninfo_to_dict
-
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             if conn is not None:
                 await conn.close()
-            ms = max(int(self.statement_timeout * 1000), 1)
-            # A statement that waits on a lock or a slow server gives up, and the member's
-            # proof runs out on its own clock; the server drops a connection that went silent.
-            # (Added to the URL's own options, such as a search_path.)
-            given = conninfo_to_dict(self.conninfo).get("options") or ""
-            timeouts = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms * 5}"
-            self._conn = conn = await psycopg.AsyncConnection.connect(
-                self.conninfo,
-                autocommit=True,
-                connect_timeout=max(int(self.statement_timeout), 1),
-                options=f"{given} {timeouts}".strip(),
-                keepalives=1,
-                keepalives_idle=max(int(self.statement_timeout), 1),
-                keepalives_interval=1,
-                keepalives_count=3,
-            )
+            self._conn = conn = await self._connect()
         return conn
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        ms = max(int(self.statement_timeout * 1000), 1)
+        # A statement that waits on a lock or a slow server gives up, and the member's
+        # proof runs out on its own clock; the server drops a connection that went silent.
+        # (Added to the URL's own options, such as a search_path.)
+        given = conninfo_to_dict(self.conninfo).get("options") or ""
+        timeouts = f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms * 5}"
+        return await psycopg.AsyncConnection.connect(
+            self.conninfo,
+            autocommit=True,
+            connect_timeout=max(int(self.statement_timeout), 1),
+            options=f"{given} {timeouts}".strip(),
+            keepalives=1,
+            keepalives_idle=max(int(self.statement_timeout), 1),
+            keepalives_interval=1,
+            keepalives_count=3,
+        )
 
     def forget_connection(self) -> None:
         """Drop the connection without a round trip (after a timeout: the server may be unreachable)."""
@@ -129,9 +153,10 @@ class PostgresLeases:
         """Record that this member is alive (or draining); return the names of the live, serving members."""
         conn = await self._connection()
         await conn.execute(
-            "INSERT INTO wsecho_members (member, name, draining, heartbeat_at) VALUES (%s, %s, %s, now()) "
-            "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, heartbeat_at = now()",
-            (self.member, self.name, draining),
+            "INSERT INTO wsecho_members (member, name, draining, address, heartbeat_at) VALUES (%s, %s, %s, %s, now()) "
+            "ON CONFLICT (member) DO UPDATE SET draining = excluded.draining, address = excluded.address, "
+            "heartbeat_at = now()",
+            (self.member, self.name, draining, self.address),
         )
         # A member is alive while its heartbeat is younger than 1.5 ttl: one late round (a
         # busy machine) must not move its slots away and back.
@@ -197,10 +222,30 @@ class PostgresLeases:
         cur = await conn.execute("SELECT slot, owner, epoch, expires_at > now() FROM wsecho_slots")
         return {int(s): (o, int(e), bool(live)) for s, o, e, live in await cur.fetchall()}
 
+    async def locate(self, slot: int) -> SlotOwner | None:
+        """Who holds ``slot``'s lease now and where its peer channel is; None while no live
+        lease is held (between an owner's death and its successor's take-over)."""
+        conn = self._lookups
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                await conn.close()
+            self._lookups = conn = await self._connect()
+        cur = await conn.execute(
+            "SELECT s.owner, m.name, m.address, s.epoch FROM wsecho_slots s "
+            "JOIN wsecho_members m ON m.member = s.owner WHERE s.slot = %s AND s.expires_at > now()",
+            (slot,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        member, name, address, epoch = row
+        return SlotOwner(slot, str(member), str(name), None if address is None else str(address), int(epoch))
+
     async def close(self) -> None:
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._lookups):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._lookups = None
 
 
 def fence_sql(member: str, epochs: Mapping[int, int]) -> tuple[str, list[Any]]:

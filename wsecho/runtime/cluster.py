@@ -14,11 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Collection, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from wsecho.core.leases import LeaseTable, desired_slots, rendezvous_owner
 from wsecho.core.placement import slot_of
 from wsecho.core.wording import counted
+
+if TYPE_CHECKING:
+    from wsecho.backends.leases import SlotOwner
 
 log = logging.getLogger("wsecho.cluster")
 
@@ -34,6 +37,8 @@ class LeaseStore(Protocol):
 
     member: str
     name: str
+    #: ``host:port`` of this member's peer channel, written with its heartbeat (None: none).
+    address: str | None
     #: The longest one statement may take.
     statement_timeout: float
 
@@ -46,6 +51,10 @@ class LeaseStore(Protocol):
     async def release(self, slots: Sequence[int]) -> None: ...
 
     async def leave(self) -> None: ...
+
+    async def locate(self, slot: int) -> SlotOwner | None:
+        """Who holds ``slot``'s live lease, and its peer channel's address."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -95,16 +104,17 @@ class ClusterMember:
     def is_local(self, hex_id: str) -> bool:
         return self.table.provable(slot_of(hex_id), self.clock())
 
-    def owner(self, hex_id: str) -> int | None:
-        """The index of the worker of this machine that should serve ``hex_id`` (members named
-        ``MACHINE#INDEX`` are the workers of ``--workers N``), else None: another machine's."""
+    def owner(self, hex_id: str) -> int | str | None:
+        """Who should serve ``hex_id``: the index of a worker of this machine (members named
+        ``MACHINE#INDEX`` are the workers of ``--workers N``), else the name of the member of
+        another machine (reached through the peer channel); None when it is this member's."""
         name = self.expected_owner(hex_id)
         if name is None or name == self.store.name:
             return None
         machine, _, index = name.rpartition("#")
         if machine and index.isdigit() and machine == self.machine:
             return int(index)
-        return None
+        return name
 
     @property
     def machine(self) -> str:

@@ -103,25 +103,32 @@ QUOTA_LOG_INTERVAL = 60.0
 PROBE_OBJECT = "wsecho:probe"
 
 
+#: Who serves an object this process does not: the index of another worker of this machine
+#: (``--workers N``), or the name of another member of the cluster.
+Owner = int | str
+
+
 class Ownership(Protocol):
     """Which objects this process may serve: a worker's fixed share
     (:class:`~wsecho.core.placement.Placement`) or a cluster member's proven leases."""
 
     def is_local(self, hex_id: str) -> bool: ...
 
-    def owner(self, hex_id: str) -> int | None:
-        """The index of the local worker that owns it, or None when no worker here does."""
+    def owner(self, hex_id: str) -> Owner | None:
+        """The worker of this machine (its index) or the cluster member (its name) that serves
+        it, or None when no other process can be reached for it."""
         ...
 
 
 class Remote(Protocol):
-    """How a worker reaches the objects other workers own (``--workers N``; the serve layer's mesh)."""
+    """How a process reaches the objects others own: the workers of this machine (``--workers
+    N``, the serve layer's mesh) and the other members of a cluster (its peer channel)."""
 
-    async def fetch_object(self, owner: int, id: DurableObjectId, request: Request) -> Response: ...  # noqa: A002
+    async def fetch_object(self, owner: Owner, id: DurableObjectId, request: Request) -> Response: ...  # noqa: A002
 
     async def call_object(
         self,
-        owner: int,
+        owner: Owner,
         id: DurableObjectId,  # noqa: A002 - Cloudflare's name
         method: str,
         args: tuple[Any, ...],
@@ -301,9 +308,9 @@ class Runtime:
         self.remote = remote
         self._guard = placement.is_local if placement is not None and guard_events else None
 
-    def _owner(self, id: DurableObjectId) -> int | None:  # noqa: A002
-        """The index of the worker that owns ``id`` when it is another worker here, else None;
-        NotOwnerError when no process here may serve it."""
+    def _owner(self, id: DurableObjectId) -> Owner | None:  # noqa: A002
+        """Who serves ``id`` when it is another process (a worker here, a member elsewhere),
+        else None; NotOwnerError when no other process can be reached for it."""
         placement = self.placement
         if placement is None or placement.is_local(id.hex):
             return None
@@ -315,7 +322,7 @@ class Runtime:
     def _not_owner(self, id: DurableObjectId) -> NotOwnerError:  # noqa: A002
         placement = self.placement
         owner = None if placement is None else placement.owner(id.hex)
-        where = f"worker {owner}" if owner is not None else "another member of the cluster"
+        where = f"worker {owner}" if isinstance(owner, int) else "another member of the cluster"
         return NotOwnerError(f"{id!r} (slot {slot_of(id.hex)}) is served by {where}, not by this process", id.hex)
 
     def _callable_host(self, id: DurableObjectId, cls: type[DurableObject], what: str) -> ObjectHost:  # noqa: A002

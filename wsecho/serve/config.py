@@ -161,6 +161,16 @@ def _non_negative_seconds(text: str) -> float:
     return _seconds(text, zero_allowed=True)
 
 
+def _cluster_address(text: str) -> str:
+    if not text:
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or host in WILDCARD_HOSTS:
+        msg = f"must be HOST:PORT that the other members can reach (not a wildcard address), got {text!r}"
+        raise ValueError(msg)
+    return text
+
+
 def _any_text(text: str) -> str:
     return text
 
@@ -598,6 +608,30 @@ OPTIONS = (
         "NAME",
     ),
     Option(
+        "--cluster-address",
+        _cluster_address,
+        "",
+        "with PostgreSQL storage and --cluster-secret: the HOST:PORT at which the other members reach this "
+        "one's application listener for calls between objects (default: --host and the bound port, unless "
+        "--host listens on every interface)",
+        "HOST:PORT",
+    ),
+    Option(
+        "--cluster-secret",
+        _any_text,
+        "",
+        "with PostgreSQL storage: the secret every member of the cluster shares, which signs the RPC and fetch "
+        "calls between objects on different members (without it such calls are refused); never logged",
+        "SECRET",
+    ),
+    Option(
+        "--cluster-call-timeout",
+        _positive_seconds,
+        "30",
+        "how long a call to an object on another member may wait for its answer before it fails",
+        "SECONDS",
+    ),
+    Option(
         "--route-key",
         _route_key,
         "",
@@ -715,6 +749,10 @@ class Settings:
     lease_ttl: float = DEFAULTS["lease_ttl"]
     lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]
     member_name: str = DEFAULTS["member_name"]
+    cluster_address: str = DEFAULTS["cluster_address"]
+    #: Not in repr(): settings may be logged, a secret must not be.
+    cluster_secret: str = attrs.field(default=DEFAULTS["cluster_secret"], repr=False)
+    cluster_call_timeout: float = DEFAULTS["cluster_call_timeout"]
     route_key: str = DEFAULTS["route_key"]
     haproxy_runtime: str = DEFAULTS["haproxy_runtime"]
     haproxy_map: str = DEFAULTS["haproxy_map"]
@@ -851,6 +889,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
     check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
     if values["haproxy_runtime"] and not values["route_key"]:
         raise ConfigError("--haproxy-runtime", "needs --route-key: the part of a request HAProxy routes by")
+    if values["cluster_secret"] and not values["cluster_address"] and values["host"] in WILDCARD_HOSTS:
+        msg = (
+            f"--host {values['host']} listens on every interface, so the other members of the cluster cannot "
+            "be told where to reach this one: give --cluster-address HOST:PORT (an address they can reach)"
+        )
+        raise ConfigError("--cluster-address", msg)
     if values["workers"] > 1 and values["certfile"]:
         msg = (
             f"{values['workers']} with --certfile: a TLS connection cannot move to the worker that owns its "

@@ -38,6 +38,8 @@ from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
 from wsecho.serve.mesh import HANDED_OVER_FROM, UPGRADING, HandOver, MeshClient, RoutingError, WorkerUnavailableError
 from wsecho.serve.outbound import Dialer
+from wsecho.serve.peers import PREFIX as PEER_PREFIX
+from wsecho.serve.peers import PeerHandler
 from wsecho.serve.takeover import take_socket, take_tls_socket
 from wsecho.serve.tls import TLSTransport
 
@@ -103,6 +105,8 @@ class Gateway(tornado.httputil.HTTPServerConnectionDelegate):
         self.refused: Counter[str] = Counter()
         #: With --workers: the other workers, for handing over connections (None: one process).
         self.mesh: MeshClient | None = None
+        #: On a cluster member: answers the calls of the other members (wsecho.serve.peers).
+        self.peers: PeerHandler | None = None
         #: Called with a request for an object another cluster member serves, and its id.
         self.misrouted: Callable[[Request, str], None] | None = None
         #: Connections handed to another worker, and received from one.
@@ -384,6 +388,11 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         start_line = self.start_line
         assert headers is not None
         assert start_line is not None
+        if gateway.peers is not None and start_line.path.startswith(PEER_PREFIX):
+            # Another member's call: before the Host check (it names this member's address).
+            status, body = await gateway.peers(start_line.path, headers, b"".join(self.body), self.client()[0])
+            self._respond(status, [("Content-Type", "application/octet-stream")], body)
+            return
         try:
             self.target = self._resolve()
         except BadRequestError as exc:

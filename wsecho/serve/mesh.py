@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 from wsecho.api import codec
 from wsecho.api.http import Request, Response
+from wsecho.api.ids import DurableObjectId
 from wsecho.core.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from wsecho.api.ids import DurableObjectId
+    from wsecho.runtime.runtime import Runtime
 
 log = logging.getLogger("wsecho.mesh")
 
@@ -114,12 +115,12 @@ def hand_path(directory: Path, index: int) -> Path:
     return directory / f"w{index}.hand"
 
 
-def encode_values(values: Any, what: str) -> bytes:
-    """``values`` in the storage codec; an InvalidArgumentError names ``what`` could not be sent."""
+def encode_values(values: Any, what: str, where: str = "the worker that owns the object") -> bytes:
+    """``values`` in the storage codec; an InvalidArgumentError names ``what`` could not be sent ``where``."""
     try:
         return codec.encode(values)
     except InvalidArgumentError as exc:
-        msg = f"{what} cannot be sent to the worker that owns the object: {exc}"
+        msg = f"{what} cannot be sent to {where}: {exc}"
         raise InvalidArgumentError(msg) from None
 
 
@@ -147,6 +148,30 @@ def _error_state(exc: BaseException) -> Any:
     except Exception:  # noqa: BLE001 - whatever stops it pickling, the caller gets a RuntimeError
         return pickle.dumps(RuntimeError(f"{type(exc).__name__}: {exc}"))
     return data
+
+
+def object_handlers(runtime: Runtime) -> Handlers:
+    """``fetch`` and ``call`` of an object this process serves, for a caller in another process
+    (a worker over the mesh, a cluster member over the peer channel): the payloads are what
+    :class:`MeshClient` sends, the answers what it decodes."""
+
+    def object_of(namespace: str, hex_id: str, name: str | None) -> tuple[Any, DurableObjectId]:
+        binding = runtime.namespaces[namespace]
+        return binding.object_class, DurableObjectId(namespace, hex_id, name)
+
+    async def fetch(payload: Any) -> Any:
+        namespace, hex_id, name, state = payload
+        cls, oid = object_of(namespace, hex_id, name)
+        return response_state(await runtime.fetch_object(cls, oid, request_from(state)))
+
+    async def call(payload: Any) -> Any:
+        namespace, hex_id, name, method, values = payload
+        cls, oid = object_of(namespace, hex_id, name)
+        args, kwargs = codec.decode(values)
+        result = await runtime.call_object(cls, oid, method, tuple(args), kwargs)
+        return encode_values(result, f"the result of {method}()")
+
+    return {"fetch": fetch, "call": call}
 
 
 #: What a worker does with a handed-over connection and the request read from it.

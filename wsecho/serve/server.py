@@ -50,13 +50,14 @@ from wsecho.serve.admin import (
     readiness_of,
 )
 from wsecho.serve.appcode import WATCH_INTERVAL, CodeReloader
-from wsecho.serve.config import RELOADABLE, TLS_FILES, Settings, check_tls
+from wsecho.serve.config import RELOADABLE, TLS_FILES, WILDCARD_HOSTS, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
 from wsecho.serve.haproxy import RouteKey, Teacher
 from wsecho.serve.mesh import MeshClient
 from wsecho.serve.metrics import ListenerStats, make_registry, render
 from wsecho.serve.outbound import Dialer
+from wsecho.serve.peers import PeerChannel, Routes
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
 from wsecho.serve.tls import load_context
@@ -144,6 +145,17 @@ def fence_with(backend: Backend, cluster: ClusterMember) -> None:
         return fence_sql(member, epochs)
 
     backend.fence_sql = check
+
+
+def peer_address(settings: Settings, sockets: list[socket.socket]) -> str | None:
+    """Where the other members reach this one's peer channel: ``--cluster-address``, else the
+    application listener's address unless it listens on every interface (None: nowhere)."""
+    if settings.cluster_address:
+        return settings.cluster_address
+    host, port = sockets[0].getsockname()[:2]
+    if host in WILDCARD_HOSTS:
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def storage_label(settings: Settings) -> str:
@@ -241,7 +253,7 @@ class Server:
             limits=limits if limits is not None else settings.limits,
             backend=backend,
             placement=placement,
-            remote=mesh,
+            remote=None if mesh is None else Routes(mesh, None),
         )
         self.runtime.set_dialer(
             Dialer(
@@ -280,6 +292,8 @@ class Server:
         self.probed_at = clock()
         #: The cluster membership and leases (None: not a cluster member).
         self.cluster: ClusterMember | None = None
+        #: Calls to and from the objects of the other members (None: not a cluster member).
+        self.peers: PeerChannel | None = None
         if leases is not None:
             self.cluster = ClusterMember(
                 leases,
@@ -291,8 +305,17 @@ class Server:
                 probe_timeout=settings.lb_probe_timeout,
             )
             # The workers of this machine (--workers N) are members too; an object of a sibling
-            # worker moves to it through the mesh, as without a cluster.
-            self.runtime.set_ownership(self.cluster, mesh, guard_events=True)
+            # worker moves to it through the mesh, as without a cluster; another machine's
+            # through the peer channel (docs/decisions/0012).
+            self.peers = PeerChannel(
+                self.runtime,
+                self.cluster,
+                secret=settings.cluster_secret,
+                call_timeout=settings.cluster_call_timeout,
+                mesh=mesh,
+            )
+            self._application.peers = self.peers.answer_http
+            self.runtime.set_ownership(self.cluster, Routes(mesh, self.peers), guard_events=True)
             fence_with(backend, self.cluster)
             if settings.haproxy_runtime:
                 self._teach_routes(settings)
@@ -324,15 +347,19 @@ class Server:
             # The admin listener comes up first, so /readyz can say "starting".
             self._admin, self.admin_addresses = start_admin(self, settings, self.tls)
         await self.runtime.start()
+        # Bound before the cluster starts, so that its heartbeat can advertise the address
+        # (nothing is accepted before the listener starts below).
+        sockets = self._inherited or bind(
+            "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
+        )
         if self.cluster is not None:
+            if self.cluster.store.address is None:
+                self.cluster.store.address = peer_address(settings, sockets)
             await self.cluster.start()
             # Ready (to systemd, to a supervisor) once it holds its share, not before: bounded,
             # after which /readyz keeps saying what it waits for.
             if not await self.cluster.wait_settled(2 * self.cluster.ttl):
                 log.warning("not yet holding every slot it should: %s", self.cluster.status())
-        sockets = self._inherited or bind(
-            "application", self.settings.host, self.settings.port, backlog=self.settings.backlog
-        )
         self._http = Listener(
             self._application,
             max_body_size=max(self.settings.max_message_size, 64 * 1024),
@@ -518,6 +545,12 @@ class Server:
         """Serve a connection another worker handed over (``--workers``)."""
         await self._application.adopt(sock, meta)
 
+    async def answer_peer(self, message: Any) -> Any:
+        """Another worker of this machine received a peer call for this worker's object (``--workers``)."""
+        if self.peers is None:
+            return {"not_owner": "this worker is not a member of a cluster"}
+        return await self.peers.answer_mesh(message)
+
     async def readiness(self) -> Readiness:
         self.probed_at = self.runtime.clock()
         readiness = readiness_of(self.phase, self.runtime.storage_failure())
@@ -628,6 +661,8 @@ class Server:
         if self._http is not None:
             await self._http.close_all_connections()
         await self.runtime.close()
+        if self.peers is not None:
+            self.peers.close()
         if self.cluster is not None:
             await self.cluster.drain()  # after the last commit: the others take the slots at once
             await self.cluster.close()

@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from wsecho.api import codec
-from wsecho.api.ids import DurableObjectId
 from wsecho.core.errors import AppLoadError
 from wsecho.core.lifecycle import ObjectState
 from wsecho.core.placement import Placement
@@ -42,10 +40,8 @@ from wsecho.serve.mesh import (
     WORKER_ENV,
     MeshClient,
     MeshServer,
-    encode_values,
+    object_handlers,
     read_control,
-    request_from,
-    response_state,
 )
 from wsecho.serve.sdnotify import Notifier
 
@@ -119,22 +115,6 @@ def handlers(server: Server) -> dict[str, Any]:
     """What this worker answers on the mesh."""
     runtime = server.runtime
 
-    def object_of(namespace: str, hex_id: str, name: str | None) -> tuple[Any, DurableObjectId]:
-        binding = runtime.namespaces[namespace]
-        return binding.object_class, DurableObjectId(namespace, hex_id, name)
-
-    async def fetch(payload: Any) -> Any:
-        namespace, hex_id, name, state = payload
-        cls, oid = object_of(namespace, hex_id, name)
-        return response_state(await runtime.fetch_object(cls, oid, request_from(state)))
-
-    async def call(payload: Any) -> Any:
-        namespace, hex_id, name, method, values = payload
-        cls, oid = object_of(namespace, hex_id, name)
-        args, kwargs = codec.decode(values)
-        result = await runtime.call_object(cls, oid, method, tuple(args), kwargs)
-        return encode_values(result, f"the result of {method}()")
-
     async def metrics(_: Any) -> bytes:
         return await server.metrics_page()
 
@@ -152,8 +132,8 @@ def handlers(server: Server) -> dict[str, Any]:
         return runtime.socket_count(), active, len(states) - active
 
     return {
-        "fetch": fetch,
-        "call": call,
+        **object_handlers(runtime),
+        "peer": server.answer_peer,
         "metrics": metrics,
         "objects": objects,
         "readiness": readiness,

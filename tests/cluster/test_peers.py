@@ -1,0 +1,272 @@
+"""RPC and fetch between objects on different members of a cluster (docs/decisions/0012):
+members on one real PostgreSQL, in process and as a real process, real HTTP between them."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.apps import workers_app
+from tests.cluster.test_members import aget, name_moving_to, until
+from tests.integration.test_workers_mesh import ROOM
+from tests.pg import free_port
+from wsecho.backends.leases import PostgresLeases
+from wsecho.core.errors import ConfigError, NotOwnerError
+from wsecho.core.leases import rendezvous_owner
+from wsecho.core.placement import slot_of
+from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.peers import SIGNATURE, error_from, error_state, sign
+from wsecho.serve.server import Server
+
+TTL = 1.0
+SECRET = "a shared secret"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start(dsn: str, member: str, secret: str = SECRET, **settings) -> Server:
+    server = Server(
+        workers_app.app,
+        Settings(**{"port": 0, "data_dir": ":memory:", "lease_ttl": TTL, "cluster_secret": secret, **settings}),
+        leases=PostgresLeases(dsn, member),
+    )
+    await server.start()
+    return server
+
+
+async def started(dsn: str, *members: str, **settings) -> list[Server]:
+    servers = [await start(dsn, m, **settings) for m in members]
+    await until(lambda: all(s.cluster.ready() and len(s.cluster.members) == len(members) for s in servers))
+    return servers
+
+
+def owned_by(*owners: tuple[str, set[str]]) -> str:
+    """A room name whose slot each (member, members) gives to that member."""
+    for i in range(5000):
+        slot = slot_of(ROOM.id_from_name(f"room{i}").hex)
+        if all(rendezvous_owner(slot, members) == member for member, members in owners):
+            return f"room{i}"
+    raise AssertionError
+
+
+def stub(server: Server, name: str):
+    return server.runtime.namespaces["ROOM"].get_by_name(name)
+
+
+def holds(server: Server, name: str) -> bool:
+    return server.cluster.table.provable(slot_of(ROOM.id_from_name(name).hex), server.cluster.clock())
+
+
+async def stop(*servers):
+    for server in servers:
+        if server is not None and server.phase != "stopped":
+            await server.stop(timeout=1)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_object_calls_and_fetches_an_object_another_member_serves(postgres_url):
+    a, b = await started(postgres_url, "A", "B")
+    try:
+        caller = name_moving_to("A", {"A", "B"}, prefix="from")
+        callee = name_moving_to("B", {"A", "B"}, prefix="to")
+        # The worker's fetch on A runs A's object, whose RPC calls reach B's object.
+        status, body = await aget(a.port, f"/rpc/{caller}/{callee}")
+        assert status == 200, body
+        report = json.loads(body)
+        assert report["add"] == {"sum": 6, "pid": os.getpid(), "blob": "00ff", "tuple": [1, 2]}
+        assert report["fail"] == "LookupError: nothing under that name"  # the callee's error, same kind
+        assert "an argument of echo() cannot be sent to the member that owns the object" in report["echo_set"]
+        assert "the result of leak() cannot be sent" in report["leak"]
+        assert ROOM.id_from_name(callee) in {h.id for h in b.runtime.hosts()}
+        assert ROOM.id_from_name(callee) not in {h.id for h in a.runtime.hosts()}  # one instance, on B
+        # A plain fetch from A's worker fetch to B's object.
+        status, body = await aget(a.port, f"/room/{callee}")
+        assert status == 200
+        assert body.startswith(f"{callee} {os.getpid()} 0 ")
+        # A WebSocket is not carried between members: the load balancer routes it.
+        with pytest.raises(InvalidStatus, match="HTTP 503"):
+            await connect(f"ws://127.0.0.1:{a.port}/room/{callee}")
+    finally:
+        await stop(a, b)
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_call_without_the_clusters_secret_is_refused_and_logged(postgres_url, caplog):
+    caplog.set_level(logging.WARNING, "wsecho.peers")
+    a = await start(postgres_url, "A", secret="")  # no secret: it neither calls nor answers
+    b = await start(postgres_url, "B", secret="not the same")
+    c = None
+    try:
+        await until(lambda: a.cluster.ready() and b.cluster.ready() and len(a.cluster.members) == 2)
+        on_b = name_moving_to("B", {"A", "B"})
+        on_a = name_moving_to("A", {"A", "B"})
+        status, body = await aget(a.port, f"/room/{on_b}")
+        assert status == 503
+        assert "calls between members need the same --cluster-secret on every member" in body.replace("\n", " ")
+        status, body = await aget(b.port, f"/room/{on_a}")
+        assert status == 503
+        assert "refused the call: this member takes no calls from other members: it has no --cluster-secret" in body
+        assert "refused a call from 127.0.0.1 to /.wsecho/fetch: this member has no --cluster-secret" in caplog.text
+
+        # Unsigned, and signed with another secret: 403, logged once a minute at most.
+        caplog.clear()
+        loop = asyncio.get_running_loop()
+        unsigned = await loop.run_in_executor(None, post, b.port, "/.wsecho/call", b"j[]", {})
+        assert unsigned == (403, "refused: the call is not signed with this cluster's --cluster-secret")
+        signed = {SIGNATURE: sign(b"not the same", "/.wsecho/call", b"j[]")}
+        malformed = await loop.run_in_executor(None, post, b.port, "/.wsecho/call", b"j[]", signed)
+        assert malformed == (400, "a malformed call: not [namespace, id, name, ...]")
+        c = await start(postgres_url, "C", secret="a third secret")
+        await until(lambda: c.cluster.ready() and len(b.cluster.members) == 3)
+        on_b = name_moving_to("B", {"A", "B", "C"})
+        with pytest.raises(NotOwnerError, match="refused the call: refused: the call is not signed"):
+            await stub(c, on_b).hit()
+        assert caplog.text.count("refused a call from 127.0.0.1 to /.wsecho/call") == 1
+        assert "no signature (not our --cluster-secret)" in caplog.text
+        assert "1 more like it" not in caplog.text  # the second is held back, counted in the next line
+        assert SECRET not in caplog.text
+        assert "a third secret" not in caplog.text
+    finally:
+        await stop(a, b, c)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_call_reaches_the_new_owner_once_when_members_leave_and_join(postgres_url):
+    a, b, c = await started(postgres_url, "A", "B", "C")
+    b2 = None
+    try:
+        # Served by B among A, B and C; by C once B is gone.
+        callee = owned_by(("B", {"A", "B", "C"}), ("C", {"A", "C"}))
+        hits, first = await stub(a, callee).hit()
+        assert hits == 1  # on B
+        await stop(b)  # B leaves: its slots move to C, which takes them on its next round
+        hits, second = await asyncio.wait_for(stub(a, callee).hit(), 2 * TTL + 5)
+        assert (hits, second != first) == (1, True)  # a new instance, on C, called once
+        assert holds(c, callee)
+        assert ROOM.id_from_name(callee) not in {h.id for h in a.runtime.hosts()}
+
+        b2 = await start(postgres_url, "B")  # B is back: the slot returns to it from C
+        await until(lambda: holds(b2, callee))
+        hits, third = await asyncio.wait_for(stub(a, callee).hit(), 2 * TTL + 5)  # C answers "not owner" first
+        assert (hits, third not in (first, second)) == (1, True)
+        assert ROOM.id_from_name(callee) in {h.id for h in b2.runtime.hosts()}
+    finally:
+        await stop(a, b, c, b2)
+
+
+@contextlib.contextmanager
+def member_process(postgres_url: str, tmp_path: Path, *extra: str):
+    """Member B as a real process (``wsecho tests.apps.workers_app``); yields its admin port."""
+    port, admin = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "wsecho", "tests.apps.workers_app", "--port", str(port), "--admin-port", str(admin),
+        "--storage", postgres_url, "--member-name", "B", "--lease-ttl", "3", "--cluster-secret", SECRET, *extra,
+    ]  # fmt: skip
+    with (tmp_path / "b.log").open("wb") as log:
+        b = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield b, admin
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+            b.terminate()
+            try:
+                b.wait(20)
+            except subprocess.TimeoutExpired:
+                b.kill()
+                b.wait(10)
+
+
+async def until_ready(admin: int) -> None:
+    async with asyncio.timeout(60):
+        while (await aget(admin, "/readyz"))[0] != 200:
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_call_to_a_stopped_owner_fails_within_the_call_timeout(postgres_url, tmp_path):
+    a = None
+    with member_process(postgres_url, tmp_path) as (b, admin):
+        try:
+            a = await start(postgres_url, "A", lease_ttl=3.0, cluster_call_timeout=2.0)
+            await until(lambda: a.cluster.ready() and len(a.cluster.members) == 2, timeout=30)
+            await until_ready(admin)
+            callee = name_moving_to("B", {"A", "B"})
+            assert (await stub(a, callee).hit())[0] == 1  # served by the process B
+            os.kill(b.pid, signal.SIGSTOP)
+            message = r"member B at 127.0.0.1:\d+, which holds its lease, did not answer within 2s"
+            with pytest.raises(NotOwnerError, match=message):
+                await asyncio.wait_for(stub(a, callee).hit(), 10)
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+            await stop(a)
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_a_call_to_a_machine_with_workers_reaches_the_worker_that_owns_the_object(postgres_url, tmp_path):
+    a = None
+    with member_process(postgres_url, tmp_path, "--workers", "2") as (_, admin):
+        try:
+            a = await start(postgres_url, "A", lease_ttl=3.0)
+            await until(lambda: a.cluster.ready() and len(a.cluster.members) == 3, timeout=60)
+            await until_ready(admin)
+            everyone = {"A", "B#0", "B#1"}
+            # Both workers share the port: one connection reaches one of them, which passes the
+            # other's call on over the machine's mesh.
+            names = [owned_by(("B#0", everyone)), owned_by(("B#1", everyone))]
+            for name in names:
+                first, instance = await stub(a, name).hit()
+                assert first == 1
+                assert await stub(a, name).hit() == [2, instance]  # one instance, wherever the call landed
+        finally:
+            await stop(a)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--cluster-secret", "s", "--host", "0.0.0.0"],
+            "--cluster-address: --host 0.0.0.0 listens on every interface, so the other members of the cluster "
+            "cannot be told where to reach this one: give --cluster-address HOST:PORT",
+        ),
+        (["--cluster-address", "0.0.0.0:8787"], "must be HOST:PORT that the other members can reach"),
+        (["--cluster-address", "web1"], "must be HOST:PORT that the other members can reach"),
+    ],
+)
+def test_a_member_that_cannot_say_where_to_reach_it_does_not_start(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_from(build_parser().parse_args(["app:app", *argv]), {})
+
+
+def test_the_secret_is_never_in_the_settings_repr():
+    settings = settings_from(build_parser().parse_args(["app:app"]), {"WSECHO_CLUSTER_SECRET": "hunter2"})
+    assert settings.cluster_secret == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+def test_a_callees_exception_comes_back_as_its_class_only_when_loaded_here():
+    assert type(error_from(error_state(LookupError("gone")))) is LookupError
+    again = error_from(error_state(NotOwnerError("moved", "ab")))
+    assert (type(again), str(again)) == (NotOwnerError, "moved")
+    unknown = error_from(["not.loaded.anywhere", "Boom", "bang"])
+    assert (type(unknown), str(unknown)) == (RuntimeError, "Boom: bang")

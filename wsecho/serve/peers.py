@@ -1,0 +1,381 @@
+"""The peer channel (docs/decisions/0012): RPC and ``fetch`` between objects on different
+members of a cluster.
+
+A member answers calls from the others on its own application listener, under
+``/.wsecho/call`` and ``/.wsecho/fetch``, and only when the request is signed with the
+cluster's shared secret (``--cluster-secret``): an HMAC-SHA256 of the path and the body,
+checked in constant time. Anything else there gets 403 (logged, at most once a minute).
+
+The caller finds the member that holds the object's slot lease in the lease table (cached
+per slot), and sends it the same payload a worker sends another worker over the mesh
+(:func:`wsecho.serve.mesh.object_handlers` answers both). The owner runs it only if it can
+prove the lease, as for its own events; otherwise it answers "not owner" and the caller
+reads the lease table again and retries, for at most :attr:`PeerChannel.bound` seconds
+(long enough for a dead owner's slots to move), then raises ``NotOwnerError``. A call that
+was sent and got no answer within ``--cluster-call-timeout`` is not retried (it may have run).
+
+Values cross in the storage codec (:mod:`wsecho.api.codec`), never pickled: a peer's answer
+is data, and an exception comes back as its class's name and message, rebuilt only from a
+class already loaded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from wsecho.api import codec
+from wsecho.api.http import Request, Response
+from wsecho.core.errors import InvalidArgumentError, NotOwnerError
+from wsecho.core.placement import slot_of
+from wsecho.serve.acceptor import RateLimitedWarning
+from wsecho.serve.mesh import MAX_MESSAGE, MeshClient, encode_values, object_handlers, request_state
+
+if TYPE_CHECKING:
+    from wsecho.api.ids import DurableObjectId
+    from wsecho.backends.leases import SlotOwner
+    from wsecho.runtime.cluster import ClusterMember
+    from wsecho.runtime.runtime import Owner, Runtime
+
+log = logging.getLogger("wsecho.peers")
+
+#: The paths of the peer channel on the application listener (reserved on a cluster member).
+PREFIX = "/.wsecho/"
+PATHS = {"/.wsecho/call": "call", "/.wsecho/fetch": "fetch"}
+SIGNATURE = "X-Wsecho-Signature"
+#: How long opening a connection to another member may take.
+CONNECT_TIMEOUT = 2.0
+#: Idle connections kept open to each member, for the next calls.
+IDLE_PER_MEMBER = 8
+
+#: What the gateway calls for a request under :data:`PREFIX`: (path, headers, body, client
+#: address) -> (status, body).
+PeerHandler = Callable[[str, Any, bytes, str], Awaitable[tuple[int, bytes]]]
+
+
+class Unreachable(Exception):  # noqa: N818 - internal: "the call was not delivered"
+    """The call did not reach the member (nothing was sent, or the connection was closed
+    before it was read): safe to send again."""
+
+
+def is_object_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def sign(secret: bytes, path: str, body: bytes) -> str:
+    return hmac.new(secret, path.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def error_state(exc: BaseException) -> list[str]:
+    return [type(exc).__module__, type(exc).__qualname__, str(exc)]
+
+
+def error_from(state: list[str]) -> Exception:
+    """The callee's exception as the same class when that class is loaded here and takes a
+    message, else a RuntimeError naming it (nothing is imported on a peer's say-so)."""
+    module, qualname, message = state
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if isinstance(found, type) and issubclass(found, Exception):
+        try:
+            exc: Exception = found(message)
+        except Exception:  # noqa: BLE001 - a constructor that wants more: the fallback below
+            pass
+        else:
+            return exc
+    return RuntimeError(f"{qualname}: {message}")
+
+
+class PeerClient:
+    """HTTP/1.1 POSTs to other members over persistent connections (a few idle ones kept per
+    member): one call on a connection at a time, every wait bounded."""
+
+    def __init__(self, secret: bytes, call_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.secret = secret
+        self.call_timeout = call_timeout
+        self.connect_timeout = connect_timeout
+        self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+
+    async def post(self, address: str, path: str, body: bytes) -> tuple[int, bytes]:
+        """Raises :class:`Unreachable` (not delivered), TimeoutError (no answer within the
+        call timeout: it may have run), ConnectionError (the connection failed mid-answer)."""
+        idle = self._idle.get(address)
+        while idle:
+            reader, writer = idle.pop()
+            if reader.at_eof() or writer.is_closing():
+                writer.close()
+                continue
+            try:
+                return await self._exchange(address, reader, writer, path, body)
+            except Unreachable:
+                continue  # the member closed this idle connection before it read the call
+        reader, writer = await self._open(address)
+        try:
+            return await self._exchange(address, reader, writer, path, body)
+        except Unreachable as exc:
+            # A new connection that closes unanswered: the member may have run the call and died.
+            raise ConnectionError(str(exc)) from None
+
+    async def _open(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, _, port = address.rpartition(":")
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncio.open_connection(host.strip("[]"), int(port), limit=MAX_MESSAGE)
+        except TimeoutError:
+            msg = f"no connection within {self.connect_timeout:g}s"
+            raise Unreachable(msg) from None
+        except OSError as exc:
+            raise Unreachable(exc.strerror or str(exc)) from None
+
+    async def _exchange(
+        self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
+    ) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\n{SIGNATURE}: {sign(self.secret, path, body)}\r\n\r\n"
+        )
+        keep = False
+        try:
+            async with asyncio.timeout(self.call_timeout):
+                try:
+                    writer.write(head.encode() + body)
+                    status_line = await reader.readline()
+                except (ConnectionError, OSError) as exc:
+                    raise Unreachable(exc.strerror or str(exc)) from None
+                if not status_line:
+                    msg = "the connection closed before the call was answered"
+                    raise Unreachable(msg)
+                status = int(status_line.split()[1])
+                length, close = 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                    elif name.strip().lower() == "connection" and "close" in value.lower():
+                        close = True
+                if length > MAX_MESSAGE:
+                    msg = f"an answer of {length} bytes is over the limit of {MAX_MESSAGE}"
+                    raise ConnectionError(msg)
+                data = await reader.readexactly(length)
+            keep = not close
+            return status, data
+        except (asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            msg = f"a malformed or cut answer: {exc}"
+            raise ConnectionError(msg) from None
+        finally:
+            pool = self._idle.setdefault(address, [])
+            if keep and len(pool) < IDLE_PER_MEMBER:
+                pool.append((reader, writer))
+            else:
+                writer.close()
+
+    def close(self) -> None:
+        for pool in self._idle.values():
+            for _, writer in pool:
+                writer.close()
+        self._idle.clear()
+
+
+class PeerChannel:
+    """A cluster member's calls to objects other members serve, and its answers to theirs."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        cluster: ClusterMember,
+        *,
+        secret: str,
+        call_timeout: float,
+        mesh: MeshClient | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.cluster = cluster
+        self.secret = secret.encode() if secret else None
+        self.client = PeerClient(self.secret or b"", call_timeout)
+        self.mesh = mesh
+        self._handlers = object_handlers(runtime)
+        #: Slot -> its owner as last read from the lease table (at most one entry per slot).
+        self._owners: dict[int, SlotOwner] = {}
+        self._refused = RateLimitedWarning(log)
+
+    @property
+    def bound(self) -> float:
+        """How long a call looks for a member that can serve it: a dead member's heartbeat
+        counts for 1.5 ttl, its successor takes the slot on its next round (a third of one)."""
+        return 2 * self.cluster.ttl + self.client.connect_timeout
+
+    # -- the caller's side (through Routes) -------------------------------------------------
+
+    async def send(self, expected: str, id: DurableObjectId, op: str, payload: list[Any]) -> Any:  # noqa: A002
+        """Run ``op`` (``fetch`` or ``call``, the mesh's payload) on the member that holds
+        ``id``'s lease (``expected``: the member that should, for messages); its answer."""
+        slot = slot_of(id.hex)
+        if self.secret is None:
+            msg = (
+                f"{id!r} (slot {slot}) is served by another member of the cluster ({expected}); calls between "
+                "members need the same --cluster-secret on every member (docs/scaling-out.md)"
+            )
+            raise NotOwnerError(msg, id.hex)
+        body = codec.encode(payload)
+        path = f"{PREFIX}{op}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.bound
+        delay = 0.02
+        while True:
+            if self.cluster.is_local(id.hex):  # the slot moved here meanwhile
+                return await self._handlers[op](payload)
+            why, answer = await self._try(id, slot, path, body)
+            if answer is not None:
+                return answer[0]
+            if loop.time() + delay > deadline:
+                msg = f"{id!r} (slot {slot}): no member could serve it within {self.bound:g}s: {why}"
+                raise NotOwnerError(msg, id.hex)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    async def _try(self, id: DurableObjectId, slot: int, path: str, body: bytes) -> tuple[str, tuple[Any] | None]:  # noqa: A002
+        """One attempt: (why it failed, None), or ("", (the answer,)); raises what must not be retried."""
+        owner = self._owners.get(slot)
+        if owner is None:
+            try:
+                async with asyncio.timeout(self.cluster.store.statement_timeout * 2):
+                    owner = await self.cluster.store.locate(slot)
+            except Exception as exc:  # noqa: BLE001 - an outage of the lease table: retried
+                return f"the lease table cannot be read: {exc or type(exc).__name__}", None
+            if owner is None:
+                return "no member holds its lease now (it is moving)", None
+            if owner.member == self.cluster.store.member:
+                return "this member has just taken its lease and cannot prove it yet", None
+            if owner.address is None:
+                return f"member {owner.name}, which holds its lease, advertises no --cluster-address", None
+            self._owners[slot] = owner
+        try:
+            status, data = await self.client.post(owner.address or "", path, body)
+        except Unreachable as exc:
+            self._owners.pop(slot, None)
+            return f"member {owner.name} at {owner.address} cannot be reached: {exc}", None
+        except TimeoutError:
+            self._owners.pop(slot, None)
+            msg = (
+                f"{id!r} (slot {slot}): member {owner.name} at {owner.address}, which holds its lease, did not "
+                f"answer within {self.client.call_timeout:g}s (--cluster-call-timeout)"
+            )
+            raise NotOwnerError(msg, id.hex) from None
+        except (ConnectionError, OSError) as exc:
+            self._owners.pop(slot, None)
+            msg = f"{id!r} (slot {slot}): the call to member {owner.name} at {owner.address} failed: {exc}"
+            raise NotOwnerError(msg, id.hex) from None
+        if status == 403:
+            msg = (
+                f"{id!r} (slot {slot}): member {owner.name} at {owner.address} refused the call: "
+                f"{data.decode(errors='replace')}"
+            )
+            raise NotOwnerError(msg, id.hex)
+        if status != 200:
+            msg = f"{id!r} (slot {slot}): member {owner.name} at {owner.address} answered {status}"
+            raise NotOwnerError(msg, id.hex)
+        answer = codec.decode(data)
+        if "not_owner" in answer:
+            self._owners.pop(slot, None)
+            return f"member {owner.name}: {answer['not_owner']}", None
+        if "error" in answer:
+            raise error_from(answer["error"])
+        return "", (answer["ok"],)
+
+    # -- the callee's side ------------------------------------------------------------------
+
+    async def answer_http(self, path: str, headers: Any, body: bytes, client: str) -> tuple[int, bytes]:
+        """A request under :data:`PREFIX` on the application listener (the gateway's hook)."""
+        op = PATHS.get(path)
+        if self.secret is None:
+            self._refused.warn("refused a call from %s to %s: this member has no --cluster-secret", client, path)
+            return 403, b"this member takes no calls from other members: it has no --cluster-secret"
+        given = (headers.get(SIGNATURE) or "").encode("ascii", "replace")
+        if not hmac.compare_digest(given, sign(self.secret, path, body).encode()):
+            how = "a wrong" if given else "no"
+            self._refused.warn(
+                "refused a call from %s to %s: %s signature (not our --cluster-secret)", client, path, how
+            )
+            return 403, b"refused: the call is not signed with this cluster's --cluster-secret"
+        if op is None:
+            return 404, f"no peer call at {path}".encode()
+        try:
+            payload = codec.decode(body)
+        except (InvalidArgumentError, ValueError) as exc:
+            return 400, f"a malformed call: {exc}".encode()
+        if not (isinstance(payload, list) and len(payload) >= 4 and is_object_id(payload[1])):
+            return 400, b"a malformed call: not [namespace, id, name, ...]"
+        return 200, codec.encode(await self.answer([op, payload]))
+
+    async def answer(self, message: Any, *, forwarded: bool = False) -> dict[str, Any]:
+        """Run ``[op, payload]`` on an object this member can prove the lease of; a sibling
+        worker's (``--workers N``) goes on to it through the mesh, once."""
+        op, payload = message
+        hex_id = payload[1]
+        if not self.cluster.is_local(hex_id):
+            sibling = self.cluster.owner(hex_id)
+            if isinstance(sibling, int) and self.mesh is not None and not forwarded:
+                try:
+                    answer: dict[str, Any] = await self.mesh.call(sibling, "peer", message)
+                except Exception as exc:  # noqa: BLE001 - the caller raises it
+                    return {"error": error_state(exc)}
+                return answer
+            return {"not_owner": f"{self.cluster.store.name} cannot prove the lease of slot {slot_of(hex_id)}"}
+        try:
+            return {"ok": await self._handlers[op](payload)}
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            return {"error": error_state(exc)}
+
+    async def answer_mesh(self, message: Any) -> dict[str, Any]:
+        """A call another worker of this machine received for this worker's object."""
+        return await self.answer(message, forwarded=True)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class Routes:
+    """The runtime's :class:`~wsecho.runtime.runtime.Remote`: a sibling worker's objects
+    (``--workers N``) through the mesh, another member's through the peer channel."""
+
+    def __init__(self, mesh: MeshClient | None, peers: PeerChannel | None) -> None:
+        self.mesh = mesh
+        self.peers = peers
+
+    async def fetch_object(self, owner: Owner, id: DurableObjectId, request: Request) -> Response:  # noqa: A002
+        if isinstance(owner, int):
+            assert self.mesh is not None
+            return await self.mesh.fetch_object(owner, id, request)
+        assert self.peers is not None
+        if "websocket" in (request.headers.get("Upgrade") or "").lower():
+            # The load balancer routes a WebSocket to its owner (and learns it from this
+            # refusal); a member does not carry one for another.
+            msg = (
+                f"{id!r} (slot {slot_of(id.hex)}) is served by another member of the cluster ({owner}), "
+                "which the load balancer routes its WebSockets to"
+            )
+            raise NotOwnerError(msg, id.hex)
+        payload = [id.namespace, id.hex, id.name, list(request_state(request))]
+        status, headers, body = await self.peers.send(owner, id, "fetch", payload)
+        return Response(body, status=status, headers=headers)
+
+    async def call_object(
+        self,
+        owner: Owner,
+        id: DurableObjectId,  # noqa: A002 - Cloudflare's name
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if isinstance(owner, int):
+            assert self.mesh is not None
+            return await self.mesh.call_object(owner, id, method, args, kwargs)
+        assert self.peers is not None
+        values = encode_values([list(args), kwargs], f"an argument of {method}()", "the member that owns the object")
+        return codec.decode(await self.peers.send(owner, id, "call", [id.namespace, id.hex, id.name, method, values]))
