@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -14,9 +15,11 @@ from websockets.asyncio.client import connect
 
 from tests.apps.memory import memory_app
 from tests.helpers import Recorder, constructions, until
+from wsecho.core.errors import ConfigError
 from wsecho.core.lifecycle import ObjectState
-from wsecho.core.memory import Mark
-from wsecho.serve.config import Settings
+from wsecho.core.memory import Mark, MemoryReading
+from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.memory import MemoryReader, own_cgroup
 from wsecho.serve.server import Server
 
 ACTIVE, HIBERNATING = ObjectState.ACTIVE, ObjectState.HIBERNATING
@@ -268,3 +271,71 @@ async def test_the_sweeper_checks_the_memory_and_spares_what_cannot_hibernate(tm
         assert [state(server, n) for n in "abc"] == [ACTIVE, HIBERNATING, HIBERNATING]
         gate.set_result(None)
         assert await ws["a"].recv() == "a held"
+
+
+# -- reading the memory, and the options ---------------------------------------------------------
+
+
+def fake_proc(tmp_path, cgroup_line="0::/system.slice/wsecho.service\n", resident_pages=1000):
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True, exist_ok=True)
+    (proc / "self" / "cgroup").write_text(cgroup_line)
+    (proc / "self" / "statm").write_text(f"5000 {resident_pages} 300 1 0 2000 0\n")
+    (proc / "meminfo").write_text("MemTotal:        2048 kB\nMemFree:         1024 kB\n")
+    return proc
+
+
+def test_the_reading_is_the_cgroups_working_set_else_the_rss(tmp_path):
+    root = tmp_path / "cgroup-root"
+    unit = root / "system.slice" / "wsecho.service"
+    unit.mkdir(parents=True)
+    proc = fake_proc(tmp_path)
+    assert own_cgroup(proc, root) is None  # no memory controller there
+    (unit / "memory.current").write_text("500000\n")
+    (unit / "memory.max").write_text("max\n")
+    assert own_cgroup(proc, root) == unit
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = MemoryReading(1000 * page, 2048 * 1024, "rss")  # a percentage is of MemTotal
+    assert MemoryReader(unit, proc).read() == rss  # memory.max is "max": no limit to measure against
+    (unit / "memory.max").write_text("800000\n")
+    assert MemoryReader(unit, proc).read() == MemoryReading(500000, 800000, "cgroup")  # no memory.stat
+    (unit / "memory.stat").write_text("anon 5\ninactive_file 100000\n")
+    assert MemoryReader(unit, proc).read() == MemoryReading(400000, 800000, "cgroup")
+    assert MemoryReader(None, proc).read() == rss
+    assert own_cgroup(fake_proc(tmp_path, "12:memory:/old\n"), root) is None  # cgroup v1 only
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], (Mark(80, percent=True), Mark(70, percent=True), 0)),
+        (["--memory-high", "6GiB", "--memory-low", "off", "--max-active-objects", "50"], (Mark(6 * 1024**3), None, 50)),
+        (["--memory-high", "off"], (None, Mark(70, percent=True), 0)),
+        (["--memory-high", "90.5%", "--memory-low", "1024"], (Mark(90.5, percent=True), Mark(1024), 0)),
+    ],
+)
+def test_memory_options(argv, expected):
+    settings = settings_from(build_parser().parse_args(argv), {})
+    assert (settings.memory_high, settings.memory_low, settings.max_active_objects) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--memory-high", "120%"], "--memory-high: must be a percentage from 0 to 100 (like 80%)"),
+        (["--memory-low", "lots"], "--memory-low: must be a percentage (like 80%), a number of bytes"),
+        (["--memory-high", "60%"], "--memory-low: 70% is above --memory-high 60%"),
+        (["--memory-high", "1MiB", "--memory-low", "2MiB"], "--memory-low: 2097152 bytes is above --memory-high"),
+        (["--max-active-objects", "-1"], "--max-active-objects: must be 0 or more, got -1"),
+    ],
+)
+def test_bad_memory_options_name_the_option_and_the_value(argv, message):
+    with pytest.raises(ConfigError) as info:
+        settings_from(build_parser().parse_args(argv), {})
+    assert message in str(info.value)
+
+
+def test_a_memory_cgroup_that_is_not_one_is_refused(tmp_path):
+    settings = Settings(data_dir=":memory:", memory_cgroup=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"has no memory\.current: not a cgroup v2 directory"):
+        Server(memory_app(Recorder(), None), settings)
