@@ -339,3 +339,8 @@ def test_a_memory_cgroup_that_is_not_one_is_refused(tmp_path):
     settings = Settings(data_dir=":memory:", memory_cgroup=str(tmp_path))
     with pytest.raises(ConfigError, match=r"has no memory\.current: not a cgroup v2 directory"):
         Server(memory_app(Recorder(), None), settings)
+
+
+def test_help_shows_the_percentage_defaults():
+    # argparse formats help with %: a bare "80%" in it made --help raise
+    assert "(env WSECHO_MEMORY_HIGH; default 80%)" in " ".join(build_parser().format_help().split())

@@ -789,7 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest=opt.dest,
             default=None,
             metavar=opt.metavar,
-            help=f"{opt.help} (env {opt.env}; default {opt.default or 'none'})",
+            # argparse formats help with %: a percentage (--memory-high 80%) must be doubled.
+            help=f"{opt.help} (env {opt.env}; default {opt.default or 'none'})".replace("%", "%%"),
         )
     return parser
 
