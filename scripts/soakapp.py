@@ -1,10 +1,13 @@
 """The application scripts/soak serves: rooms that echo each message to its sender.
 
 /room/<name> upgrades into the object <name>, so many sockets share each object and
-the whole room hibernates and wakes together.
+the whole room hibernates and wakes together. ``heavy_app`` (scripts/soak-memory) serves rooms
+that hold memory while awake.
 """
 
-from wsecho import App, DurableObject, Request, Response, WebSocket, WebSocketPair
+import os
+
+from wsecho import App, DurableObject, DurableObjectState, Env, Request, Response, WebSocket, WebSocketPair
 
 
 class Room(DurableObject):
@@ -23,3 +26,16 @@ async def fetch(request: Request, env: object) -> Response:
 
 
 app = App(fetch=fetch, bindings={"ROOMS": Room})
+
+
+class HeavyRoom(Room):
+    """A room whose instance holds many small Python objects (``WSECHO_SOAK_ITEMS`` of them,
+    about 100 bytes each): what scripts/soak-memory bounds with --max-active-objects."""
+
+    def __init__(self, ctx: DurableObjectState, env: Env) -> None:
+        super().__init__(ctx, env)
+        self.state = {i: f"entry {i} of {ctx.id.name}" for i in range(ITEMS)}
+
+
+ITEMS = int(os.environ.get("WSECHO_SOAK_ITEMS", "2000"))
+heavy_app = App(fetch=fetch, bindings={"ROOMS": HeavyRoom})

@@ -102,3 +102,16 @@ def test_an_index_emptied_of_many_timeouts_keeps_no_memory_for_them():
         tracemalloc.stop()
     assert len(index) == 0
     assert kept < 100_000  # 20,000 empty queues left behind hold megabytes
+
+
+def test_oldest_is_the_least_recently_idle_key_of_any_timeout():
+    idx = IdleIndex()
+    assert idx.oldest() is None
+    idx.touch("long", 100, 2.0)
+    idx.touch("short", 1, 3.0)
+    idx.touch("first", 100, 1.0 + 5.0)  # after "long" in its queue
+    assert idx.oldest() == "long"
+    idx.touch("long", 100, 7.0)  # used again: now the most recent
+    assert idx.oldest() == "short"
+    idx.discard("short")
+    assert idx.oldest() == "first"

@@ -267,7 +267,8 @@ async def test_objects_lists_state_sockets_and_what_pins_them(admin_server, io_l
         assert obj["class"] == "Probe"
         assert obj["state"] == "active"
         assert obj["sockets"] == 1
-        assert obj["cannot_hibernate_because"] == "an event is being handled"
+        assert obj["cannot_hibernate_because"] == "its fetch turn is running"
+        assert obj["evictable"] is False
         gate.set_result(None)
         await busy
         assert server.runtime.sweep(now=io_loop.time() + 60) == 1

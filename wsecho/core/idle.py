@@ -6,6 +6,11 @@ dict used as a queue: the oldest idle object is always first, a sweep stops at
 the first one that is not due yet, and becoming idle again moves an object to
 the end in O(1). A sweep therefore looks at the due objects plus one per
 distinct timeout, never at every object.
+
+The same order makes the index a least-recently-used list of the objects that may hibernate
+(an object leaves its turn last-used and is touched then): :meth:`IdleIndex.oldest` is the
+least recently used, found among one head per timeout (``--max-active-objects`` and memory
+pressure, docs/decisions/0010).
 """
 
 from __future__ import annotations
@@ -61,6 +66,16 @@ class IdleIndex(Generic[K]):
             del queue[key]
             if not queue:
                 del self._queues[timeout]
+
+    def oldest(self) -> K | None:
+        """The key idle for the longest (the smallest ``since`` of any timeout), or None."""
+        oldest: K | None = None
+        oldest_since = 0.0
+        for queue in self._queues.values():
+            key, since = next(iter(queue.items()))
+            if oldest is None or since < oldest_since:
+                oldest, oldest_since = key, since
+        return oldest
 
     def pop_due(self, now: float) -> list[K]:
         """Remove and return every key idle for at least its timeout at ``now``, oldest first."""

@@ -79,9 +79,9 @@ class Histogram:
         return out
 
 
-#: Why an instance was dropped: hibernation, or one of the resets.
-EVICTION_REASONS = ("idle", "abort", "event_timeout", "storage_error")
-RESET_REASONS = EVICTION_REASONS[1:]
+#: Why an instance was dropped: hibernation (idle, or to bound memory), or one of the resets.
+RESET_REASONS = ("abort", "event_timeout", "storage_error")
+EVICTION_REASONS = ("idle", "limit", "memory", *RESET_REASONS)
 
 
 @attrs.define(eq=False)
@@ -121,12 +121,14 @@ class Stats:
     #: Outbound WebSockets (``ctx.connect_web_socket``) opened, and attempts that failed.
     outbound_opened: int = 0
     outbound_failed: int = 0
+    #: Objects built while --max-active-objects were in memory and none of them could hibernate.
+    over_limit: int = 0
     #: Final events by :func:`close_code_bucket` (1006 for dropped connections, 1009/1007/1002
     #: for failures): at most 19 keys, whatever codes the peers send.
     closed_by_code: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     #: Handler exceptions by handler name (fetch, web_socket_message, alarm, ...).
     handler_errors: Counter[str] = attrs.field(factory=Counter)
-    #: Instances dropped, by why (:data:`EVICTION_REASONS`): idle is hibernation, the rest resets.
+    #: Instances dropped, by why (:data:`EVICTION_REASONS`): idle, limit and memory are hibernations, the rest resets.
     evictions: Counter[str] = attrs.field(factory=Counter)
     #: put() calls refused by a storage quota: "object" or "total".
     quota_refusals: Counter[str] = attrs.field(factory=Counter)
@@ -173,6 +175,7 @@ class StatsSnapshot:
     fanout_closed: int
     outbound_opened: int
     outbound_failed: int
+    over_limit: int
     closed_by_code: dict[tuple[str, str], int]
     handler_errors: dict[str, int]
     evictions: dict[str, int]

@@ -99,6 +99,8 @@ QUIESCE_POLL = 0.01
 STORAGE_PROBE_INTERVAL = 2.0
 #: At most one log line per this many seconds about the total storage quota.
 QUOTA_LOG_INTERVAL = 60.0
+#: At most one log line per this many seconds about objects built over --max-active-objects.
+OVER_LIMIT_LOG_INTERVAL = 60.0
 #: The storage key of the probe's row (no object's key: those are ``namespace:hex``).
 PROBE_OBJECT = "wsecho:probe"
 
@@ -167,6 +169,7 @@ class Runtime:
         placement: Ownership | None = None,
         remote: Remote | None = None,
         guard_events: bool = False,
+        max_active_objects: int = 0,
     ) -> None:
         self.app = app
         #: Which objects this process owns (None: all of them).
@@ -185,6 +188,12 @@ class Runtime:
         #: Objects ``ctx.keep_awake_until()`` keeps out of the idle index, and the earliest time.
         self._kept_awake: dict[ObjectHost, None] = {}
         self._kept_awake_next = math.inf
+        #: Objects with an instance (or one being built), for ``--max-active-objects`` (0: no limit).
+        self._awake: dict[ObjectHost, None] = {}
+        self.max_active_objects = max_active_objects
+        #: The same kind of cap, set by memory-pressure eviction while memory is high (None: none).
+        self.memory_cap: int | None = None
+        self._over_limit_logged_at = -OVER_LIMIT_LOG_INTERVAL
         self.backend: Backend = backend if backend is not None else MemoryBackend()
         self.committer = GroupCommitter(self.backend)
         self.databases: ObjectDatabases | None = databases_for(self.backend)
@@ -564,6 +573,88 @@ class Runtime:
             # A host with nothing left may have been forgotten meanwhile: it is the same object.
             self.submit(self._hosts.setdefault(host.id, host), event)
         return len(held or ())
+
+    # -- bounded memory (docs/decisions/0010) ------------------------------------------
+
+    def cap_active(self, cap: int | None) -> None:
+        """Memory pressure: keep at most ``cap`` objects in memory (waking one more hibernates
+        the least recently used, like ``--max-active-objects``) until ``cap_active(None)``."""
+        self.memory_cap = None if cap is None else max(cap, 1)
+
+    def active_count(self) -> int:
+        """How many objects have an instance in memory (or are building one)."""
+        return len(self._awake)
+
+    def _admit(self, host: ObjectHost) -> None:
+        """``host`` is about to be built: with ``--max-active-objects`` reached, hibernate the
+        least recently used objects that may hibernate (more than one when earlier wakes went
+        over the limit); if too few may, build it anyway (over the limit, counted and logged)
+        rather than refuse its traffic."""
+        limit, reason = self.max_active_objects, "limit"
+        cap = self.memory_cap
+        if cap is not None and (not limit or cap < limit):
+            limit, reason = cap, "memory"
+        if not limit or len(self._awake) < limit:
+            self._awake[host] = None
+            return
+        excess = len(self._awake) - limit + 1
+        if self.evict_lru(excess, reason) < excess and reason == "limit":
+            self.stats.over_limit += 1
+            now = self.clock()
+            if now - self._over_limit_logged_at >= OVER_LIMIT_LOG_INTERVAL:
+                self._over_limit_logged_at = now
+                log.warning(
+                    "%s in memory, over --max-active-objects %d: too few of them can hibernate now "
+                    "(/objects says why); woke %s %s anyway",
+                    counted(len(self._awake) + 1, "object"),
+                    limit,
+                    host.cls.__name__,
+                    host.id,
+                )
+        self._awake[host] = None
+
+    def evict_lru(self, count: int, reason: str) -> int:
+        """Hibernate up to ``count`` objects, least recently used first, counted under
+        ``reason``; return how many. Objects that cannot hibernate are skipped, and those
+        ``ctx.keep_awake_until()`` keeps awake go only after every other idle one."""
+        evicted = 0
+        now = self.clock()
+        while evicted < count:
+            host = self._least_recently_used()
+            if host is None:
+                break
+            self._run(host, host.lifecycle.evict(now))
+            evicted += 1
+        if evicted:
+            self.stats.evictions[reason] += evicted
+        return evicted
+
+    def _least_recently_used(self) -> ObjectHost | None:
+        # The idle index is ordered by when each object last finished a turn. An object in it
+        # that is busy again leaves it here; it comes back when its turn ends (_became_idle).
+        idle = self._idle
+        while (host := idle.oldest()) is not None:
+            if self.eviction_blocker(host) is None:
+                return host
+            idle.discard(host)
+        for host in self._kept_awake:
+            if self.eviction_blocker(host) is None:
+                return host
+        return None
+
+    def eviction_blocker(self, host: ObjectHost) -> str | None:
+        """Why ``host`` may not be hibernated now (None: it may), as /objects shows it."""
+        lc = host.lifecycle
+        if lc.state is ObjectState.WAKING and host.blockers:
+            return "block_concurrency_while() in its constructor is running"
+        current = lc.current
+        if type(current) is BlockEvent:
+            return "block_concurrency_while() is running"
+        if current is not None:
+            if host.storage is not None and host.storage.busy():
+                return f"the writes of its {current.name} turn are being committed"
+            return f"its {current.name} turn is running"
+        return lc.hibernation_blocker()
 
     # -- storage ------------------------------------------------------------------------
 
@@ -982,9 +1073,11 @@ class Runtime:
                 work.extend(self._became_idle(host, effect.since))  # type: ignore[union-attr]
             elif kind is RunConstructor:
                 host.wake_started = self.clock()
+                self._admit(host)
                 work.extend(self._construct(host))
             elif isinstance(effect, DropInstance):
                 host.instance = None
+                self._awake.pop(host, None)
                 if host.storage is not None:
                     host.storage.close()  # an object's own database closes while it hibernates
                 host.storage = None
@@ -1061,6 +1154,7 @@ class Runtime:
             exc_info=exc,
         )
         host.instance = None
+        self._awake.pop(host, None)
         host.reset_reason = why
         for task in list(host.blockers):
             task.cancel()

@@ -28,6 +28,7 @@ from wsecho.core.errors import ConfigError
 from wsecho.core.fanout import MIN_QUEUE_BYTES
 from wsecho.core.forwarded import TrustedProxies
 from wsecho.core.limits import Limits
+from wsecho.core.memory import Mark
 from wsecho.core.target import normalize_host
 
 DEFAULT_APP = "wsecho.examples.echo:app"
@@ -243,6 +244,27 @@ def _fanout_queue(text: str) -> int:
         return value
     msg = f"must be at least {MIN_QUEUE_BYTES} bytes (64KiB, the send queue's high-water mark), got {value}"
     raise ValueError(msg)
+
+
+def _memory_mark(text: str) -> Mark | None:
+    """A percentage (of the cgroup's memory.max, else of the machine's memory), bytes, or off."""
+    value = text.strip().lower()
+    if value in ("off", "0", "0%"):
+        return None
+    if value.endswith("%"):
+        try:
+            percent = float(value[:-1])
+        except ValueError:
+            percent = math.nan
+        if not 0 < percent <= 100:
+            msg = f"must be a percentage from 0 to 100 (like 80%), a number of bytes (like 6GiB), or off, got {text!r}"
+            raise ValueError(msg)
+        return Mark(percent, percent=True)
+    try:
+        return Mark(_bytes(text))
+    except ValueError:
+        msg = f"must be a percentage (like 80%), a number of bytes (like 6GiB), or off, got {text!r}"
+        raise ValueError(msg) from None
 
 
 def _origins(text: str) -> tuple[str, ...]:
@@ -577,6 +599,37 @@ OPTIONS = (
         "PATH",
     ),
     Option(
+        "--max-active-objects",
+        _count,
+        "0",
+        "objects kept in memory at most: waking one more first hibernates the least recently used idle one "
+        "(0: no limit)",
+        "N",
+    ),
+    Option(
+        "--memory-high",
+        _memory_mark,
+        "80%",
+        "high-water mark of memory use (a percentage of the cgroup's memory.max, else of the machine's memory, "
+        "or bytes): above it, idle objects hibernate, least recently used first (off: never)",
+        "MARK",
+    ),
+    Option(
+        "--memory-low",
+        _memory_mark,
+        "70%",
+        "low-water mark: how far memory-pressure eviction brings memory use down (like --memory-high)",
+        "MARK",
+    ),
+    Option(
+        "--memory-cgroup",
+        _any_text,
+        "auto",
+        "the cgroup v2 directory whose memory.current and memory.max are read (auto: the process's own; "
+        "off: the process's RSS)",
+        "DIR",
+    ),
+    Option(
         "--warn-blocked",
         _non_negative_seconds,
         "0.5",
@@ -745,6 +798,10 @@ class Settings:
     max_outbound: int = DEFAULTS["max_outbound"]
     outbound_connect_timeout: float = DEFAULTS["outbound_connect_timeout"]
     outbound_ca_file: str = DEFAULTS["outbound_ca_file"]
+    max_active_objects: int = DEFAULTS["max_active_objects"]
+    memory_high: Mark | None = DEFAULTS["memory_high"]
+    memory_low: Mark | None = DEFAULTS["memory_low"]
+    memory_cgroup: str = DEFAULTS["memory_cgroup"]
     warn_blocked: float = DEFAULTS["warn_blocked"]
     lease_ttl: float = DEFAULTS["lease_ttl"]
     lb_probe_timeout: float = DEFAULTS["lb_probe_timeout"]
@@ -831,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
             dest=opt.dest,
             default=None,
             metavar=opt.metavar,
-            help=f"{opt.help} (env {opt.env}; default {opt.default or 'none'})",
+            # argparse formats help with %: a percentage (--memory-high 80%) must be doubled.
+            help=f"{opt.help} (env {opt.env}; default {opt.default or 'none'})".replace("%", "%%"),
         )
     return parser
 
@@ -887,6 +945,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             raise ConfigError(source, str(exc)) from None
     check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
     check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
+    check_memory_marks(values["memory_high"], values["memory_low"])
     if values["haproxy_runtime"] and not values["route_key"]:
         raise ConfigError("--haproxy-runtime", "needs --route-key: the part of a request HAProxy routes by")
     if values["cluster_secret"] and not values["cluster_address"] and values["host"] in WILDCARD_HOSTS:
@@ -916,6 +975,14 @@ def check_ports_differ(host: str, port: int, admin_host: str, admin_port: int | 
         where = admin_host if admin_host == host else f"{host} and {admin_host}"
         msg = f"must differ from --port {port}: the application and the admin listener cannot share {where} port {port}"
         raise ConfigError("--admin-port", msg)
+
+
+def check_memory_marks(high: Mark | None, low: Mark | None) -> None:
+    """The low-water mark is below the high one when both are the same kind (a mixed pair is
+    checked against each reading: a low mark above the high one counts as the high one)."""
+    if high is not None and low is not None and high.percent == low.percent and low.value > high.value:
+        msg = f"{low} is above --memory-high {high}: memory-pressure eviction brings memory use down to it"
+        raise ConfigError("--memory-low", msg)
 
 
 def check_tls(certfile: str, keyfile: str, admin_tls: bool) -> None:

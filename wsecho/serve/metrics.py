@@ -26,6 +26,7 @@ from wsecho.core.lifecycle import ObjectState
 
 if TYPE_CHECKING:
     from wsecho.runtime.runtime import Runtime
+    from wsecho.serve.memory import MemoryGuard
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -59,6 +60,10 @@ COUNTERS = {
     ),
     "outbound_opened": ("wsecho_outbound_opened", "outbound WebSockets opened (ctx.connect_web_socket)"),
     "outbound_failed": ("wsecho_outbound_failed", "outbound WebSockets that could not connect"),
+    "over_limit": (
+        "wsecho_active_objects_over_limit",
+        "objects woken while --max-active-objects were in memory and none of them could hibernate",
+    ),
 }
 
 
@@ -96,7 +101,8 @@ class RuntimeCollector(Collector):
 
         evictions = CounterMetricFamily(
             "wsecho_evictions",
-            "instances dropped, by reason (idle: hibernation; abort, event_timeout, storage_error: resets)",
+            "instances dropped, by reason (idle: hibernation; limit: --max-active-objects; memory: memory pressure; "
+            "abort, event_timeout, storage_error: resets)",
             labels=["reason"],
         )
         for reason, n in stats.evictions.items():
@@ -201,6 +207,52 @@ class ListenerCollector(Collector):
         yield moved
 
 
+class MemoryCollector(Collector):
+    """The memory reading and marks of memory-pressure eviction, and the active-object limit."""
+
+    def __init__(self, runtime: Runtime, memory: MemoryGuard | None) -> None:
+        self._runtime = runtime
+        self._memory = memory
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self._runtime
+        yield _gauge("wsecho_objects_in_memory", "objects with an instance in memory (or waking)", rt.active_count())
+        yield _gauge(
+            "wsecho_max_active_objects",
+            "--max-active-objects: objects kept in memory at most (0: no limit)",
+            rt.max_active_objects,
+        )
+        yield _gauge(
+            "wsecho_memory_cap_objects",
+            "objects kept in memory at most while memory is over the low-water mark after an eviction (0: no cap)",
+            rt.memory_cap or 0,
+        )
+        memory = self._memory
+        if memory is None or memory.reading is None:
+            return
+        reading = memory.reading
+        used = GaugeMetricFamily(
+            "wsecho_memory_used_bytes",
+            "memory use that memory-pressure eviction watches: the cgroup's (less reclaimable cache) or the RSS",
+            labels=["source"],
+        )
+        used.add_metric([reading.source], reading.used)
+        yield used
+        high, low = memory.marks()
+        for name, mark, documentation in (
+            ("wsecho_memory_high_bytes", high, "above this memory use, idle objects hibernate (--memory-high)"),
+            ("wsecho_memory_low_bytes", low, "memory-pressure eviction brings memory use down to this (--memory-low)"),
+        ):
+            if mark is not None:
+                yield _gauge(name, documentation, mark)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation)
+    family.add_metric([], value)
+    return family
+
+
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation)
     family.add_metric([], value)
@@ -212,9 +264,11 @@ def make_registry(
     loop_lag: Callable[[], float],
     listener: Callable[[], ListenerStats] | None = None,
     loop_blocked: Callable[[], int] = lambda: 0,
+    memory: MemoryGuard | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RuntimeCollector(runtime, loop_lag, loop_blocked))
+    registry.register(MemoryCollector(runtime, memory))
     if listener is not None:
         registry.register(ListenerCollector(listener))
     return registry

@@ -54,6 +54,7 @@ from wsecho.serve.config import RELOADABLE, TLS_FILES, WILDCARD_HOSTS, Settings,
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
 from wsecho.serve.haproxy import RouteKey, Teacher
+from wsecho.serve.memory import MemoryGuard, memory_guard
 from wsecho.serve.mesh import MeshClient
 from wsecho.serve.metrics import ListenerStats, make_registry, render
 from wsecho.serve.outbound import Dialer
@@ -81,16 +82,19 @@ TAGS_SHOWN = 20
 class Sweeper:
     """The one periodic callback that hibernates idle objects."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, memory: MemoryGuard | None = None) -> None:
         # Often enough that an object hibernates within ~10% of its timeout,
         # never more than every 50 ms nor less than every second.
         interval = min(max(runtime.hibernate_after / 10, 0.05), 1.0)
         self._callback = PeriodicCallback(self._sweep, interval * 1000)
         self._runtime = runtime
+        self._memory = memory
 
     def _sweep(self) -> None:
         try:
             self._runtime.sweep()
+            if self._memory is not None:
+                self._memory.check(self._runtime.clock())
         except Exception:
             log.exception("the hibernation sweep failed; it runs again at the next interval")
 
@@ -254,6 +258,7 @@ class Server:
             backend=backend,
             placement=placement,
             remote=None if mesh is None else Routes(mesh, None),
+            max_active_objects=settings.max_active_objects,
         )
         self.runtime.set_dialer(
             Dialer(
@@ -265,10 +270,14 @@ class Server:
                 ping_timeout=settings.ping_timeout,
             )
         )
+        #: Memory-pressure eviction (None: --memory-high off); the sweeper checks it.
+        self.memory = memory_guard(self.runtime, settings)
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).
         self.phase = "starting"
-        self.registry = make_registry(self.runtime, lambda: self.loop_lag, self.listener_stats, self._loop_blocked)
+        self.registry = make_registry(
+            self.runtime, lambda: self.loop_lag, self.listener_stats, self._loop_blocked, self.memory
+        )
         #: How late the event loop last ran a timer, in seconds.
         self.loop_lag = 0.0
         #: Every open WebSocket connection (for dead-peer pings and shutdown).
@@ -322,7 +331,7 @@ class Server:
         self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
-        self._sweeper = Sweeper(self.runtime)
+        self._sweeper = Sweeper(self.runtime, self.memory)
         #: Reloads the application's code (``--reload-code`` on SIGHUP, ``--reload``).
         self.reloader = CodeReloader(self.runtime, settings.app)
         #: Whether the sweeper runs (``sweeper=False``: whoever moves the clock sweeps).
@@ -579,7 +588,9 @@ class Server:
         listed = []
         for host in itertools.islice(selected, limit):
             lc = host.lifecycle
-            active = lc.state is ObjectState.ACTIVE
+            in_memory = lc.state is not ObjectState.HIBERNATING
+            blocker = self.runtime.eviction_blocker(host) if in_memory else None
+            awake_until = host.awake_until
             listed.append(
                 {
                     "id": host.id.hex,
@@ -593,7 +604,11 @@ class Server:
                     "distinct_tags": len(host.tagged),
                     "idle_seconds": None if lc.idle_since is None else round(now - lc.idle_since, 3),
                     "hibernate_after": host.hibernate_after,
-                    "cannot_hibernate_because": lc.hibernation_blocker() if active else None,
+                    "cannot_hibernate_because": blocker,
+                    # Whether --max-active-objects or memory pressure may hibernate it now (None:
+                    # not in memory); one kept awake goes only after every other idle one.
+                    "evictable": None if not in_memory else blocker is None,
+                    "kept_awake_for": None if awake_until is None else round(awake_until - now, 3),
                 }
             )
         count = len(hosts) if state is None else len(listed) + sum(1 for _ in selected)
@@ -614,7 +629,7 @@ class Server:
         self.settings = attrs.evolve(self.settings, **changes)
         self.runtime.set_hibernate_after(settings.hibernate_after)
         self._sweeper.stop()
-        self._sweeper = Sweeper(self.runtime)
+        self._sweeper = Sweeper(self.runtime, self.memory)
         if self.phase == "ready" and self.sweeps:
             self._sweeper.start()
         return ignored
