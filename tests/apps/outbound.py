@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import itertools
 import socket
 from urllib.parse import urlsplit
 
@@ -22,10 +23,15 @@ import tornado.websocket
 from wsecho import App, DurableObject, Response, WebSocketPair, WebSocketRequestResponsePair
 
 
+#: Instances built so far: each records its serial (``id()`` of a freed instance may be reused).
+BUILT = itertools.count(1)
+
+
 class Relay(DurableObject):
     def __init__(self, ctx, env) -> None:
         super().__init__(ctx, env)
         self.rec = env.REC
+        self.serial = next(BUILT)
         self.rec.record("constructor", ctx.id.name)
 
     async def fetch(self, request):
@@ -36,7 +42,7 @@ class Relay(DurableObject):
     async def web_socket_message(self, ws, message):
         tags = self.ctx.get_tags(ws)
         if "client" not in tags:
-            self.rec.record("upstream", message, tags, ws.deserialize_attachment(), id(self))
+            self.rec.record("upstream", message, tags, ws.deserialize_attachment(), self.serial)
             return
         cmd = json.loads(message)
         try:

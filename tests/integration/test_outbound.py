@@ -66,7 +66,7 @@ async def test_an_upstream_message_wakes_the_hibernated_object_with_its_socket(u
         _, second = await recorder.wait_for(lambda r: len(r.of("upstream")) == 2 and r.of("upstream"))
         # a new instance got the upstream's message on the same socket: its tags and attachment
         assert second[1:4] == ("news", ["upstream", "feed"], {"n": 1})
-        assert second[4] != first[4]
+        assert second[4] != first[4]  # another instance
         assert len(constructions(recorder, "r")) == 2
         assert upstream.received == ["hi"]
 
