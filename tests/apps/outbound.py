@@ -10,8 +10,8 @@ or ``{"error": "<ExceptionType>: message"}``. What the object's upstream sockets
 from __future__ import annotations
 
 import asyncio
-import json
 import itertools
+import json
 import socket
 from urllib.parse import urlsplit
 
@@ -21,7 +21,6 @@ import tornado.web
 import tornado.websocket
 
 from wsecho import App, DurableObject, Response, WebSocketPair, WebSocketRequestResponsePair
-
 
 #: Instances built so far: each records its serial (``id()`` of a freed instance may be reused).
 BUILT = itertools.count(1)
