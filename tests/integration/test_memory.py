@@ -302,6 +302,9 @@ def test_the_reading_is_the_cgroups_working_set_else_the_rss(tmp_path):
     (unit / "memory.stat").write_text("anon 5\ninactive_file 100000\n")
     assert MemoryReader(unit, proc).read() == MemoryReading(400000, 800000, "cgroup")
     assert MemoryReader(None, proc).read() == rss
+    # --workers 2, without a cgroup: each worker's percentages are of half the machine's memory
+    assert MemoryReader(None, proc, share=2).read() == MemoryReading(1000 * page, 1024 * 1024, "rss")
+    assert MemoryReader(unit, proc, share=2).read() == MemoryReading(400000, 800000, "cgroup")
     assert own_cgroup(fake_proc(tmp_path, "12:memory:/old\n"), root) is None  # cgroup v1 only
 
 

@@ -55,13 +55,18 @@ def own_cgroup(proc: Path = PROC, root: Path = CGROUP_ROOT) -> Path | None:
 
 
 class MemoryReader:
-    """Reads the server's memory use: its cgroup's (``cgroup``, a directory; None: the RSS)."""
+    """Reads the server's memory use: its cgroup's (``cgroup``, a directory; None: the RSS).
 
-    def __init__(self, cgroup: Path | None, proc: Path = PROC) -> None:
+    ``share``: how many processes share the machine's memory (``--workers N``): measured by
+    its RSS, each worker's percentage marks are of its share of the machine's memory (the
+    cgroup's reading is already all of them together)."""
+
+    def __init__(self, cgroup: Path | None, proc: Path = PROC, *, share: int = 1) -> None:
         self.cgroup = cgroup
         self._proc = proc
         self._page = os.sysconf("SC_PAGE_SIZE")
-        self._total = _mem_total(proc)
+        total = _mem_total(proc)
+        self._total = None if total is None else total // max(share, 1)
 
     def read(self) -> MemoryReading | None:
         """The current reading; None when nothing can be read (not Linux)."""
@@ -210,4 +215,4 @@ def memory_guard(runtime: Runtime, settings: Settings) -> MemoryGuard | None:
             msg = f"{where} has no memory.current: not a cgroup v2 directory (auto finds the process's own)"
             raise ConfigError("--memory-cgroup", msg)
     policy = PressurePolicy(settings.memory_high, settings.memory_low)
-    return MemoryGuard(runtime, MemoryReader(cgroup), policy)
+    return MemoryGuard(runtime, MemoryReader(cgroup, share=settings.workers), policy)
