@@ -49,8 +49,7 @@ PRIVATE_ALLOWED = {
     # The stack of the event loop's thread, for the blocked-loop warning (no public API).
     ("wsecho.runtime.watchdog", "_current_frames"),
     # os._exit is public despite its name: the second SIGTERM exits at once.
-    ("wsecho.serve.cli", "_exit"),
-    ("wsecho.serve.supervisor", "_exit"),
+    ("wsecho.serve.signals", "_exit"),
 }
 
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import resource
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -18,6 +17,7 @@ from wsecho.serve.appcode import load_app
 from wsecho.serve.config import Settings, config_failure, parse, settings_from
 from wsecho.serve.logs import LogSetup
 from wsecho.serve.sdnotify import Notifier
+from wsecho.serve.signals import until_stopped
 
 log = logging.getLogger("wsecho")
 
@@ -107,17 +107,6 @@ async def serve(
     for host, port in server.admin_addresses:
         scheme = "https" if server.tls is not None and settings.admin_tls else "http"
         log.info("admin listener on %s://%s:%d (/healthz /readyz /metrics /objects)", scheme, host, port)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals_seen: list[int] = []
-
-    def on_stop_signal(signum: int) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) > 1:
-            log.warning("second %s: exiting at once", signal.Signals(signum).name)
-            logging.shutdown()
-            os._exit(1)
-        stop.set()
 
     def on_hup() -> None:
         if logs is not None:
@@ -141,13 +130,10 @@ async def serve(
         if ignored:
             log.warning("SIGHUP: %s changed but only take effect after a restart", ", ".join(ignored))
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
+    first = await until_stopped(on_hup)
     log.info(
         "stopping (%s): closing %s with 1001, waiting up to %gs for the peers",
-        signal.Signals(signals_seen[0]).name,
+        first.name,
         counted(server.runtime.socket_count(), "WebSocket"),
         server.settings.drain_timeout,
     )

@@ -47,6 +47,7 @@ from wsecho.serve.mesh import (
 from wsecho.serve.metrics import merge_pages
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.server import STATUS_INTERVAL, backend_for, bind, start_admin, storage_label
+from wsecho.serve.signals import until_stopped
 
 log = logging.getLogger("wsecho")
 
@@ -363,18 +364,6 @@ async def supervise(
         )
     for host, port in supervisor.admin_addresses:
         log.info("admin listener on http://%s:%d (/healthz /readyz /metrics /objects)", host, port)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    seen: list[int] = []
-
-    def on_stop(signum: int) -> None:
-        seen.append(signum)
-        if len(seen) > 1:
-            log.warning("second %s: killing the workers and exiting at once", signal.Signals(signum).name)
-            supervisor.signal_workers(signal.SIGKILL)
-            logging.shutdown()
-            os._exit(1)
-        stop.set()
 
     def on_hup() -> None:
         if logs is not None:
@@ -385,15 +374,16 @@ async def supervise(
         supervisor.signal_workers(signal.SIGHUP)
         log.info("SIGHUP: passed to every worker")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
     status_task = asyncio.ensure_future(_status_loop(supervisor))
-    await stop.wait()
+    first = await until_stopped(
+        on_hup,
+        at_once="killing the workers and exiting at once",
+        before_exit=lambda: supervisor.signal_workers(signal.SIGKILL),
+    )
     status_task.cancel()
     log.info(
         "stopping (%s): each of %s closes its WebSockets with 1001 and commits",
-        signal.Signals(seen[0]).name,
+        first.name,
         counted(len(supervisor.workers), "worker"),
     )
     code = await supervisor.stop()
