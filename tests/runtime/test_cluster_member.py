@@ -27,6 +27,7 @@ class GrantingStore:
         self.released: list[int] = []
         self.beats = 0
         self.beat = asyncio.Event()
+        self.left: BaseException | bool = False
 
     async def create_schema(self):
         pass
@@ -43,7 +44,9 @@ class GrantingStore:
         self.released += slots
 
     async def leave(self):
-        pass
+        if isinstance(self.left, BaseException):
+            raise self.left
+        self.left = True
 
     async def close(self):
         self.closed = True
@@ -278,3 +281,47 @@ async def test_a_member_is_not_ready_until_it_has_held_every_slot_it_should_own(
     await m.round()
     assert m.ready()
     assert await m.wait_settled(timeout=5)
+
+
+@pytest.mark.gen_test
+async def test_draining_tells_the_lease_table_and_survives_a_table_that_cannot_answer():
+    m = member()
+    await m.round()
+    await m.drain()
+    assert m.store.left is True
+    m = member()
+    await m.round()
+    m.store.left = OSError("connection refused")
+    await m.drain()  # a clean stop goes on: the leases run out on their own
+    assert not m.ready()
+
+
+@pytest.mark.gen_test
+async def test_a_member_no_load_balancer_checks_gives_its_slots_up_until_checks_return(caplog):
+    now, probed = [100.0], [100.0]
+    lost = []
+    m = ClusterMember(
+        GrantingStore("M#0", ["N#0"]),
+        ttl=2.0,
+        clock=lambda: now[0],
+        on_lost=lambda slots, why: lost.append((sorted(slots), why)),
+        probed_at=lambda: probed[0],
+        probe_timeout=5.0,
+    )
+    with caplog.at_level(logging.INFO, logger="wsecho.cluster"):
+        await m.round()
+        mine = sorted(m.desired)
+        assert mine
+        assert caplog.messages[:1] == ["members: M#0, N#0 (2 serving members)"]
+        assert not any("load balancer" in line for line in caplog.messages)  # it did not start draining
+        now[0] += 6  # no check for longer than the probe timeout
+        await m.round()
+        assert lost == [(mine, "the slots moved to another member")]
+        assert m.desired == frozenset()
+        assert not m.ready()
+        assert "no load balancer has checked this process for 5s: giving its slots to the others" in caplog.messages
+        probed[0] = now[0]  # checks return
+        await m.round()
+        assert sorted(m.desired) == mine
+        assert m.ready()
+        assert "a load balancer checks this process again: taking a share of the slots" in caplog.messages
