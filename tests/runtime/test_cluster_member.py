@@ -10,6 +10,7 @@ import logging
 
 import pytest
 
+from tests.helpers import until
 from wsecho.core.leases import rendezvous_owner
 from wsecho.core.placement import SLOTS, slot_of
 from wsecho.runtime.cluster import ClusterMember, machine_of
@@ -306,7 +307,7 @@ async def test_a_member_no_load_balancer_checks_gives_its_slots_up_until_checks_
         clock=lambda: now[0],
         on_lost=lambda slots, why: lost.append((sorted(slots), why)),
         probed_at=lambda: probed[0],
-        probe_timeout=5.0,
+        probe_timeout=1.0,
     )
     with caplog.at_level(logging.INFO, logger="wsecho.cluster"):
         await m.round()
@@ -314,14 +315,75 @@ async def test_a_member_no_load_balancer_checks_gives_its_slots_up_until_checks_
         assert mine
         assert caplog.messages[:1] == ["members: M#0, N#0 (2 serving members)"]
         assert not any("load balancer" in line for line in caplog.messages)  # it did not start draining
-        now[0] += 6  # no check for longer than the probe timeout
+        now[0] += 1.5  # no check for longer than the probe timeout
         await m.round()
         assert lost == [(mine, "the slots moved to another member")]
         assert m.desired == frozenset()
         assert not m.ready()
-        assert "no load balancer has checked this process for 5s: giving its slots to the others" in caplog.messages
+        assert "no load balancer has checked this process for 1s: giving its slots to the others" in caplog.messages
         probed[0] = now[0]  # checks return
         await m.round()
         assert sorted(m.desired) == mine
         assert m.ready()
         assert "a load balancer checks this process again: taking a share of the slots" in caplog.messages
+
+
+class FailingStore(GrantingStore):
+    """A heartbeat that raises ``failure``, or never answers when it is "hang"."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.failure = None
+        self.forgotten = 0
+
+    async def heartbeat(self, ttl, draining):
+        if self.failure == "hang":
+            await asyncio.Event().wait()
+        if self.failure is not None:
+            raise self.failure
+        return await super().heartbeat(ttl, draining)
+
+    def forget_connection(self):
+        self.forgotten += 1
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_failing_or_silent_lease_table_is_recorded_logged_once_and_the_loop_goes_on(caplog):
+    store = FailingStore("M#0")
+    m = ClusterMember(store, ttl=0.3, clock=lambda: 100.0, on_lost=lambda *_: None)
+    await m.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="wsecho.cluster"):
+            store.failure = OSError("connection refused")
+            m.nudge()
+            await until(lambda: m.last_error == "connection refused", timeout=10)
+            assert not m.ready()
+            assert store.forgotten == 0
+            store.failure = "hang"  # a round is bounded by a third of the ttl
+            await until(lambda: m.last_error == "no answer within 0.1s", timeout=10)
+            assert store.forgotten >= 1  # the next round opens a new connection
+            store.failure = None
+            await until(lambda: m.last_error is None, timeout=10)
+            assert m.ready()
+        failures = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert failures == [
+            "cannot renew the slot leases: connection refused; slots are dropped as their proof runs out"
+        ]
+    finally:
+        await m.close()
+
+
+@pytest.mark.gen_test
+async def test_without_a_probe_timeout_or_a_probe_clock_a_member_never_counts_itself_unreachable():
+    for probed_at, probe_timeout in [(lambda: 0.0, 0.0), (None, 1.0)]:
+        m = ClusterMember(
+            GrantingStore("M#0"),
+            ttl=2.0,
+            clock=lambda: 100.0,  # a hundred seconds after the last check, if one counted
+            on_lost=lambda *_: None,
+            probed_at=probed_at,
+            probe_timeout=probe_timeout,
+        )
+        await m.round()
+        assert m.ready()
+        assert len(m.desired) == SLOTS
