@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from wsecho import App, DurableObject, Response, WebSocketPair
+from wsecho import App, DurableObject, InvalidStateError, Response, WebSocketPair
 
 
 class Store(DurableObject):
@@ -23,6 +23,16 @@ class Store(DurableObject):
         out = []
         for op, args, kwargs in steps:
             out.append(await getattr(self.ctx.storage, op)(*args, **kwargs))
+        return out
+
+    async def sql_calls(self):
+        """``ctx.storage.sql`` and ``transaction_sync()`` on this key-value class: what each raises."""
+        out = []
+        for call in (lambda: self.ctx.storage.sql, lambda: self.ctx.storage.transaction_sync(lambda: None)):
+            try:
+                call()
+            except InvalidStateError as exc:
+                out.append(str(exc))
         return out
 
     async def txn(self, writes, fail=False, rollback=False):

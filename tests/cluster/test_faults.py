@@ -48,19 +48,19 @@ class NetnsPostgres(PostgresServer):
         self.net = net
         self.port = 5432
 
-    def _run(self, *args: str, timeout: float = 60) -> None:
+    def _command(self, *args: str) -> list[str]:
         command = [str(self.bin / args[0]), *args[1:]]
-        command = self.net.command("pg", ["runuser", "-u", "postgres", "--", *command])
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.base, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip() or done.stdout.strip()}")
+        return self.net.command("pg", ["runuser", "-u", "postgres", "--", *command])
 
-    def start(self) -> NetnsPostgres:
+    def _listen(self) -> str:
+        return self.net.ip("pg")
+
+    def start(self, timeout: float = 30) -> NetnsPostgres:
         hba = self.data / "pg_hba.conf"
-        with hba.open("a") as f:
-            f.write(f"host all all {self.net.subnet} trust\n")
-        options = f"-p {self.port} -k {self.sockets} -c listen_addresses={self.net.ip('pg')} -c fsync=on"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.base / "log"), "-w", "start")
+        if self.net.subnet not in hba.read_text():
+            with hba.open("a") as f:
+                f.write(f"host all all {self.net.subnet} trust\n")
+        super().start(timeout)
         return self
 
     def url(self, database: str = "postgres", schema: str | None = None) -> str:

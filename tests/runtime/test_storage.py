@@ -101,6 +101,14 @@ async def test_values_round_trip(rt):
 
 
 @pytest.mark.gen_test
+async def test_sql_on_a_key_value_class_is_refused_naming_the_setting(rt):
+    assert await stub(rt).sql_calls() == [
+        'ctx.storage.sql needs SQL storage: set storage = "sql" on STORE\'s class',
+        'transaction_sync() needs SQL storage: set storage = "sql" on STORE\'s class',
+    ]
+
+
+@pytest.mark.gen_test
 async def test_get_put_delete_many(rt):
     s = stub(rt)
     assert await s.do("get", "missing") is None
