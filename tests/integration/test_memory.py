@@ -347,3 +347,37 @@ def test_a_memory_cgroup_that_is_not_one_is_refused(tmp_path):
 def test_help_shows_the_percentage_defaults():
     # argparse formats help with %: a bare "80%" in it made --help raise
     assert "(env WSECHO_MEMORY_HIGH; default 80%)" in " ".join(build_parser().format_help().split())
+
+
+@pytest.mark.gen_test
+async def test_a_mounted_app_is_bounded_like_the_standalone_server(tmp_path):
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.web
+
+    from wsecho.tornado import Mount
+
+    gate = asyncio.get_running_loop().create_future()
+    gate.set_result(None)
+    mount = Mount(memory_app(Recorder(), gate), data_dir=str(tmp_path / "d"), max_active_objects=1, memory_low="60%")
+    assert mount.memory is not None  # memory pressure is on by default, as in the standalone server
+    assert mount.memory.policy.marks(MemoryReading(0, 1000, "rss")) == (800, 600)
+    [listener] = tornado.netutil.bind_sockets(0, "127.0.0.1")
+    http = tornado.httpserver.HTTPServer(tornado.web.Application(mount.routes()))
+    http.add_sockets([listener])
+    await mount.start()
+    try:
+        port = listener.getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}/a/ws") as a, connect(f"ws://127.0.0.1:{port}/b/ws") as b:
+            assert await ask(a, "put k v1") == "a stored"
+            assert await ask(b, "hi") == "b hi"
+            assert mount.runtime.find("ROOMS", "a").lifecycle.state is HIBERNATING  # b made room
+            assert await ask(a, "get k") == "a v1"
+            # b's upgrade, a's put, b's hi and a's get: each woke its room and hibernated the other
+            assert mount.runtime.stats.evictions["limit"] == 4
+    finally:
+        http.stop()
+        await mount.stop()
+    assert Mount(memory_app(Recorder(), gate), data_dir=":memory:", memory_high="off").memory is None
+    with pytest.raises(ValueError, match=r"Mount\(memory_low=...\) must be a percentage .* got 'lots'"):
+        Mount(memory_app(Recorder(), gate), data_dir=":memory:", memory_low="lots")

@@ -69,13 +69,9 @@ class IdleIndex(Generic[K]):
 
     def oldest(self) -> K | None:
         """The key idle for the longest (the smallest ``since`` of any timeout), or None."""
-        oldest: K | None = None
-        oldest_since = 0.0
-        for queue in self._queues.values():
-            key, since = next(iter(queue.items()))
-            if oldest is None or since < oldest_since:
-                oldest, oldest_since = key, since
-        return oldest
+        heads = (next(iter(queue.items())) for queue in self._queues.values())
+        head = min(heads, key=lambda item: item[1], default=None)
+        return None if head is None else head[0]
 
     def pop_due(self, now: float) -> list[K]:
         """Remove and return every key idle for at least its timeout at ``now``, oldest first."""

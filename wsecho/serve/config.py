@@ -246,7 +246,7 @@ def _fanout_queue(text: str) -> int:
     raise ValueError(msg)
 
 
-def _memory_mark(text: str) -> Mark | None:
+def memory_mark(text: str) -> Mark | None:
     """A percentage (of the cgroup's memory.max, else of the machine's memory), bytes, or off."""
     value = text.strip().lower()
     if value in ("off", "0", "0%"):
@@ -608,7 +608,7 @@ OPTIONS = (
     ),
     Option(
         "--memory-high",
-        _memory_mark,
+        memory_mark,
         "80%",
         "high-water mark of memory use (a percentage of the cgroup's memory.max, else of the machine's memory, "
         "or bytes): above it, idle objects hibernate, least recently used first (off: never)",
@@ -616,7 +616,7 @@ OPTIONS = (
     ),
     Option(
         "--memory-low",
-        _memory_mark,
+        memory_mark,
         "70%",
         "low-water mark: how far memory-pressure eviction brings memory use down (like --memory-high)",
         "MARK",
@@ -945,7 +945,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
             raise ConfigError(source, str(exc)) from None
     check_ports_differ(values["host"], values["port"], values["admin_host"], values["admin_port"])
     check_tls(values["certfile"], values["keyfile"], values["admin_tls"])
-    check_memory_marks(values["memory_high"], values["memory_low"])
+    checkmemory_marks(values["memory_high"], values["memory_low"])
     if values["haproxy_runtime"] and not values["route_key"]:
         raise ConfigError("--haproxy-runtime", "needs --route-key: the part of a request HAProxy routes by")
     if values["cluster_secret"] and not values["cluster_address"] and values["host"] in WILDCARD_HOSTS:
@@ -977,7 +977,7 @@ def check_ports_differ(host: str, port: int, admin_host: str, admin_port: int | 
         raise ConfigError("--admin-port", msg)
 
 
-def check_memory_marks(high: Mark | None, low: Mark | None) -> None:
+def checkmemory_marks(high: Mark | None, low: Mark | None) -> None:
     """The low-water mark is below the high one when both are the same kind (a mixed pair is
     checked against each reading: a low mark above the high one counts as the high one)."""
     if high is not None and low is not None and high.percent == low.percent and low.value > high.value:

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsecho.core.errors import ConfigError
-from wsecho.core.memory import MemoryReading, PressurePolicy
+from wsecho.core.memory import Mark, MemoryReading, PressurePolicy
 from wsecho.core.wording import counted
 
 if TYPE_CHECKING:
     from wsecho.runtime.runtime import Runtime
-    from wsecho.serve.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +199,13 @@ class MemoryGuard:
             self._trim()
 
 
-def memory_guard(runtime: Runtime, settings: Settings) -> MemoryGuard | None:
-    """The guard that ``--memory-high``, ``--memory-low`` and ``--memory-cgroup`` ask for (None: off)."""
-    if settings.memory_high is None:
+def memory_guard(
+    runtime: Runtime, high: Mark | None, low: Mark | None, where: str = "auto", *, share: int = 1
+) -> MemoryGuard | None:
+    """The guard that ``--memory-high``, ``--memory-low`` and ``--memory-cgroup`` (``where``)
+    ask for (None: off); ``share``: the processes that share the machine (``--workers``)."""
+    if high is None:
         return None
-    where = settings.memory_cgroup
     if where == "auto":
         cgroup = own_cgroup()
     elif where == "off":
@@ -214,5 +215,4 @@ def memory_guard(runtime: Runtime, settings: Settings) -> MemoryGuard | None:
         if not (cgroup / "memory.current").is_file():
             msg = f"{where} has no memory.current: not a cgroup v2 directory (auto finds the process's own)"
             raise ConfigError("--memory-cgroup", msg)
-    policy = PressurePolicy(settings.memory_high, settings.memory_low)
-    return MemoryGuard(runtime, MemoryReader(cgroup, share=settings.workers), policy)
+    return MemoryGuard(runtime, MemoryReader(cgroup, share=share), PressurePolicy(high, low))

@@ -35,9 +35,12 @@ from wsecho.core import frames
 from wsecho.core.fanout import FanoutPolicy, Overflow
 from wsecho.core.handshake import HANDSHAKE_HEADERS, handshake_problem
 from wsecho.core.limits import Limits
+from wsecho.core.memory import Mark
 from wsecho.runtime.runtime import Runtime
+from wsecho.serve.config import memory_mark
 from wsecho.serve.connection import CutLog
 from wsecho.serve.gateway import CLIENT_ADDRESS_HEADER, log_unaccepted_101
+from wsecho.serve.memory import memory_guard
 from wsecho.serve.outbound import Dialer
 from wsecho.serve.server import Sweeper, backend_for, utc_now
 from wsecho.serve.takeover import peer_close_protocol, queued_bytes
@@ -75,6 +78,9 @@ class Mount:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utc_now,
         sweeper: bool = True,
+        max_active_objects: int = 0,
+        memory_high: str = "80%",
+        memory_low: str = "70%",
     ) -> None:
         if not prefix.startswith("/"):
             msg = f"Mount(prefix=...) must start with '/', got {prefix!r}"
@@ -87,10 +93,14 @@ class Mount:
             hibernate_after=hibernate_after,
             limits=limits,
             backend=backend if backend is not None else backend_for(data_dir),
+            max_active_objects=max_active_objects,
         )
         if self.runtime.dialer is None:
             self.runtime.set_dialer(Dialer(self.runtime))
-        self._sweeper = Sweeper(self.runtime) if sweeper else None
+        # The same bounds as the standalone server's --memory-high and --memory-low (decision 0010).
+        #: Memory-pressure eviction (None: memory_high="off"); the sweep checks it.
+        self.memory = memory_guard(self.runtime, _mark("memory_high", memory_high), _mark("memory_low", memory_low))
+        self._sweeper = Sweeper(self.runtime, self.memory) if sweeper else None
         #: Warnings about sockets a broadcast closed for reading too slowly, rate-limited.
         self.cut_log = CutLog()
 
@@ -115,6 +125,14 @@ class Mount:
         while self.runtime.socket_count() and loop.time() < deadline:
             await asyncio.sleep(0.02)
         await self.runtime.close()
+
+
+def _mark(name: str, text: str) -> Mark | None:
+    try:
+        return memory_mark(text)
+    except ValueError as exc:
+        msg = f"Mount({name}=...) {exc}"
+        raise ValueError(msg) from None
 
 
 def routes(mount: Mount) -> list[tuple[str, type[ObjectHandler], dict[str, Any]]]:

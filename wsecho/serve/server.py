@@ -271,7 +271,9 @@ class Server:
             )
         )
         #: Memory-pressure eviction (None: --memory-high off); the sweeper checks it.
-        self.memory = memory_guard(self.runtime, settings)
+        self.memory = memory_guard(
+            self.runtime, settings.memory_high, settings.memory_low, settings.memory_cgroup, share=settings.workers
+        )
         self.notifier = notifier if notifier is not None else Notifier(None)
         #: starting -> ready -> draining -> stopped (what /readyz reports).
         self.phase = "starting"
