@@ -97,6 +97,13 @@ async def test_an_object_calls_and_fetches_an_object_another_member_serves(postg
         # A WebSocket is not carried between members: the load balancer routes it.
         with pytest.raises(InvalidStatus, match="HTTP 503"):
             await connect(f"ws://127.0.0.1:{a.port}/room/{callee}")
+        # Counted on both sides (wsecho_peer_calls_total): the caller's "failed" are the two
+        # values the codec could not carry (echo_set's argument is refused before any call).
+        sent, answered = a.runtime.stats.snapshot().peer_calls, b.runtime.stats.snapshot().peer_calls
+        assert sent["out", "error"] == answered["in", "error"] >= 1  # fail()'s LookupError
+        assert sent["out", "ok"] == answered["in", "ok"] >= 2
+        assert answered["in", "refused"] == answered["in", "not_owner"] == 0
+        assert 'wsecho_peer_calls_total{direction="out",result="ok"}' in (await a.metrics_page()).decode()
     finally:
         await stop(a, b)
 
@@ -142,6 +149,9 @@ async def test_a_call_without_the_clusters_secret_is_refused_and_logged(postgres
         with pytest.raises(NotOwnerError, match="refused the call: refused: the call is not signed"):
             await stub(c, on_b).hit()
         assert caplog.text.count("refused a call from 127.0.0.1 to /.wsecho/call") == 1
+        assert a.runtime.stats.peer_calls["in", "refused"] == 1  # B's fetch (A has no secret)
+        assert b.runtime.stats.peer_calls["in", "refused"] == 3  # unsigned, malformed, C's
+        assert c.runtime.stats.peer_calls["out", "failed"] == 1
         assert "no signature (not our --cluster-secret)" in caplog.text
         assert "1 more like it" not in caplog.text  # the second is held back, counted in the next line
         assert SECRET not in caplog.text
@@ -169,6 +179,8 @@ async def test_a_call_reaches_the_new_owner_once_when_members_leave_and_join(pos
         await until(lambda: holds(b2, callee))
         hits, third = await asyncio.wait_for(stub(a, callee).hit(), 2 * TTL + 5)  # C answers "not owner" first
         assert (hits, third not in (first, second)) == (1, True)
+        assert c.runtime.stats.peer_calls["in", "not_owner"] >= 1
+        assert a.runtime.stats.peer_calls["out", "retry"] >= 1
         assert ROOM.id_from_name(callee) in {h.id for h in b2.runtime.hosts()}
     finally:
         await stop(a, b, c, b2)

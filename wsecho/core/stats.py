@@ -48,6 +48,16 @@ def close_code_bucket(code: int) -> tuple[str, str]:
     return "other", "other"
 
 
+#: Calls between cluster members (wsecho.serve.peers), by direction and result. Out: "ok", the
+#: callee's "error" raised in the caller, "failed" (no member served it, or it did not answer),
+#: and each "retry". In: "ok", "error", "not_owner" (the lease is not provable here) and
+#: "refused" (a wrong or missing signature, or a malformed call).
+PEER_CALL_RESULTS = (
+    *(("out", result) for result in ("ok", "error", "failed", "retry")),
+    *(("in", result) for result in ("ok", "error", "not_owner", "refused")),
+)
+
+
 #: Wake latency buckets in seconds: 50 µs to 1 s.
 WAKE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 
@@ -134,6 +144,8 @@ class Stats:
     quota_refusals: Counter[str] = attrs.field(factory=Counter)
     #: Code reloads (``--reload-code``, ``--reload``) by result: "ok" or "failed".
     code_reloads: Counter[str] = attrs.field(factory=Counter)
+    #: Calls between cluster members by (direction, result) (:data:`PEER_CALL_RESULTS`).
+    peer_calls: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     #: From an event's arrival at a hibernated object to the start of its handler.
     wake_latency: Histogram = attrs.field(factory=lambda: Histogram(WAKE_BUCKETS))
 
@@ -149,6 +161,7 @@ class Stats:
             evictions={reason: self.evictions[reason] for reason in EVICTION_REASONS},
             quota_refusals={which: self.quota_refusals[which] for which in ("object", "total")},
             code_reloads={result: self.code_reloads[result] for result in ("ok", "failed")},
+            peer_calls={key: self.peer_calls[key] for key in PEER_CALL_RESULTS},
             wake_latency=tuple(self.wake_latency.cumulative()),
             wake_latency_sum=self.wake_latency.total,
         )
@@ -181,6 +194,7 @@ class StatsSnapshot:
     evictions: dict[str, int]
     quota_refusals: dict[str, int]
     code_reloads: dict[str, int]
+    peer_calls: dict[tuple[str, str], int]
     #: ``[(upper bound, observations <= it), ..., ("+Inf", all)]``
     wake_latency: tuple[tuple[str, int], ...]
     wake_latency_sum: float

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from wsecho.core.lifecycle import ObjectState
+from wsecho.core.stats import PEER_CALL_RESULTS
 
 if TYPE_CHECKING:
     from wsecho.runtime.runtime import Runtime
@@ -134,6 +135,15 @@ class RuntimeCollector(Collector):
         for result, n in stats.code_reloads.items():
             reloads.add_metric([result], n)
         yield reloads
+        peers = CounterMetricFamily(
+            "wsecho_peer_calls",
+            "calls between cluster members (out: this member's objects calling another's; in: answered "
+            "for another member), by result",
+            labels=["direction", "result"],
+        )
+        for direction, result in PEER_CALL_RESULTS:
+            peers.add_metric([direction, result], stats.peer_calls[direction, result])
+        yield peers
 
         yield _counter("wsecho_storage_commits", "storage transactions committed", rt.committer.commits)
         yield _counter(

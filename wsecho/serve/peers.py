@@ -182,6 +182,14 @@ class PeerClient:
         self._idle.clear()
 
 
+class _CalleeError(Exception):
+    """The callee raised: its exception (rebuilt here), carried out of the retry loop."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class PeerChannel:
     """A cluster member's calls to objects other members serve, and its answers to theirs."""
 
@@ -215,6 +223,19 @@ class PeerChannel:
     async def send(self, expected: str, id: DurableObjectId, op: str, payload: list[Any]) -> Any:  # noqa: A002
         """Run ``op`` (``fetch`` or ``call``, the mesh's payload) on the member that holds
         ``id``'s lease (``expected``: the member that should, for messages); its answer."""
+        calls = self.runtime.stats.peer_calls
+        try:
+            answer = await self._send(expected, id, op, payload)
+        except _CalleeError as exc:
+            calls["out", "error"] += 1
+            raise exc.error from None
+        except NotOwnerError:
+            calls["out", "failed"] += 1
+            raise
+        calls["out", "ok"] += 1
+        return answer
+
+    async def _send(self, expected: str, id: DurableObjectId, op: str, payload: list[Any]) -> Any:  # noqa: A002
         slot = slot_of(id.hex)
         if self.secret is None:
             msg = (
@@ -236,6 +257,7 @@ class PeerChannel:
             if loop.time() + delay > deadline:
                 msg = f"{id!r} (slot {slot}): no member could serve it within {self.bound:g}s: {why}"
                 raise NotOwnerError(msg, id.hex)
+            self.runtime.stats.peer_calls["out", "retry"] += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
@@ -285,13 +307,19 @@ class PeerChannel:
             self._owners.pop(slot, None)
             return f"member {owner.name}: {answer['not_owner']}", None
         if "error" in answer:
-            raise error_from(answer["error"])
+            raise _CalleeError(error_from(answer["error"]))
         return "", (answer["ok"],)
 
     # -- the callee's side ------------------------------------------------------------------
 
     async def answer_http(self, path: str, headers: Any, body: bytes, client: str) -> tuple[int, bytes]:
         """A request under :data:`PREFIX` on the application listener (the gateway's hook)."""
+        status, answer = await self._answer_http(path, headers, body, client)
+        if status != 200:
+            self.runtime.stats.peer_calls["in", "refused"] += 1
+        return status, answer
+
+    async def _answer_http(self, path: str, headers: Any, body: bytes, client: str) -> tuple[int, bytes]:
         op = PATHS.get(path)
         if self.secret is None:
             self._refused.warn("refused a call from %s to %s: this member has no --cluster-secret", client, path)
@@ -311,7 +339,9 @@ class PeerChannel:
             return 400, f"a malformed call: {exc}".encode()
         if not (isinstance(payload, list) and len(payload) >= 4 and is_object_id(payload[1])):
             return 400, b"a malformed call: not [namespace, id, name, ...]"
-        return 200, codec.encode(await self.answer([op, payload]))
+        answer = await self.answer([op, payload])
+        self.runtime.stats.peer_calls["in", next(iter(answer))] += 1  # ok, error or not_owner
+        return 200, codec.encode(answer)
 
     async def answer(self, message: Any, *, forwarded: bool = False) -> dict[str, Any]:
         """Run ``[op, payload]`` on an object this member can prove the lease of; a sibling
