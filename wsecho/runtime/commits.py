@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from wsecho.backends.base import Backend
 from wsecho.core.batches import Batch
+
+log = logging.getLogger("wsecho.storage")
+
+#: With a total quota, a process re-reads the total of all processes (other workers and
+#: cluster members store into the same database) once it has committed 1/RECOUNT_SHARE of the
+#: quota since its last reading, and after every commit group that grows once it is within
+#: that much of the quota: together, N processes store at most (N - 1) x quota/RECOUNT_SHARE
+#: more than one process would (docs/operations.md, --max-storage).
+RECOUNT_SHARE = 64
 
 
 class GroupCommitter:
@@ -19,8 +29,17 @@ class GroupCommitter:
         #: How many backend commits ran, and how many batches they carried.
         self.commits = 0
         self.batches = 0
-        #: Bytes stored by all objects, as committed (read at start, then kept by each commit).
+        #: Bytes stored by all objects, as committed (read at start, then kept by each commit
+        #: and read again by each recount: other processes may share the database).
         self.stored_bytes = 0
+        #: The total quota (``--max-storage``) that recounts keep honest; None: no recounts.
+        self.quota: int | None = None
+        #: How many times the total was read again.
+        self.recounts = 0
+        #: Bytes this process's commits added since the total was last read.
+        self._grown = 0
+        self._recount = False
+        self._recount_failed = False
         #: The error of the last commit if it failed, None once a commit succeeds again.
         self.failure: BaseException | None = None
         #: Called with the failure when commits start failing, and with None when they recover.
@@ -40,7 +59,12 @@ class GroupCommitter:
 
     async def _drain(self) -> None:
         try:
-            while self._waiting:
+            while self._waiting or self._recount:
+                if self._recount:
+                    # Between two commit groups: no commit of this process runs during the
+                    # reading, so the total counts each of them exactly once.
+                    await self._read_total()
+                    continue
                 group, self._waiting = self._waiting, []
                 try:
                     changes = await self.backend.commit([batch for batches, _ in group for batch in batches])
@@ -53,7 +77,10 @@ class GroupCommitter:
                     self._health(None)
                     self.commits += 1
                     self.batches += sum(len(batches) for batches, _ in group)
-                    self.stored_bytes += sum(changes.values())
+                    growth = sum(changes.values())
+                    self.stored_bytes += growth
+                    if self.quota is not None and growth > 0:
+                        self._grew(self.quota, growth)
                     for batches, done in group:
                         # Each object's change goes to the first waiter with a batch of it.
                         share = sum(changes.pop(batch.object, 0) for batch in batches)
@@ -61,6 +88,32 @@ class GroupCommitter:
                             done.set_result(share)
         finally:
             self._task = None
+
+    def _grew(self, quota: int, growth: int) -> None:
+        share = max(quota // RECOUNT_SHARE, 1)
+        self._grown += growth
+        if self._grown >= share or self.stored_bytes + share > quota:
+            self._recount = True
+
+    def recount(self) -> None:
+        """Read again, between two commit groups and soon, what all processes store."""
+        self._recount = True
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+
+    async def _read_total(self) -> None:
+        self._recount = False
+        try:
+            total = await self.backend.usage(None)
+        except Exception as exc:  # noqa: BLE001 - the count stays as it was; the next recount tries again
+            if not self._recount_failed:
+                log.warning("could not read what all objects store (%s); the quota counts from the last reading", exc)
+            self._recount_failed = True
+            return
+        self._recount_failed = False
+        self.stored_bytes = total
+        self._grown = 0
+        self.recounts += 1
 
     def _health(self, failure: BaseException | None) -> None:
         was_failing = self.failure is not None

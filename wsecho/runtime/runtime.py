@@ -99,6 +99,9 @@ QUIESCE_POLL = 0.01
 STORAGE_PROBE_INTERVAL = 2.0
 #: At most one log line per this many seconds about the total storage quota.
 QUOTA_LOG_INTERVAL = 60.0
+#: Seconds between two sweeps that read again what all processes store, while this process
+#: is near the total quota or refused a write by it (other processes may have deleted data).
+STORAGE_RECOUNT_INTERVAL = 1.0
 #: At most one log line per this many seconds about objects built over --max-active-objects.
 OVER_LIMIT_LOG_INTERVAL = 60.0
 #: The storage key of the probe's row (no object's key: those are ``namespace:hex``).
@@ -203,6 +206,10 @@ class Runtime:
         #: Seconds between the writes that probe a failing storage.
         self.storage_probe_interval = STORAGE_PROBE_INTERVAL
         self._quota_logged_at = -QUOTA_LOG_INTERVAL
+        self.committer.quota = self.limits.storage_bytes
+        self._recounted_at = -STORAGE_RECOUNT_INTERVAL
+        #: Whether the total quota refused a write since the last periodic recount.
+        self._total_refused = False
         self.stats = Stats()
         #: During a code reload: the events that arrived, in order, to deliver after it.
         self._held: deque[tuple[ObjectHost, Event]] | None = None
@@ -473,6 +480,7 @@ class Runtime:
             now = self.clock()
         if now >= self._kept_awake_next:
             self._release_kept_awake(now)
+        self._recount_storage(now)
         evicted = 0
         for host in self._idle.pop_due(now):
             # An object that is busy again is re-indexed when it next becomes idle.
@@ -484,6 +492,17 @@ class Runtime:
             self.stats.evictions["idle"] += evicted
             log.info("hibernated %s (%d remain in memory)", counted(evicted, "idle object"), len(self._idle))
         return evicted
+
+    def _recount_storage(self, now: float) -> None:
+        """Other processes (workers, cluster members) on the same database store and delete
+        too: near the total quota, or once it refused a write, read the total again."""
+        quota = self.limits.storage_bytes
+        if quota is None or now < self._recounted_at + STORAGE_RECOUNT_INTERVAL:
+            return
+        self._recounted_at = now
+        if self._total_refused or self.committer.stored_bytes > quota - quota // 8:
+            self._total_refused = False
+            self.committer.recount()
 
     # -- code reload (docs/decisions/0009-reload-code.md) ---------------------------------
 
@@ -711,6 +730,8 @@ class Runtime:
     def quota_refused(self, which: str, message: str) -> None:
         """A put() was refused by the ``object`` or the ``total`` storage quota."""
         self.stats.quota_refusals[which] += 1
+        if which == "total":
+            self._total_refused = True
         now = self.clock()
         if which == "total" and now >= self._quota_logged_at + QUOTA_LOG_INTERVAL:
             # The operator's quota (the application gets the exception): said once a minute.
