@@ -1,6 +1,7 @@
 """The group committer: what each waiter is told, what it counts, and when it reports health."""
 
 import asyncio
+import logging
 
 import pytest
 
@@ -82,3 +83,70 @@ async def test_health_is_reported_when_commits_start_failing_and_when_they_recov
     backend.fail = False
     await committer.commit(put("A", "c"))
     assert [None if r is None else str(r) for r in reported] == ["disk on fire", None]
+
+
+@pytest.mark.gen_test
+async def test_with_a_quota_the_total_is_read_again_after_each_64th_of_it_is_committed():
+    backend = MemoryBackend()
+    committer = GroupCommitter(backend)
+    await committer.commit(put("A", "a", b"x" * 98))  # without a quota: never read again
+    assert (committer.stored_bytes, committer.recounts) == (99, 0)
+    committer.quota = 6400  # a 64th is 100 bytes
+    await committer.commit(put("B", "b", b"x" * 98))  # 99 since the last reading
+    assert (committer.stored_bytes, committer.recounts) == (198, 0)
+    await committer.commit(put("B", "b", b"x" * 99))  # 100: read again, after this group
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 1
+    await backend.commit([put("OTHER", "k", b"x" * 999)])  # 1000 bytes another process stored meanwhile
+    await committer.commit(put("B", "b", b"x" * 198))  # 99 since that reading
+    await asyncio.wait_for(committer.idle(), 5)
+    assert (committer.stored_bytes, committer.recounts) == (298, 1)
+    commits = committer.commits
+    committer.recount()  # asked for (the sweep, near the quota): the other process's bytes count
+    await asyncio.wait_for(committer.idle(), 5)
+    assert (committer.stored_bytes, committer.recounts) == (1298, 2)
+    assert committer.commits == commits  # a reading, not a commit
+    await committer.commit(put("B", "b", b"x" * 297))  # 99 since that reading: not yet
+    await committer.commit(put("B", "b", b"x" * 298))  # 100
+    await asyncio.wait_for(committer.idle(), 5)
+    assert (committer.stored_bytes, committer.recounts) == (1398, 3)
+
+
+@pytest.mark.gen_test
+async def test_under_64_bytes_of_quota_every_growing_commit_reads_the_total_again():
+    committer = GroupCommitter(MemoryBackend())
+    committer.quota = 100  # far from it, but a 64th of it is under 2 bytes
+    await committer.commit(put("A", "a", b""))  # 1 byte
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 1
+
+
+class FlakyUsage(MemoryBackend):
+    fail = False
+
+    async def usage(self, obj):
+        if self.fail:
+            raise StorageError("database gone")
+        return await super().usage(obj)
+
+
+@pytest.mark.gen_test
+async def test_a_failing_reading_of_the_total_keeps_the_count_and_is_logged_once_per_outage(caplog):
+    caplog.set_level(logging.WARNING, "wsecho.storage")
+    backend = FlakyUsage()
+    committer = GroupCommitter(backend)
+    await committer.commit(put("A", "a"))
+    backend.fail = True
+    for _ in range(2):
+        committer.recount()
+        await asyncio.wait_for(committer.idle(), 5)
+    assert (committer.stored_bytes, committer.recounts) == (2, 0)
+    assert caplog.text.count("could not read what all objects store (database gone)") == 1
+    backend.fail = False
+    committer.recount()
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 1
+    backend.fail = True  # a new outage: said again
+    committer.recount()
+    await asyncio.wait_for(committer.idle(), 5)
+    assert caplog.text.count("could not read what all objects store (database gone)") == 2
