@@ -121,6 +121,21 @@ async def test_under_64_bytes_of_quota_every_growing_commit_reads_the_total_agai
     assert committer.recounts == 1
 
 
+@pytest.mark.gen_test
+async def test_near_the_quota_only_a_commit_that_grows_reads_the_total_again():
+    committer = GroupCommitter(MemoryBackend())
+    committer.quota = 6400
+    await committer.commit(put("A", "a", b"x" * 6349))  # 6350 bytes, within a 64th of the quota
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 1
+    await committer.commit(put("A", "a", b"y" * 6349))  # the same size: nothing grew
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 1
+    await committer.commit(put("A", "a", b"y" * 6350))  # one byte more, within a 64th: read again
+    await asyncio.wait_for(committer.idle(), 5)
+    assert committer.recounts == 2
+
+
 class FlakyUsage(MemoryBackend):
     fail = False
 

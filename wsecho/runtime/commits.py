@@ -90,7 +90,7 @@ class GroupCommitter:
             self._task = None
 
     def _grew(self, quota: int, growth: int) -> None:
-        share = max(quota // RECOUNT_SHARE, 1)
+        share = quota // RECOUNT_SHARE  # 0 under 64 bytes of quota: every growing commit recounts
         self._grown += growth
         if self._grown >= share or self.stored_bytes + share > quota:
             self._recount = True
