@@ -76,6 +76,27 @@ Fence = Callable[[psycopg.AsyncConnection[Any], list[Batch]], Awaitable[None]]
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
+async def detached(coro: Awaitable[T]) -> T:
+    """Run ``coro`` (a handler's read) in a task of its own, awaited through a shield.
+
+    A task of its own: see :func:`in_task`. The shield: a turn cancelled while it waits (its
+    object reset, its slot's lease lost) must end at once, but psycopg answers a cancellation
+    by asking the server to cancel the query, which takes seconds when the server cannot be
+    reached; meanwhile the old instance's handler would still be running. The read finishes
+    in the background and gives its connection back to the pool."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a read nobody waits for any more: its error is not worth a log line
+
+
 async def in_task(coro: Awaitable[T]) -> T:
     """Run ``coro`` in a task of its own. A handler's first step runs outside any task
     (``DurableObject.eager_handlers``), and on Python 3.12+ the pool's waits (``asyncio.timeout``)
@@ -231,8 +252,9 @@ class PostgresBackend:
     # -- reads ---------------------------------------------------------------------------------
 
     async def read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
-        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
-            return await in_task(self.read(obj, keys))
+        return await detached(self._read(obj, keys))
+
+    async def _read(self, obj: str, keys: list[str]) -> dict[str, bytes]:
         async with self._connection("reading from") as conn:
             cur = await conn.execute(
                 "SELECT key, value FROM kv WHERE object = %s AND key = ANY(%s)",
@@ -248,8 +270,11 @@ class PostgresBackend:
         limit: int | None,
         reverse: bool,
     ) -> list[tuple[str, bytes]]:
-        if asyncio.current_task() is None:  # an eager handler's first step: see in_task()
-            return await in_task(self.scan(obj, start, end, limit, reverse))
+        return await detached(self._scan(obj, start, end, limit, reverse))
+
+    async def _scan(
+        self, obj: str, start: str | None, end: str | None, limit: int | None, reverse: bool
+    ) -> list[tuple[str, bytes]]:
         query, args = scan_query("%s", obj, start, end, limit, reverse, _utf8)
         async with self._connection("reading from") as conn:
             cur = await conn.execute(query.encode(), args)

@@ -1329,6 +1329,7 @@ class Runtime:
                 host.remove_socket(link)
             self.stats.evictions["lease"] += 1
             if host.lifecycle.state is not ObjectState.HIBERNATING:
+                current = host.lifecycle.current
                 host.reset_reason = why
                 if host.storage is not None:
                     host.storage.discard_pending()
@@ -1339,6 +1340,8 @@ class Runtime:
                     task.cancel()
                 host.turn_task = None
                 self._run(host, host.lifecycle.reset(self.clock()))
+                if isinstance(current, CallEvent):  # its caller is told, as for the queued ones
+                    current.dropped(f"{host.cls.__name__} {host.id}: {why}")
             if self._hosts.get(host.id) is host:
                 del self._hosts[host.id]
         if victims:
