@@ -922,6 +922,11 @@ class Runtime:
             why,
             counted(len(host.sockets), "WebSocket"),
         )
+        self._drop_instance(host, why)
+
+    def _drop_instance(self, host: ObjectHost, why: str) -> None:
+        """Reset ``host`` now (``ctx.abort()``, a failed commit, a lost slot): its pending writes,
+        held outputs, running turn, instance and queued events go."""
         host.reset_reason = why
         current = host.lifecycle.current
         if host.storage is not None:
@@ -935,7 +940,7 @@ class Runtime:
         self._run(host, host.lifecycle.reset(self.clock()))
         if isinstance(current, CallEvent):
             # The event in hand when the object was reset (an RPC that called ctx.abort(),
-            # a fetch whose commit failed): its caller gets the reset, not silence.
+            # a fetch whose commit failed, a lost slot): its caller gets the reset, not silence.
             current.dropped(f"{host.cls.__name__} {host.id} was reset: {why}")
 
     # -- socket events from the server glue ---------------------------------------------
@@ -1329,19 +1334,7 @@ class Runtime:
                 host.remove_socket(link)
             self.stats.evictions["lease"] += 1
             if host.lifecycle.state is not ObjectState.HIBERNATING:
-                current = host.lifecycle.current
-                host.reset_reason = why
-                if host.storage is not None:
-                    host.storage.discard_pending()
-                host.gate = None
-                host.turn_hold = False
-                task = host.turn_task
-                if task is not None and task is not asyncio.current_task():
-                    task.cancel()
-                host.turn_task = None
-                self._run(host, host.lifecycle.reset(self.clock()))
-                if isinstance(current, CallEvent):  # its caller is told, as for the queued ones
-                    current.dropped(f"{host.cls.__name__} {host.id}: {why}")
+                self._drop_instance(host, why)
             if self._hosts.get(host.id) is host:
                 del self._hosts[host.id]
         if victims:
