@@ -390,11 +390,8 @@ class Runtime:
 
     def submit(self, host: ObjectHost, event: Event) -> None:
         """Hand ``event`` to its object: wake it if needed, deliver in arrival order."""
-        if self._guard is not None and not self._guard(host.id.hex):
-            # A cluster member that cannot prove the lease of the object's slot does nothing for it.
-            why = f"this process no longer holds the lease of slot {slot_of(host.id.hex)}"
+        if self._guard is not None and (why := self._lease_lost(host)) is not None:
             event.dropped(why)
-            self.drop_slots({slot_of(host.id.hex)}, why)
             return
         if self._held is not None and CURRENT_OWNER.get() is None:
             # A code reload is under way: no new turn starts (except those a running turn
@@ -405,6 +402,28 @@ class Runtime:
             self._run(host, self._deliver(host, event))
         else:
             self._run(host, host.lifecycle.event_arrived(event, self.clock()))
+
+    def _lease_lost(self, host: ObjectHost) -> str | None:
+        """Why this process may no longer act for ``host`` (a cluster member that cannot prove
+        the lease of its slot: the database is unreachable, or the process was paused past the
+        lease), after dropping the slot's objects; None while it may act."""
+        guard = self._guard
+        if guard is None or guard(host.id.hex):
+            return None
+        why = f"this process no longer holds the lease of slot {slot_of(host.id.hex)}"
+        self.drop_slots({slot_of(host.id.hex)}, why)
+        return why
+
+    def _resume_check(self, host: ObjectHost) -> Callable[[], str | None] | None:
+        """What a suspended turn of ``host`` asks before each step (None: nothing to ask)."""
+        if self._guard is None:
+            return None
+
+        def check() -> str | None:
+            why = self._lease_lost(host)
+            return None if why is None else f"{host.cls.__name__} {host.id} was reset: {why}"
+
+        return check
 
     def hibernate(self, host: ObjectHost) -> None:
         """Hibernate ``host`` now (like a sweep would, for this object only).
@@ -1091,6 +1110,8 @@ class Runtime:
             kind = type(effect)
             # The two effects of every message first: they decide the throughput.
             if kind is Deliver:
+                if self._guard is not None and self._lease_lost(host) is not None:
+                    return  # the next queued event, after the lease ran out: the slot was dropped
                 if host.wake_started is not None:
                     self.stats.wake_latency.observe(self.clock() - host.wake_started)
                     host.wake_started = None
@@ -1210,7 +1231,9 @@ class Runtime:
                     suspended_on = result.send(None)
                 except StopIteration as done:
                     return self._complete(host, event, done.value, None, started)
-                result = _resume(result, suspended_on)
+                result = _resume(result, suspended_on, self._resume_check(host))
+            elif type(result) is _CoroutineType and self._guard is not None:
+                result = _started(result, self._resume_check(host))
             if inspect.isawaitable(result):
                 # The task copies this context, so the handler's awaits stay "inside" the object.
                 host.turn_task = task = asyncio.ensure_future(self._finish_turn(host, event, result, started))
@@ -1385,11 +1408,18 @@ _CoroutineType = types.CoroutineType
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, Any, T]:
+def _resume(
+    coro: Coroutine[Any, Any, T], suspended_on: Any, check: Callable[[], str | None] | None = None
+) -> Generator[Any, Any, T]:
     """Continue, inside a task, a coroutine whose first step already ran and yielded ``suspended_on``.
 
     The task drives this generator exactly as it would drive the coroutine: what the
     coroutine yields goes up to the task, what the task sends or throws goes down.
+
+    ``check`` (a cluster member's lease, see :meth:`Runtime._lease_lost`) is asked before every
+    step: a message means the object may no longer act here, and the coroutine gets
+    ``ObjectResetError`` with it at the await it is suspended in, instead of what it waited for. A
+    process paused past its lease resumes a handler only to unwind it.
     """
     while True:
         try:
@@ -1400,10 +1430,22 @@ def _resume(coro: Coroutine[Any, Any, T], suspended_on: Any) -> Generator[Any, A
             except StopIteration as done:
                 return cast(T, done.value)
         else:
+            why = None if check is None else check()
             try:
-                suspended_on = coro.send(value)
+                suspended_on = coro.send(value) if why is None else coro.throw(ObjectResetError(why))
             except StopIteration as done:
                 return cast(T, done.value)
+
+
+@types.coroutine
+def _started(coro: Coroutine[Any, Any, T], check: Callable[[], str | None] | None) -> Generator[Any, Any, T]:
+    """Run ``coro`` from its first step inside the task (a class without ``eager_handlers``),
+    then as :func:`_resume` does."""
+    try:
+        suspended_on = coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    return (yield from _resume(coro, suspended_on, check))
 
 
 async def _nothing() -> None:

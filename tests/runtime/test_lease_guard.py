@@ -1,0 +1,134 @@
+"""A cluster member acts for an object only while it can prove the lease of its slot
+(docs/scaling-out.md, "Proof before acting"), also inside a turn that was already running: a
+process paused past its lease (SIGSTOP, a long GC or VM pause) resumes a suspended handler
+only to unwind it, and delivers nothing more that was queued."""
+
+import asyncio
+
+import pytest
+
+from tests.helpers import until
+from wsecho import App, DurableObject, Response
+from wsecho.core.errors import NotOwnerError, ObjectResetError
+from wsecho.core.placement import slot_of
+from wsecho.runtime.runtime import Runtime
+from wsecho.testing import FakeClock
+
+
+class Lease:
+    """An Ownership whose one lease the test takes away (as the proof running out would)."""
+
+    def __init__(self) -> None:
+        self.held = True
+
+    def is_local(self, hex_id: str) -> bool:
+        return self.held
+
+    def owner(self, hex_id: str) -> None:
+        return None
+
+
+class Worker(DurableObject):
+    def __init__(self, ctx, env):
+        super().__init__(ctx, env)
+        self.seen = env.SEEN
+
+    async def wait(self):
+        self.seen.append("wait started")
+        try:
+            await self.env.GATE
+        except ObjectResetError as exc:
+            self.seen.append(f"unwound: {exc}")
+            raise
+        self.seen.append("went on after the await")
+        return "not this"
+
+    async def lose_then_return(self):
+        """The sync tail of a turn during which the lease ran out (a pause there)."""
+        self.seen.append("lose_then_return")
+        self.env.LEASE.held = False
+        return "done"
+
+    async def count(self):
+        self.seen.append("count")
+        return len(self.seen)
+
+
+class LazyWorker(Worker):
+    eager_handlers = False
+
+
+async def route(request, env):
+    return Response("no")
+
+
+@pytest.fixture
+def make_runtime(io_loop):
+    made = []
+
+    async def make(cls):
+        lease, seen = Lease(), []
+        gate = asyncio.get_running_loop().create_future()
+        clock = FakeClock()
+        runtime = Runtime(
+            App(fetch=route, bindings={"W": cls}, vars={"GATE": gate, "SEEN": seen, "LEASE": lease}),
+            clock=clock.monotonic,
+            wall_clock=clock.now,
+            placement=lease,
+            guard_events=True,
+        )
+        await runtime.start()
+        made.append((runtime, gate))
+        return runtime, lease, gate, seen
+
+    yield make
+    for runtime, gate in made:
+        gate.cancel()
+        io_loop.run_sync(runtime.close)
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("cls", [Worker, LazyWorker])
+async def test_a_handler_suspended_when_the_lease_runs_out_is_resumed_only_to_unwind(make_runtime, cls):
+    runtime, lease, gate, seen = await make_runtime(cls)
+    call = asyncio.ensure_future(runtime.env.W.get_by_name("a").wait())
+    await until(lambda: seen == ["wait started"])
+    host = runtime.find("W", "a")
+    lease.held = False  # the proof ran out while the handler waited (the process was paused)
+    gate.set_result(None)  # what it waited for arrives as the process resumes
+    with pytest.raises(ObjectResetError, match="no longer holds the lease of slot"):
+        await asyncio.wait_for(call, 10)
+    assert seen[1:] == [
+        f"unwound: {cls.__name__} {host.id} was reset: this process no longer holds the lease of slot {slot_of(host.id.hex)}"
+    ]
+    assert runtime.find("W", "a") is None  # the slot's objects were dropped
+    assert runtime.stats.evictions["lease"] == 1
+
+
+@pytest.mark.gen_test
+async def test_an_event_queued_behind_a_turn_during_which_the_lease_ran_out_is_not_delivered(make_runtime):
+    runtime, lease, gate, seen = await make_runtime(Worker)
+    stub = runtime.env.W.get_by_name("a")
+    first = asyncio.ensure_future(stub.wait())
+    await until(lambda: seen == ["wait started"])
+    second = asyncio.ensure_future(stub.lose_then_return())
+    third = asyncio.ensure_future(stub.count())
+    await until(lambda: len(runtime.find("W", "a").lifecycle.queue) == 2)
+    gate.set_result(None)  # the first turn ends normally; the second ends after losing the lease
+    assert await asyncio.wait_for(first, 10) == "not this"
+    assert await asyncio.wait_for(second, 10) == "done"
+    with pytest.raises(ObjectResetError, match="no longer holds the lease of slot"):
+        await asyncio.wait_for(third, 10)
+    assert seen == ["wait started", "went on after the await", "lose_then_return"]
+    with pytest.raises(NotOwnerError):
+        await stub.count()  # and nothing new reaches it here
+
+
+@pytest.mark.gen_test
+async def test_while_the_lease_holds_a_suspended_handler_goes_on(make_runtime):
+    runtime, lease, gate, seen = await make_runtime(LazyWorker)
+    call = asyncio.ensure_future(runtime.env.W.get_by_name("a").wait())
+    await until(lambda: seen == ["wait started"])
+    gate.set_result(None)
+    assert await asyncio.wait_for(call, 10) == "not this"
+    assert seen == ["wait started", "went on after the await"]
