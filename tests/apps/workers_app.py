@@ -6,9 +6,13 @@
 ``/rpc/FROM/TO`` makes FROM call TO's methods and reports what came back.
 
 With ``WSECHO_TEST_PROBE_LOG`` set, every constructor run (``ctor NAME PID T INSTANCE``) and
-every turn (``turn NAME PID START END INSTANCE``, monotonic seconds, comparable across
-processes and network namespaces; INSTANCE is random per constructor run) is appended to
-that file, one line each (O_APPEND: lines of several processes do not mix).
+every turn (``turn NAME PID START END INSTANCE ACTED``) is appended to that file, one line
+each (O_APPEND: lines of several processes do not mix). Times are monotonic seconds,
+comparable across processes and network namespaces; INSTANCE is random per constructor run.
+ACTED is the last time the runtime gave the turn control to go on: its start, or an await
+that returned. A turn that the runtime unwinds (``ObjectResetError`` at an await) acted last
+before that await; what runs after ACTED without an await is a turn's synchronous rest,
+which a process paused in the middle of it runs when it resumes, whatever its runtime does.
 """
 
 import json
@@ -39,31 +43,34 @@ class Room(DurableObject):
         record("ctor", ctx.id.name, os.getpid(), time.monotonic(), self.instance)
 
     async def fetch(self, request):
-        start = time.monotonic()
+        start = acted = time.monotonic()
         try:
             if (request.headers.get("Upgrade") or "").lower() == "websocket":
                 client, server = WebSocketPair()
                 self.ctx.accept_web_socket(server)
                 return Response(status=101, web_socket=client)
             count = await self.ctx.storage.get("count") or 0
+            acted = time.monotonic()
             name = self.ctx.id.name
             return Response(f"{name} {os.getpid()} {count} {len(self.ctx.get_web_sockets())}")
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance)
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance, acted)
 
     async def web_socket_message(self, ws, message):
-        start = time.monotonic()
+        start = acted = time.monotonic()
         try:
             if message == "pid":
                 ws.send(f"pid {os.getpid()}")
             elif message == "inc":
                 n = (await self.ctx.storage.get("count") or 0) + 1
+                acted = time.monotonic()
                 await self.ctx.storage.put("count", n)
+                acted = time.monotonic()
                 ws.send(f"ack {n}")
             else:
                 ws.send(message)
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance)
+            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance, acted)
 
     # RPC methods
     def add(self, numbers, blob=b""):

@@ -2,9 +2,12 @@
 probe lines) and what the clients saw (tests/cluster/driver.py's history) and says what went
 wrong, if anything:
 
-- two activations of one object that overlap in time (an instance ran a turn after another
-  instance of the same object was constructed, or two instances were constructed while both
-  were live);
+- two activations of one object that overlap in time: an instance acted (a turn started, or
+  went on after an await) after another instance of the same object was constructed. What a
+  turn runs after that without an await is not counted: a process paused in the middle of a
+  turn's synchronous code runs the rest of it when it resumes, and no runtime can stop that
+  (its writes are fenced and what it sends waits for them: the acknowledgements below show
+  whether any of it got out);
 - an acknowledged write that was lost (a later acknowledgement of the same room with a
   count not above every earlier one);
 - a room that was not served again within the bound after a fault.
@@ -25,11 +28,14 @@ class Activation:
     instance: str
     pid: int
     built: float
-    last_turn_end: float
+    #: The last time one of its turns acted: started, or went on after an await.
+    last_acted: float
+    #: That turn's start and end.
+    turn: tuple[float, float] = (0.0, 0.0)
 
 
 def activations(probe_lines: Iterable[str]) -> dict[str, list[Activation]]:
-    """Every instance of every object: when it was built and when its last turn ended."""
+    """Every instance of every object: when it was built and when it last acted."""
     found: dict[tuple[str, str], Activation] = {}
     for line in probe_lines:
         parts = line.split()
@@ -39,10 +45,11 @@ def activations(probe_lines: Iterable[str]) -> dict[str, list[Activation]]:
             _, name, pid, at, instance = parts
             found[(name, instance)] = Activation(name, instance, int(pid), float(at), float(at))
         elif parts[0] == "turn":
-            _, name, _pid, _start, end, instance = parts
+            _, name, _pid, start, end, instance, acted = parts
             act = found.get((name, instance))
-            if act is not None:
-                act.last_turn_end = max(act.last_turn_end, float(end))
+            if act is not None and float(acted) > act.last_acted:
+                act.last_acted = float(acted)
+                act.turn = (float(start), float(end))
     by_object: dict[str, list[Activation]] = defaultdict(list)
     for act in found.values():
         by_object[act.name].append(act)
@@ -52,15 +59,16 @@ def activations(probe_lines: Iterable[str]) -> dict[str, list[Activation]]:
 
 
 def overlaps(by_object: dict[str, list[Activation]]) -> list[str]:
-    """Two activations of one object live at once: the earlier ran a turn after the later was built."""
+    """Two activations of one object live at once: the earlier acted after the later was built."""
     problems = []
     for name, acts in sorted(by_object.items()):
         for earlier, later in itertools.pairwise(acts):
-            if earlier.last_turn_end > later.built:
+            if earlier.last_acted > later.built:
+                start, end = earlier.turn
                 problems.append(
-                    f"{name}: instance {earlier.instance} (pid {earlier.pid}) ran a turn until "
-                    f"{earlier.last_turn_end:.3f}, after instance {later.instance} (pid {later.pid}) "
-                    f"was built at {later.built:.3f}"
+                    f"{name}: instance {earlier.instance} (pid {earlier.pid}) acted at "
+                    f"{earlier.last_acted:.3f} (a turn from {start:.3f} to {end:.3f}), after instance "
+                    f"{later.instance} (pid {later.pid}) was built at {later.built:.3f}"
                 )
     return problems
 

@@ -6,18 +6,37 @@ from tests.cluster.history import acks, activations, lost_writes, overlaps, reco
 def test_an_instance_running_after_another_was_built_is_an_overlap():
     probe = [
         "ctor r 10 1.0 aaaa",
-        "turn r 10 1.1 1.2 aaaa",
+        "turn r 10 1.1 1.2 aaaa 1.1",
         "ctor r 20 2.0 bbbb",
-        "turn r 20 2.1 2.2 bbbb",
-        "turn r 10 2.5 2.6 aaaa",  # the old instance woke up and acted
+        "turn r 20 2.1 2.2 bbbb 2.1",
+        "turn r 10 2.5 2.6 aaaa 2.5",  # the old instance woke up and acted
     ]
     problems = overlaps(activations(probe))
-    assert len(problems) == 1
-    assert "instance aaaa (pid 10) ran a turn until 2.600, after instance bbbb (pid 20)" in problems[0]
+    assert problems == [
+        "r: instance aaaa (pid 10) acted at 2.500 (a turn from 2.500 to 2.600), after instance bbbb (pid 20) "
+        "was built at 2.000"
+    ]
+
+
+def test_a_turn_that_went_on_after_an_await_once_another_was_built_is_an_overlap():
+    probe = ["ctor r 10 1.0 a", "turn r 10 1.9 2.6 a 2.4", "ctor r 20 2.0 b"]
+    assert len(overlaps(activations(probe))) == 1
 
 
 def test_handing_over_after_the_last_turn_is_fine():
-    probe = ["ctor r 10 1.0 a", "turn r 10 1.1 1.9 a", "ctor r 20 2.0 b", "turn r 20 2.1 2.2 b", "ctor s 10 1 c"]
+    probe = [
+        "ctor r 10 1.0 a",
+        "turn r 10 1.1 1.9 a 1.5",
+        "ctor r 20 2.0 b",
+        "turn r 20 2.1 2.2 b 2.1",
+        "ctor s 10 1 c",
+    ]
+    assert overlaps(activations(probe)) == []
+
+
+def test_the_rest_of_a_turn_that_last_acted_before_the_other_was_built_is_not_an_overlap():
+    # Paused in its synchronous code (or unwound at its await) until after the other was built.
+    probe = ["ctor r 10 1.0 a", "turn r 10 1.9 5.6 a 1.95", "ctor r 20 2.0 b"]
     assert overlaps(activations(probe)) == []
 
 
