@@ -449,8 +449,7 @@ class Runtime:
         of its own), else the moment it is (see ``_became_idle``)."""
         if host.awake_until is not None:
             self._stop_keeping_awake(host)
-        lc = host.lifecycle
-        if lc.state is ObjectState.ACTIVE and lc.hibernation_blocker() is None and not host.blockers:
+        if self.hibernation_blocker(host) is None:
             self.hibernate(host)
         else:
             host.hibernate_soon = True
@@ -503,7 +502,7 @@ class Runtime:
         evicted = 0
         for host in self._idle.pop_due(now):
             # An object that is busy again is re-indexed when it next becomes idle.
-            if host.lifecycle.hibernation_blocker() is not None:
+            if self.hibernation_blocker(host) is not None:
                 continue
             self._run(host, host.lifecycle.evict(now))
             evicted += 1
@@ -561,7 +560,7 @@ class Runtime:
         for host in list(self._hosts.values()):
             if host.lifecycle.state is ObjectState.HIBERNATING:
                 continue
-            if host.lifecycle.hibernation_blocker() is None and not host.blockers:
+            if self.hibernation_blocker(host) is None:
                 self.hibernate(host)
             else:
                 awake.append(host)
@@ -672,19 +671,25 @@ class Runtime:
         # that is busy again leaves it here; it comes back when its turn ends (_became_idle).
         idle = self._idle
         while (host := idle.oldest()) is not None:
-            if self.eviction_blocker(host) is None:
+            if self.hibernation_blocker(host) is None:
                 return host
             idle.discard(host)
         for host in self._kept_awake:
-            if self.eviction_blocker(host) is None:
+            if self.hibernation_blocker(host) is None:
                 return host
         return None
 
-    def eviction_blocker(self, host: ObjectHost) -> str | None:
-        """Why ``host`` may not be hibernated now (None: it may), as /objects shows it."""
+    def hibernation_blocker(self, host: ObjectHost) -> str | None:
+        """Why ``host`` may not be hibernated now (None: it may). The one answer for the sweep,
+        ``ctx.hibernate_now()``, a code reload, least-recently-used and memory eviction, and
+        ``/objects``: the object's own state (an event handled or queued, a pin such as a
+        non-hibernatable socket or ``wait_until`` work) and what only the runtime knows
+        (``block_concurrency_while()`` work, a turn whose writes are being committed)."""
         lc = host.lifecycle
-        if lc.state is ObjectState.WAKING and host.blockers:
-            return "block_concurrency_while() in its constructor is running"
+        if host.blockers:
+            if lc.state is ObjectState.WAKING:
+                return "block_concurrency_while() in its constructor is running"
+            return "block_concurrency_while() is running"
         current = lc.current
         if type(current) is BlockEvent:
             return "block_concurrency_while() is running"

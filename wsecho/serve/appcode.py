@@ -274,7 +274,7 @@ class CodeReloader:
             counted(held, "event"),
         )
         if awake:
-            reasons = sorted({h.lifecycle.hibernation_blocker() or "a turn still runs" for h in awake})
+            reasons = sorted({runtime.hibernation_blocker(h) or "a turn still runs" for h in awake})
             log.warning(
                 "%s could not hibernate within %gs (%s): each keeps the previous code until it next hibernates",
                 counted(len(awake), "object"),

@@ -591,7 +591,7 @@ class Server:
         for host in itertools.islice(selected, limit):
             lc = host.lifecycle
             in_memory = lc.state is not ObjectState.HIBERNATING
-            blocker = self.runtime.eviction_blocker(host) if in_memory else None
+            blocker = self.runtime.hibernation_blocker(host) if in_memory else None
             awake_until = host.awake_until
             listed.append(
                 {
