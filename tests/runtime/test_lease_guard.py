@@ -71,7 +71,11 @@ def make_runtime(io_loop):
         gate = asyncio.get_running_loop().create_future()
         clock = FakeClock()
         runtime = Runtime(
-            App(fetch=route, bindings={"W": cls}, vars={"GATE": gate, "SEEN": seen, "LEASE": lease}),
+            App(
+                fetch=route,
+                bindings={"W": cls},
+                vars={"GATE": gate, "SEEN": seen, "LEASE": lease, "OTHER": asyncio.get_running_loop().create_future()},
+            ),
             clock=clock.monotonic,
             wall_clock=clock.now,
             placement=lease,
@@ -132,3 +136,39 @@ async def test_while_the_lease_holds_a_suspended_handler_goes_on(make_runtime):
     gate.set_result(None)
     assert await asyncio.wait_for(call, 10) == "not this"
     assert seen == ["wait started", "went on after the await"]
+
+
+class Background(Worker):
+    async def start_background(self):
+        async def later():
+            self.seen.append("background waiting")
+            try:
+                await asyncio.shield(self.env.GATE)  # the gate stays usable for the test
+            except asyncio.CancelledError:
+                self.seen.append("background cancelled")
+                raise
+            self.seen.append("background went on")
+
+        self.ctx.wait_until(later())
+        self.ctx.wait_until(self.env.OTHER)  # someone else's future: only waited for
+        return "started"
+
+
+@pytest.mark.gen_test
+@pytest.mark.parametrize("how", ["lease", "abort"])
+async def test_the_wait_until_work_of_a_dropped_instance_goes_with_it(make_runtime, how):
+    runtime, lease, gate, seen = await make_runtime(Background)
+    other = runtime.env.OTHER
+    stub = runtime.env.W.get_by_name("a")
+    assert await stub.start_background() == "started"
+    await until(lambda: "background waiting" in seen)
+    host = runtime.find("W", "a")
+    if how == "lease":
+        runtime.drop_slots({slot_of(host.id.hex)}, "their lease could not be renewed in time")
+    else:
+        runtime.abort(host, "asked to")
+    await until(lambda: "background cancelled" in seen)
+    gate.set_result(None)
+    await asyncio.sleep(0)
+    assert "background went on" not in seen
+    assert not other.cancelled()  # a future the instance did not make is left alone

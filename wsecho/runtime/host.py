@@ -335,8 +335,10 @@ class ObjectHost:
     turn_task: asyncio.Future[Any] | None = None
     #: block_concurrency_while() work started by the constructor; the wake ends with it.
     blockers: set[asyncio.Future[Any]] = attrs.field(factory=set)
-    #: wait_until() work, kept referenced until done.
+    #: wait_until() work and commits outside a turn, kept referenced until done.
     background: set[asyncio.Future[Any]] = attrs.field(factory=set)
+    #: The tasks wait_until() made of the instance's coroutines: they go with the instance.
+    own_work: set[asyncio.Future[Any]] = attrs.field(factory=set)
     #: Why the object was last reset, for the log line about dropped events.
     reset_reason: str = ""
     #: ``ctx.storage`` of the current instance (its cache goes when the object hibernates).

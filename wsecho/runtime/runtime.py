@@ -916,11 +916,14 @@ class Runtime:
             raise InvalidArgumentError(msg)
         task = asyncio.ensure_future(aw)
         host.background.add(task)
+        if task is not aw:  # made here of the instance's coroutine, not someone else's future
+            host.own_work.add(task)
         host.lifecycle.pin(PIN_WAIT_UNTIL)
         self._idle.discard(host)
 
         def done(t: asyncio.Future[Any]) -> None:
             host.background.discard(t)
+            host.own_work.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 self.stats.handler_errors["wait_until"] += 1
                 log.error("wait_until() work of %s %s raised", host.cls.__name__, host.id, exc_info=t.exception())
@@ -950,7 +953,7 @@ class Runtime:
 
     def _drop_instance(self, host: ObjectHost, why: str) -> None:
         """Reset ``host`` now (``ctx.abort()``, a failed commit, a lost slot): its pending writes,
-        held outputs, running turn, instance and queued events go."""
+        held outputs, running turn, ``wait_until()`` coroutines, instance and queued events go."""
         host.reset_reason = why
         current = host.lifecycle.current
         if host.storage is not None:
@@ -961,6 +964,9 @@ class Runtime:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         host.turn_task = None
+        for work in list(host.own_work):  # the instance's wait_until() coroutines go with it
+            if work is not asyncio.current_task():
+                work.cancel()
         self._run(host, host.lifecycle.reset(self.clock()))
         if isinstance(current, CallEvent):
             # The event in hand when the object was reset (an RPC that called ctx.abort(),
