@@ -3,6 +3,7 @@
 that teaches HAProxy the owner through its runtime API."""
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import urllib.error
@@ -38,8 +39,10 @@ async def until(check, timeout=15.0):
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.gen_test(timeout=90)
-async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(postgres_url, tmp_path):
+@contextlib.asynccontextmanager
+async def behind_haproxy(postgres_url, tmp_path, **settings):
+    """Members ``a`` and ``b`` (in process) behind a real HAProxy that they teach; yields
+    (servers, runtime API port, front port, owners map)."""
     api, front = free_port(), free_port()
     owners_map = tmp_path / "owners.map"
     owners_map.write_text("")
@@ -48,16 +51,19 @@ async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(post
     log = (tmp_path / "haproxy.log").open("w")
     try:
         for name in ("a", "b"):
-            settings = Settings(
-                port=0,
-                admin_port=0,
-                data_dir=":memory:",
-                lease_ttl=2.0,
-                route_key="path:2",
-                haproxy_runtime=f"127.0.0.1:{api}",
-                haproxy_map=str(owners_map),
+            options = Settings(
+                **{
+                    "port": 0,
+                    "admin_port": 0,
+                    "data_dir": ":memory:",
+                    "lease_ttl": 2.0,
+                    "route_key": "path:2",
+                    "haproxy_runtime": f"127.0.0.1:{api}",
+                    "haproxy_map": str(owners_map),
+                    **settings,
+                }
             )
-            servers[name] = Server(workers_app.app, settings, leases=PostgresLeases(postgres_url, f"{name}-1", name))
+            servers[name] = Server(workers_app.app, options, leases=PostgresLeases(postgres_url, f"{name}-1", name))
             await servers[name].start()
         members = [Member(n, "127.0.0.1", s.port, s.admin_port) for n, s in servers.items()]
         config = tmp_path / "haproxy.cfg"
@@ -83,6 +89,19 @@ async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(post
             return len(rows) == 6 and all(row[5] == "2" for row in rows)  # srv_op_state 2: running
 
         await until(both_up)
+        yield servers, api, front, owners_map
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+        for server in servers.values():
+            await server.stop(timeout=1)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(postgres_url, tmp_path):
+    async with behind_haproxy(postgres_url, tmp_path) as (_servers, api, front, owners_map):
         loop = asyncio.get_running_loop()
         refused = 0
         rooms = [f"room{i}" for i in range(12)]
@@ -106,13 +125,34 @@ async def test_haproxy_learns_each_objects_member_after_at_most_one_refusal(post
             assert await ws.recv() == "ack 2"
             await ws.close()
             assert await loop.run_in_executor(None, get, front, f"/room/{room}") == 200
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        for server in servers.values():
-            await server.stop(timeout=1)
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_plain_request_passed_on_to_the_owner_teaches_haproxy_too(postgres_url, tmp_path):
+    """With --cluster-secret a member passes a plain request for another member's object on
+    (docs/decisions/0012) instead of refusing it; it teaches HAProxy that member all the same,
+    so the next requests with that key go straight to the owner."""
+    async with behind_haproxy(postgres_url, tmp_path, cluster_secret="a shared secret") as (
+        servers,
+        api,
+        front,
+        owners_map,
+    ):
+        loop = asyncio.get_running_loop()
+        rooms = [f"room{i}" for i in range(12)]
+
+        def passed_on() -> int:
+            return sum(s.runtime.stats.snapshot().peer_calls["in", "ok"] for s in servers.values())
+
+        for room in rooms:  # each answered at once, wherever HAProxy sends it
+            assert await loop.run_in_executor(None, get, front, f"/room/{room}") == 200
+        first = passed_on()
+        assert first > 0  # some keys hashed to the member that does not own the object
+        learned = [room for room in rooms if await _mapped(api, owners_map, room)]
+        assert len(learned) == first  # each passed-on key was taught, and only those
+        for room in rooms:
+            assert await loop.run_in_executor(None, get, front, f"/room/{room}") == 200
+        assert passed_on() == first  # taught: no request is passed on any more
 
 
 async def _mapped(api: int, owners_map, room: str) -> bool:

@@ -36,7 +36,15 @@ from wsecho.core.target import AllowedHosts, Target, resolve
 from wsecho.runtime.runtime import Runtime
 from wsecho.serve.config import Settings
 from wsecho.serve.connection import Connection, ConnectionSettings, DeflateConnection
-from wsecho.serve.mesh import HANDED_OVER_FROM, UPGRADING, HandOver, MeshClient, RoutingError, WorkerUnavailableError
+from wsecho.serve.mesh import (
+    CLIENT_REQUEST,
+    HANDED_OVER_FROM,
+    UPGRADING,
+    HandOver,
+    MeshClient,
+    RoutingError,
+    WorkerUnavailableError,
+)
 from wsecho.serve.outbound import Dialer
 from wsecho.serve.peers import PREFIX as PEER_PREFIX
 from wsecho.serve.peers import PeerHandler
@@ -415,6 +423,7 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         request.headers.set(CLIENT_ADDRESS_HEADER, self.client()[0])
         if gateway.mesh is not None and self.slot:
             UPGRADING.set(True)  # this task's context: a stub fetch to another worker hands over
+        CLIENT_REQUEST.set(request)
         try:
             response = await gateway.runtime.fetch(request)
         except HandOver as move:

@@ -62,6 +62,9 @@ WORKER_ENV = (ENV_INDEX, ENV_COUNT, ENV_LISTEN_FDS, ENV_CONTROL_FD, ENV_MESH_DIR
 #: Set by the gateway while the application's ``fetch`` runs for a WebSocket upgrade: a stub
 #: ``fetch`` of that request to another worker's object moves the connection there.
 UPGRADING: contextvars.ContextVar[bool] = contextvars.ContextVar("wsecho_upgrading", default=False)
+#: Set by the gateway while the application's ``fetch`` runs: the client's request, so that
+#: passing it on to another member can teach the load balancer that member.
+CLIENT_REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("wsecho_client_request", default=None)
 #: Set while a handed-over request runs again in its owner: the worker it came from.
 HANDED_OVER_FROM: contextvars.ContextVar[int | None] = contextvars.ContextVar("wsecho_handed_over", default=None)
 

@@ -34,7 +34,7 @@ from wsecho.api.http import Request, Response
 from wsecho.core.errors import InvalidArgumentError, NotOwnerError
 from wsecho.core.placement import slot_of
 from wsecho.serve.acceptor import RateLimitedWarning
-from wsecho.serve.mesh import MAX_MESSAGE, MeshClient, encode_values, object_handlers, request_state
+from wsecho.serve.mesh import CLIENT_REQUEST, MAX_MESSAGE, MeshClient, encode_values, object_handlers, request_state
 
 if TYPE_CHECKING:
     from wsecho.api.ids import DurableObjectId
@@ -377,6 +377,9 @@ class Routes:
     def __init__(self, mesh: MeshClient | None, peers: PeerChannel | None) -> None:
         self.mesh = mesh
         self.peers = peers
+        #: Called with a client's request that another member answered, and the object's id
+        #: (the server teaches HAProxy that member for the request's routing key).
+        self.passed_on: Callable[[Request, str], None] | None = None
 
     async def fetch_object(self, owner: Owner, id: DurableObjectId, request: Request) -> Response:  # noqa: A002
         if isinstance(owner, int):
@@ -393,6 +396,9 @@ class Routes:
             raise NotOwnerError(msg, id.hex)
         payload = [id.namespace, id.hex, id.name, list(request_state(request))]
         status, headers, body = await self.peers.send(owner, id, "fetch", payload)
+        if self.passed_on is not None and CLIENT_REQUEST.get() is request:
+            # The client's own request, passed on whole: its next ones can go straight there.
+            self.passed_on(request, id.hex)
         return Response(body, status=status, headers=headers)
 
     async def call_object(

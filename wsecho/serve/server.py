@@ -326,10 +326,11 @@ class Server:
                 mesh=mesh,
             )
             self._application.peers = self.peers.answer_http
-            self.runtime.set_ownership(self.cluster, Routes(mesh, self.peers), guard_events=True)
+            routes = Routes(mesh, self.peers)
+            self.runtime.set_ownership(self.cluster, routes, guard_events=True)
             fence_with(backend, self.cluster)
             if settings.haproxy_runtime:
-                self._teach_routes(settings)
+                routes.passed_on = self._teach_routes(settings)
         self._inherited = sockets
         self._http: Listener | None = None
         self._admin: Listener | None = None
@@ -529,8 +530,10 @@ class Server:
     def admin_port(self) -> int:
         return self.admin_addresses[0][1]
 
-    def _teach_routes(self, settings: Settings) -> None:
-        """A request for another member's object teaches HAProxy that member (docs/decisions/0007)."""
+    def _teach_routes(self, settings: Settings) -> Callable[[Request, str], None]:
+        """A request for another member's object teaches HAProxy that member (docs/decisions/0007):
+        one refused (a WebSocket, or any request without ``--cluster-secret``), and one passed on
+        to that member (the returned function, for :class:`Routes`)."""
         cluster = self.cluster
         assert cluster is not None
         route = RouteKey.parse(settings.route_key)
@@ -546,6 +549,7 @@ class Server:
                 teacher.teach(key, machine, self.runtime.clock())
 
         self._application.misrouted = misrouted
+        return misrouted
 
     def _slots_gained(self, slots: Collection[int]) -> None:
         task = asyncio.ensure_future(self.runtime.load_alarms(slots))
