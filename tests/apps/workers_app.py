@@ -9,12 +9,14 @@ With ``WSECHO_TEST_PROBE_LOG`` set, every constructor run (``ctor NAME PID T INS
 every turn (``turn NAME PID START END INSTANCE ACTED``) is appended to that file, one line
 each (O_APPEND: lines of several processes do not mix). Times are monotonic seconds,
 comparable across processes and network namespaces; INSTANCE is random per constructor run.
-ACTED is the last time the runtime gave the turn control to go on: its start, or an await
-that returned. A turn that the runtime unwinds (``ObjectResetError`` at an await) acted last
-before that await; what runs after ACTED without an await is a turn's synchronous rest,
-which a process paused in the middle of it runs when it resumes, whatever its runtime does.
+ACTED is the last time the runtime gave the turn control to go on: its start, or the return
+of an await that suspended it (``Turn.wait``). A turn that the runtime unwinds
+(``ObjectResetError`` at an await) acted last before that await; what runs after ACTED
+without suspending is a turn's synchronous rest, which a process paused in the middle of it
+runs when it resumes, whatever its runtime does.
 """
 
+import asyncio
 import json
 import os
 import secrets
@@ -36,41 +38,61 @@ def record(*fields) -> None:
             os.close(fd)
 
 
+class Turn:
+    """When a turn last acted: its start, or the moment the runtime resumed it after an await
+    that suspended it. An await that completes without suspending (a cached read) is the
+    turn's synchronous code going on, not the runtime handing it control again."""
+
+    def __init__(self) -> None:
+        self.start = self.acted = time.monotonic()
+
+    async def wait(self, aw):
+        loop_ran = []
+        handle = asyncio.get_running_loop().call_soon(loop_ran.append, True)  # runs only if it suspends
+        try:
+            result = await aw
+        finally:
+            handle.cancel()
+        if loop_ran:  # resumed with what it waited for (not unwound by an exception)
+            self.acted = time.monotonic()
+        return result
+
+
 class Room(DurableObject):
     def __init__(self, ctx, env) -> None:
         super().__init__(ctx, env)
         self.instance = secrets.token_hex(4)
         record("ctor", ctx.id.name, os.getpid(), time.monotonic(), self.instance)
 
+    def _turn_ended(self, turn: Turn) -> None:
+        record("turn", self.ctx.id.name, os.getpid(), turn.start, time.monotonic(), self.instance, turn.acted)
+
     async def fetch(self, request):
-        start = acted = time.monotonic()
+        turn = Turn()
         try:
             if (request.headers.get("Upgrade") or "").lower() == "websocket":
                 client, server = WebSocketPair()
                 self.ctx.accept_web_socket(server)
                 return Response(status=101, web_socket=client)
-            count = await self.ctx.storage.get("count") or 0
-            acted = time.monotonic()
+            count = await turn.wait(self.ctx.storage.get("count")) or 0
             name = self.ctx.id.name
             return Response(f"{name} {os.getpid()} {count} {len(self.ctx.get_web_sockets())}")
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance, acted)
+            self._turn_ended(turn)
 
     async def web_socket_message(self, ws, message):
-        start = acted = time.monotonic()
+        turn = Turn()
         try:
             if message == "pid":
                 ws.send(f"pid {os.getpid()}")
             elif message == "inc":
-                n = (await self.ctx.storage.get("count") or 0) + 1
-                acted = time.monotonic()
-                await self.ctx.storage.put("count", n)
-                acted = time.monotonic()
+                n = (await turn.wait(self.ctx.storage.get("count")) or 0) + 1
+                await turn.wait(self.ctx.storage.put("count", n))
                 ws.send(f"ack {n}")
             else:
                 ws.send(message)
         finally:
-            record("turn", self.ctx.id.name, os.getpid(), start, time.monotonic(), self.instance, acted)
+            self._turn_ended(turn)
 
     # RPC methods
     def add(self, numbers, blob=b""):

@@ -1,5 +1,10 @@
 """The fault tests' checker finds what it must (so a green fault test means something)."""
 
+import asyncio
+
+import pytest
+
+from tests.apps.workers_app import Turn
 from tests.cluster.history import acks, activations, lost_writes, overlaps, recovery
 
 
@@ -49,3 +54,29 @@ def test_a_count_that_goes_back_is_a_lost_write():
 def test_recovery_is_the_time_to_the_first_ack_after_the_fault():
     by_room = acks(["ack r 1 1.0", "ack r 2 5.5", "ack q 1 1.0"])
     assert recovery(by_room, 2.0, ["r", "q"]) == {"r": 3.5, "q": float("inf")}
+
+
+def test_the_probe_counts_a_turn_as_acting_again_only_when_an_await_suspended_it():
+    async def cached():
+        return 1
+
+    async def suspends():
+        await asyncio.sleep(0)
+        return 2
+
+    async def unwound():
+        await asyncio.sleep(0)
+        raise LookupError
+
+    async def main():
+        turn = Turn()
+        start = turn.acted
+        assert await turn.wait(cached()) == 1
+        assert turn.acted == start  # no suspension: the turn's own synchronous code went on
+        with pytest.raises(LookupError):
+            await turn.wait(unwound())
+        assert turn.acted == start  # an exception at the await: the turn only unwinds
+        assert await turn.wait(suspends()) == 2
+        assert turn.acted > start  # resumed by the event loop: the turn acted again
+
+    asyncio.run(main())
