@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve as wsserve
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import ServerProcess
@@ -285,3 +286,48 @@ def test_the_supervisor_alone_tells_systemd_ready_after_every_worker_and_stoppin
         assert messages.count("READY=1") == 1
     finally:
         notify.close()
+
+
+def test_an_outbound_websocket_lives_in_its_objects_worker_and_wakes_it_there(workers):
+    """ctx.connect_web_socket with --workers 2 (decision 0011): whichever worker accepted the
+    client, the object's own worker opens and holds the upstream connection, and what the
+    upstream sends wakes the hibernated object in that worker."""
+    server = workers("tests.apps.outbound_workers:app")
+    pids = {index: found[-1] for index, found in server.worker_pids().items()}
+    rooms = {owned_by(0, "feed"): pids[0], owned_by(1, "feed"): pids[1]}
+
+    async def scenario():
+        peers = {}
+        heard: asyncio.Queue[str] = asyncio.Queue()
+
+        async def upstream(peer):
+            peers[peer.request.path.strip("/")] = peer
+            async for message in peer:
+                await heard.put(message)
+                await peer.send(f"echo:{message}")
+
+        def built(reply: str, text: str, pid: int) -> int:
+            m = re.fullmatch(rf"{re.escape(text)} pid={pid} built=(\d+)", reply)
+            assert m is not None, reply
+            return int(m.group(1))
+
+        async with wsserve(upstream, "127.0.0.1", 0) as up:
+            port = up.sockets[0].getsockname()[1]
+            clients = {}
+            for room, pid in rooms.items():
+                ws = clients[room] = await connect(f"ws://127.0.0.1:{server.port}/room/{room}")
+                await ws.send(f"connect ws://127.0.0.1:{port}/{room}")
+                assert await ws.recv() == f"connected {pid}"  # opened by the object's own worker
+            for room, pid in rooms.items():
+                ws = clients[room]
+                await ws.send(f"hello {room}")
+                assert await heard.get() == f"hello {room}"
+                first = built(await ws.recv(), f"echo:hello {room}", pid)
+                # The object hibernated after that turn; the upstream's own message wakes it
+                # again, in the same worker, with its upstream socket.
+                await peers[room].send("news")
+                assert built(await ws.recv(), "news", pid) > first
+            for ws in clients.values():
+                await ws.close()
+
+    run(scenario)
