@@ -331,3 +331,55 @@ def test_an_outbound_websocket_lives_in_its_objects_worker_and_wakes_it_there(wo
                 await ws.close()
 
     run(scenario)
+
+
+def test_max_storage_holds_the_workers_together_to_the_quota(workers, tmp_path):
+    """--max-storage counts what every worker stores (decision 0005, docs/operations.md
+    "Quotas"): two objects in two workers, each writing until refused, store together no more
+    than the documented bound past the quota, not a quota each."""
+    from tests.apps.quota_workers import VALUE
+    from wsecho.api import codec
+    from wsecho.backends.base import SQLiteBackend, entry_bytes
+    from wsecho.runtime.commits import RECOUNT_SHARE
+
+    quota = 64_000
+    entry = entry_bytes("k000", codec.encode(VALUE))
+    bound = quota + (2 - 1) * (quota // RECOUNT_SHARE + entry)  # one share and one commit group
+    server = workers("tests.apps.quota_workers:app", "--max-storage", str(quota), "--max-object-storage", "off")
+    rooms = [owned_by(0, "store"), owned_by(1, "store")]
+
+    async def scenario():
+        clients = [await connect(f"ws://127.0.0.1:{server.port}/room/{room}") for room in rooms]
+        refused: dict[int, str] = {}
+        for i in range(1000):
+            for n, ws in enumerate(clients):
+                if n not in refused:
+                    await ws.send(f"put k{i:03}")
+                    answer = await ws.recv()
+                    if answer != "ok":
+                        refused[n] = answer
+            if len(refused) == len(clients):
+                break
+        for ws in clients:
+            await ws.close()
+        return refused
+
+    refused = run(scenario)
+    assert len(refused) == 2, refused
+    for answer in refused.values():
+        assert "the quota is 64,000 (--max-storage)" in answer
+    metrics = server.admin_get("/metrics")
+    assert re.search(r'wsecho_storage_quota_refusals_total\{quota="total",worker="0"\} [1-9]', metrics), metrics
+    assert re.search(r'wsecho_storage_quota_refusals_total\{quota="total",worker="1"\} [1-9]', metrics), metrics
+    server.stop()
+
+    async def total():
+        backend = SQLiteBackend(tmp_path / "data", lock=False)
+        await backend.open()
+        try:
+            return await backend.usage(None)
+        finally:
+            await backend.close()
+
+    stored = run(total)
+    assert quota - 2 * entry < stored <= bound  # one quota for both, not one each
