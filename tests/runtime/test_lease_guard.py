@@ -107,7 +107,7 @@ async def test_a_handler_suspended_when_the_lease_runs_out_is_resumed_only_to_un
 
 @pytest.mark.gen_test
 async def test_an_event_queued_behind_a_turn_during_which_the_lease_ran_out_is_not_delivered(make_runtime):
-    runtime, lease, gate, seen = await make_runtime(Worker)
+    runtime, _lease, gate, seen = await make_runtime(Worker)
     stub = runtime.env.W.get_by_name("a")
     first = asyncio.ensure_future(stub.wait())
     await until(lambda: seen == ["wait started"])
@@ -126,7 +126,7 @@ async def test_an_event_queued_behind_a_turn_during_which_the_lease_ran_out_is_n
 
 @pytest.mark.gen_test
 async def test_while_the_lease_holds_a_suspended_handler_goes_on(make_runtime):
-    runtime, lease, gate, seen = await make_runtime(LazyWorker)
+    runtime, _lease, gate, seen = await make_runtime(LazyWorker)
     call = asyncio.ensure_future(runtime.env.W.get_by_name("a").wait())
     await until(lambda: seen == ["wait started"])
     gate.set_result(None)
