@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient
 from tornado.ioloop import IOLoop
@@ -112,10 +113,14 @@ def http_server(request, io_loop, _unused_port, app, serving, test_ca, monkeypat
 
     Clients built with the default SSL context (websockets' ``connect("wss://...")``) trust
     the test CA through ``SSL_CERT_FILE``, which OpenSSL reads when a context is made.
+    Tornado makes its default client context once and keeps it (``_client_ssl_defaults``, an
+    lru_cache), even when a TLS *server* of any earlier test accepted a connection: it is made
+    again here, or a ``wss://`` client of Tornado would trust whatever that test's environment did.
     """
     tls = serving == "tls"
     if tls:
         monkeypatch.setenv("SSL_CERT_FILE", test_ca.path)
+        tornado.netutil._client_ssl_defaults.cache_clear()
     server = tornado.httpserver.HTTPServer(app, ssl_options=test_ca.server if tls else None)
     server.add_socket(_unused_port[0])
     yield server

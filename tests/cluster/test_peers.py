@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -20,26 +21,27 @@ from websockets.exceptions import InvalidStatus
 
 from tests.apps import workers_app
 from tests.cluster.test_members import aget, name_moving_to, until
+from tests.integration.test_tls import Certs, trusting
 from tests.integration.test_workers_mesh import ROOM
 from tests.pg import free_port
 from wsecho.backends.leases import PostgresLeases
 from wsecho.core.errors import ConfigError, NotOwnerError
 from wsecho.core.leases import rendezvous_owner
 from wsecho.core.placement import slot_of
-from wsecho.serve.config import Settings, build_parser, settings_from
+from wsecho.serve.config import Settings, build_parser, settings_from, split_peer_address
 from wsecho.serve.peers import SIGNATURE, error_from, error_state, sign
-from wsecho.serve.server import Server
+from wsecho.serve.server import Server, peer_address
 
 TTL = 1.0
 SECRET = "a shared secret"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def start(dsn: str, member: str, secret: str = SECRET, **settings) -> Server:
+async def start(dsn: str, member: str, secret: str = SECRET, address: str | None = None, **settings) -> Server:
     server = Server(
         workers_app.app,
         Settings(**{"port": 0, "data_dir": ":memory:", "lease_ttl": TTL, "cluster_secret": secret, **settings}),
-        leases=PostgresLeases(dsn, member),
+        leases=PostgresLeases(dsn, member, address=address),
     )
     await server.start()
     return server
@@ -282,3 +284,128 @@ def test_a_callees_exception_comes_back_as_its_class_only_when_loaded_here():
     assert (type(again), str(again)) == (NotOwnerError, "moved")
     unknown = error_from(["not.loaded.anywhere", "Boom", "bang"])
     assert (type(unknown), str(unknown)) == (RuntimeError, "Boom: bang")
+
+
+# -- TLS on the peer channel (docs/decisions/0013) ----------------------------------------
+
+
+def tls_of(certs: Certs) -> dict[str, str]:
+    """A member's settings for a TLS listener with ``certs``, trusting their CA for its calls."""
+    ca_file = certs.certfile.replace("cert.pem", "ca.pem")
+    certs.ca.cert_pem.write_to_path(ca_file)
+    return {"certfile": certs.certfile, "keyfile": certs.keyfile, "cluster_ca_file": ca_file}
+
+
+def https_get(port: int, path: str, context: ssl.SSLContext) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", timeout=10, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_members_with_tls_on_their_listeners_call_each_other_over_tls(postgres_url, tmp_path):
+    certs = Certs(tmp_path)
+    a, b = await started(postgres_url, "A", "B", **tls_of(certs))
+    try:
+        assert b.cluster.store.address == f"https://127.0.0.1:{b.port}"  # advertised with its scheme
+        caller = name_moving_to("A", {"A", "B"}, prefix="from")
+        callee = name_moving_to("B", {"A", "B"}, prefix="to")
+        loop, client = asyncio.get_running_loop(), trusting(certs.ca)
+        # A real client through A's TLS listener: A's object calls B's over TLS.
+        status, body = await loop.run_in_executor(None, https_get, a.port, f"/rpc/{caller}/{callee}", client)
+        assert status == 200, body
+        assert json.loads(body)["add"]["sum"] == 6
+        status, body = await loop.run_in_executor(None, https_get, a.port, f"/room/{callee}", client)
+        assert (status, body.startswith(f"{callee} {os.getpid()} ")) == (200, True), body  # a fetch across
+        assert ROOM.id_from_name(callee) in {h.id for h in b.runtime.hosts()}
+        assert ROOM.id_from_name(callee) not in {h.id for h in a.runtime.hosts()}
+        sent, answered = a.runtime.stats.peer_calls, b.runtime.stats.peer_calls
+        assert sent["out", "ok"] == answered["in", "ok"] >= 2  # add() and the fetch
+        assert sent["out", "error"] == answered["in", "error"] >= 1  # fail()
+        assert sent["out", "failed"] == answered["in", "refused"] == 0
+    finally:
+        await stop(a, b)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_certificate_that_does_not_verify_fails_the_call_naming_why(postgres_url, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "wsecho.peers")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "other").mkdir()
+    certs = Certs(tmp_path / "b")
+    # B's certificate names localhost only, not the 127.0.0.1 it is called at.
+    certs.ca.issue_cert("localhost").private_key_and_cert_chain_pem.write_to_path(certs.certfile)
+    b_settings = tls_of(certs)
+    b_settings["keyfile"] = certs.certfile  # the key is in the same PEM
+    wrong = tls_of(Certs(tmp_path / "other"))["cluster_ca_file"]  # another CA
+    b = await start(postgres_url, "B", **b_settings)
+    a = await start(postgres_url, "A", cluster_ca_file=b_settings["cluster_ca_file"])  # trusts B's CA
+    c = await start(postgres_url, "C", cluster_ca_file=wrong)
+    try:
+        members = {"A", "B", "C"}
+        await until(lambda: all(s.cluster.ready() and len(s.cluster.members) == 3 for s in (a, b, c)))
+        on_b = name_moving_to("B", members)
+        at = rf"member B at https://127\.0\.0\.1:{b.port} cannot be called: its certificate does not verify: "
+        for _ in range(2):
+            with pytest.raises(NotOwnerError, match=at + "IP address mismatch"):
+                await stub(a, on_b).hit()
+        with pytest.raises(NotOwnerError, match=at + "unable to get local issuer certificate .--cluster-ca-file."):
+            await stub(c, on_b).hit()
+        assert a.runtime.stats.peer_calls["out", "failed"] == 2
+        assert c.runtime.stats.peer_calls["out", "failed"] == 1
+        assert b.runtime.stats.peer_calls["in", "ok"] == 0
+        warned = "cannot call member B at https://127.0.0.1:%d over the peer channel: its certificate does not verify"
+        assert caplog.text.count(warned % b.port) == 2  # once a minute per caller and member: A's second is held
+    finally:
+        await stop(a, b, c)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_plain_call_to_a_tls_listener_and_a_tls_call_to_a_plain_one_name_the_mismatch(postgres_url, tmp_path):
+    # B has TLS but is advertised without the scheme (as an address of another release reads);
+    # C is plain but advertised as https://.
+    b_port, c_port = free_port(), free_port()
+    b = await start(postgres_url, "B", address=f"127.0.0.1:{b_port}", port=b_port, **tls_of(Certs(tmp_path)))
+    c = await start(postgres_url, "C", address=f"https://127.0.0.1:{c_port}", port=c_port)
+    a = await start(postgres_url, "A")
+    try:
+        members = {"A", "B", "C"}
+        await until(lambda: all(s.cluster.ready() and len(s.cluster.members) == 3 for s in (a, b, c)))
+        plain = rf"member B at 127\.0\.0\.1:{b_port} failed: .* \(a TLS listener drops a plain HTTP call so: "
+        with pytest.raises(
+            NotOwnerError, match=plain + rf"with --certfile its address is https://127\.0\.0\.1:{b_port}\)"
+        ):
+            await stub(a, name_moving_to("B", members)).hit()
+        # A plain listener waits for a request line, so the handshake times out (retried, like a connect).
+        tls = rf"member C at https://127\.0\.0\.1:{c_port} cannot be reached: no TLS handshake within 2s \(is its "
+        with pytest.raises(NotOwnerError, match=tls + r"listener plain HTTP, without --certfile\?\)"):
+            await stub(a, name_moving_to("C", members)).hit()
+        assert a.runtime.stats.peer_calls["out", "failed"] == 2
+    finally:
+        await stop(a, b, c)
+
+
+def test_a_cluster_ca_file_that_cannot_be_read_stops_the_start_with_status_2(tmp_path):
+    missing = tmp_path / "missing.pem"
+    command = [sys.executable, "-m", "wsecho", "tests.apps.workers_app", "--port", "0", "--data-dir", ":memory:"]
+    done = subprocess.run(
+        [*command, "--cluster-ca-file", str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"--cluster-ca-file {missing}: cannot read it: No such file or directory" in done.stderr
+
+
+def test_a_tls_member_is_advertised_with_its_scheme_and_never_as_plain_http():
+    def settings(*argv):
+        return settings_from(build_parser().parse_args(["app:app", *argv]), {})
+
+    tls = ("--certfile", "c.pem", "--keyfile", "k.pem")
+    assert peer_address(settings(*tls, "--cluster-address", "10.0.0.11:8787"), []) == "https://10.0.0.11:8787"
+    assert peer_address(settings("--cluster-address", "10.0.0.11:8787"), []) == "10.0.0.11:8787"
+    assert peer_address(settings("--cluster-address", "https://[::1]:8787"), []) == "https://[::1]:8787"
+    assert split_peer_address("https://[::1]:8787") == (True, "::1", 8787)
+    assert split_peer_address("web1:8787") == (False, "web1", 8787)
+    with pytest.raises(ConfigError, match="is plain HTTP, but with --certfile the application listener takes only TLS"):
+        settings(*tls, "--cluster-address", "http://10.0.0.11:8787")

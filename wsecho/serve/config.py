@@ -162,12 +162,34 @@ def _non_negative_seconds(text: str) -> float:
     return _seconds(text, zero_allowed=True)
 
 
+#: The schemes a member's peer address may carry (docs/decisions/0013); none means plain HTTP.
+PEER_SCHEMES = ("http://", "https://")
+
+
+def split_peer_address(address: str) -> tuple[bool, str, int]:
+    """``[https://|http://]HOST:PORT`` (a member's advertised address) as (whether TLS, host
+    without IPv6 brackets, port); a bare ``HOST:PORT`` is plain HTTP, as members of the
+    releases before 0013 advertise it. ValueError when it is none of these."""
+    scheme = next((s for s in PEER_SCHEMES if address.startswith(s)), "")
+    host, _, port = address.removeprefix(scheme).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        msg = f"must be HOST:PORT, http://HOST:PORT or https://HOST:PORT, got {address!r}"
+        raise ValueError(msg)
+    return scheme == "https://", host.strip("[]"), int(port)
+
+
 def _cluster_address(text: str) -> str:
     if not text:
         return text
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536 or host in WILDCARD_HOSTS:
-        msg = f"must be HOST:PORT that the other members can reach (not a wildcard address), got {text!r}"
+    try:
+        _, host, _ = split_peer_address(text)
+    except ValueError:
+        host = ""
+    if not host or host in WILDCARD_HOSTS or f"[{host}]" in WILDCARD_HOSTS:
+        msg = (
+            "must be HOST:PORT that the other members can reach (not a wildcard address), or "
+            f"https://HOST:PORT, got {text!r}"
+        )
         raise ValueError(msg)
     return text
 
@@ -665,8 +687,8 @@ OPTIONS = (
         _cluster_address,
         "",
         "with PostgreSQL storage and --cluster-secret: the HOST:PORT at which the other members reach this "
-        "one's application listener for calls between objects (default: --host and the bound port, unless "
-        "--host listens on every interface)",
+        "one's application listener for calls between objects, called over TLS with --certfile (advertised "
+        "as https://HOST:PORT) (default: --host and the bound port, unless --host listens on every interface)",
         "HOST:PORT",
     ),
     Option(
@@ -676,6 +698,14 @@ OPTIONS = (
         "with PostgreSQL storage: the secret every member of the cluster shares, which signs the RPC and fetch "
         "calls between objects on different members (without it such calls are refused); never logged",
         "SECRET",
+    ),
+    Option(
+        "--cluster-ca-file",
+        _any_text,
+        "",
+        "PEM file of the CAs that the certificates of the other members' application listeners (--certfile) "
+        "must be signed by, for calls between objects over TLS (empty: the system's)",
+        "PATH",
     ),
     Option(
         "--cluster-call-timeout",
@@ -810,6 +840,7 @@ class Settings:
     #: Not in repr(): settings may be logged, a secret must not be.
     cluster_secret: str = attrs.field(default=DEFAULTS["cluster_secret"], repr=False)
     cluster_call_timeout: float = DEFAULTS["cluster_call_timeout"]
+    cluster_ca_file: str = DEFAULTS["cluster_ca_file"]
     route_key: str = DEFAULTS["route_key"]
     haproxy_runtime: str = DEFAULTS["haproxy_runtime"]
     haproxy_map: str = DEFAULTS["haproxy_map"]
@@ -952,6 +983,12 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         msg = (
             f"--host {values['host']} listens on every interface, so the other members of the cluster cannot "
             "be told where to reach this one: give --cluster-address HOST:PORT (an address they can reach)"
+        )
+        raise ConfigError("--cluster-address", msg)
+    if values["certfile"] and values["cluster_address"].startswith("http://"):
+        msg = (
+            f"{values['cluster_address']} is plain HTTP, but with --certfile the application listener takes "
+            "only TLS: give https://HOST:PORT, or HOST:PORT (advertised as https://HOST:PORT)"
         )
         raise ConfigError("--cluster-address", msg)
     if values["workers"] > 1 and values["certfile"]:

@@ -5,6 +5,9 @@ A member answers calls from the others on its own application listener, under
 ``/.wsecho/call`` and ``/.wsecho/fetch``, and only when the request is signed with the
 cluster's shared secret (``--cluster-secret``): an HMAC-SHA256 of the path and the body,
 checked in constant time. Anything else there gets 403 (logged, at most once a minute).
+A member whose listener has TLS (``--certfile``) advertises ``https://HOST:PORT`` and is called
+over TLS, its certificate checked against ``--cluster-ca-file`` (docs/decisions/0013); a bare
+``HOST:PORT`` is called over plain HTTP.
 
 The caller finds the member that holds the object's slot lease in the lease table (cached
 per slot), and sends it the same payload a worker sends another worker over the mesh
@@ -25,6 +28,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +38,7 @@ from wsecho.api.http import Request, Response
 from wsecho.core.errors import InvalidArgumentError, NotOwnerError
 from wsecho.core.placement import slot_of
 from wsecho.serve.acceptor import RateLimitedWarning
+from wsecho.serve.config import split_peer_address
 from wsecho.serve.mesh import CLIENT_REQUEST, MAX_MESSAGE, MeshClient, encode_values, object_handlers, request_state
 
 if TYPE_CHECKING:
@@ -52,6 +57,10 @@ SIGNATURE = "X-Wsecho-Signature"
 CONNECT_TIMEOUT = 2.0
 #: Idle connections kept open to each member, for the next calls.
 IDLE_PER_MEMBER = 8
+#: Members whose TLS failures are rate-limited apart; past it the oldest is forgotten.
+TLS_WARNED_MEMBERS = 256
+#: OpenSSL's reasons when the other end does not speak TLS at all.
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
 
 #: What the gateway calls for a request under :data:`PREFIX`: (path, headers, body, client
 #: address) -> (status, body).
@@ -61,6 +70,11 @@ PeerHandler = Callable[[str, Any, bytes, str], Awaitable[tuple[int, bytes]]]
 class Unreachable(Exception):  # noqa: N818 - internal: "the call was not delivered"
     """The call did not reach the member (nothing was sent, or the connection was closed
     before it was read): safe to send again."""
+
+
+class TLSFailure(Exception):  # noqa: N818 - internal: "the member cannot be called as configured"
+    """TLS to the member failed in a way another attempt would not change (its certificate
+    does not verify, or one end does not speak TLS): not retried."""
 
 
 def is_object_id(value: object) -> bool:
@@ -96,15 +110,24 @@ class PeerClient:
     """HTTP/1.1 POSTs to other members over persistent connections (a few idle ones kept per
     member): one call on a connection at a time, every wait bounded."""
 
-    def __init__(self, secret: bytes, call_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        call_timeout: float,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.secret = secret
         self.call_timeout = call_timeout
         self.connect_timeout = connect_timeout
+        #: Checks the certificates of members called over TLS (None: the system's CAs, on first use).
+        self.tls = tls
         self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
 
     async def post(self, address: str, path: str, body: bytes) -> tuple[int, bytes]:
-        """Raises :class:`Unreachable` (not delivered), TimeoutError (no answer within the
-        call timeout: it may have run), ConnectionError (the connection failed mid-answer)."""
+        """Raises :class:`Unreachable` (not delivered), :class:`TLSFailure`, TimeoutError (no
+        answer within the call timeout: it may have run), ConnectionError (the connection
+        failed mid-answer)."""
         idle = self._idle.get(address)
         while idle:
             reader, writer = idle.pop()
@@ -119,19 +142,59 @@ class PeerClient:
         try:
             return await self._exchange(address, reader, writer, path, body)
         except Unreachable as exc:
-            # A new connection that closes unanswered: the member may have run the call and died.
+            # A new connection that closes unanswered: the member may have run the call and died,
+            # or it has TLS and dropped a plain call (OpenSSL answers one with no alert).
+            if not address.startswith("https://"):
+                hint = f"a TLS listener drops a plain HTTP call so: with --certfile its address is https://{address}"
+                raise ConnectionError(f"{exc} ({hint})") from None
             raise ConnectionError(str(exc)) from None
 
     async def _open(self, address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        host, _, port = address.rpartition(":")
+        try:
+            tls, host, port = split_peer_address(address)
+        except ValueError as exc:
+            msg = f"its advertised address {exc}"
+            raise Unreachable(msg) from None
         try:
             async with asyncio.timeout(self.connect_timeout):
-                return await asyncio.open_connection(host.strip("[]"), int(port), limit=MAX_MESSAGE)
+                reader, writer = await asyncio.open_connection(host, port, limit=MAX_MESSAGE)
         except TimeoutError:
             msg = f"no connection within {self.connect_timeout:g}s"
             raise Unreachable(msg) from None
         except OSError as exc:
             raise Unreachable(exc.strerror or str(exc)) from None
+        if tls:
+            try:
+                await self._start_tls(writer, host)
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, host: str) -> None:
+        """The TLS handshake on a new connection, checking the member's certificate and that it
+        names ``host`` (an IP address against its IP SANs)."""
+        if self.tls is None:
+            self.tls = ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await writer.start_tls(self.tls, server_hostname=host)
+        except TimeoutError:
+            # A plain HTTP listener waits for a request line and never answers the handshake.
+            msg = f"no TLS handshake within {self.connect_timeout:g}s (is its listener plain HTTP, without --certfile?)"
+            raise Unreachable(msg) from None
+        except ssl.SSLCertVerificationError as exc:
+            msg = f"its certificate does not verify: {exc.verify_message or exc.reason} (--cluster-ca-file)"
+            raise TLSFailure(msg) from None
+        except ssl.SSLError as exc:
+            if exc.reason in NOT_TLS:
+                msg = f"it does not speak TLS ({exc.reason}): its listener is plain HTTP, without --certfile"
+            else:
+                msg = f"the TLS handshake failed: {exc.reason or exc}"
+            raise TLSFailure(msg) from None
+        except OSError as exc:
+            msg = f"the TLS handshake failed: {exc.strerror or exc or type(exc).__name__}"
+            raise Unreachable(msg) from None
 
     async def _exchange(
         self, address: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
@@ -211,6 +274,8 @@ class PeerChannel:
         #: Slot -> its owner as last read from the lease table (at most one entry per slot).
         self._owners: dict[int, SlotOwner] = {}
         self._refused = RateLimitedWarning(log)
+        #: Member name -> its TLS failures' warning (at most :data:`TLS_WARNED_MEMBERS`).
+        self._tls_warnings: dict[str, RateLimitedWarning] = {}
 
     @property
     def bound(self) -> float:
@@ -282,6 +347,13 @@ class PeerChannel:
         except Unreachable as exc:
             self._owners.pop(slot, None)
             return f"member {owner.name} at {owner.address} cannot be reached: {exc}", None
+        except TLSFailure as exc:
+            self._owners.pop(slot, None)
+            self._tls_warning(owner.name).warn(
+                "cannot call member %s at %s over the peer channel: %s", owner.name, owner.address, exc
+            )
+            msg = f"{id!r} (slot {slot}): member {owner.name} at {owner.address} cannot be called: {exc}"
+            raise NotOwnerError(msg, id.hex) from None
         except TimeoutError:
             self._owners.pop(slot, None)
             msg = (
@@ -309,6 +381,15 @@ class PeerChannel:
         if "error" in answer:
             raise _CalleeError(error_from(answer["error"]))
         return "", (answer["ok"],)
+
+    def _tls_warning(self, member: str) -> RateLimitedWarning:
+        warning = self._tls_warnings.pop(member, None)
+        if warning is None:
+            warning = RateLimitedWarning(log)
+            if len(self._tls_warnings) >= TLS_WARNED_MEMBERS:
+                del self._tls_warnings[next(iter(self._tls_warnings))]
+        self._tls_warnings[member] = warning  # the most recent last
+        return warning
 
     # -- the callee's side ------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from wsecho.serve.admin import (
     readiness_of,
 )
 from wsecho.serve.appcode import WATCH_INTERVAL, CodeReloader
-from wsecho.serve.config import RELOADABLE, TLS_FILES, WILDCARD_HOSTS, Settings, check_tls
+from wsecho.serve.config import PEER_SCHEMES, RELOADABLE, TLS_FILES, WILDCARD_HOSTS, Settings, check_tls
 from wsecho.serve.connection import Connection
 from wsecho.serve.gateway import BODY_TIMEOUT, MAX_HEADER_BYTES, make_application
 from wsecho.serve.haproxy import RouteKey, Teacher
@@ -61,7 +61,7 @@ from wsecho.serve.outbound import Dialer
 from wsecho.serve.peers import PeerChannel, Routes
 from wsecho.serve.sdnotify import Notifier
 from wsecho.serve.takeover import ADMIN_BACKLOG, Listener
-from wsecho.serve.tls import load_context
+from wsecho.serve.tls import load_context, verifying_context
 
 if TYPE_CHECKING:
     from wsecho.api.app import App
@@ -153,13 +153,19 @@ def fence_with(backend: Backend, cluster: ClusterMember) -> None:
 
 def peer_address(settings: Settings, sockets: list[socket.socket]) -> str | None:
     """Where the other members reach this one's peer channel: ``--cluster-address``, else the
-    application listener's address unless it listens on every interface (None: nowhere)."""
+    application listener's address unless it listens on every interface (None: nowhere);
+    ``https://`` first when the listener has TLS (docs/decisions/0013: a bare address is
+    plain HTTP, as members of earlier releases read it)."""
     if settings.cluster_address:
-        return settings.cluster_address
-    host, port = sockets[0].getsockname()[:2]
-    if host in WILDCARD_HOSTS:
-        return None
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = settings.cluster_address
+    else:
+        host, port = sockets[0].getsockname()[:2]
+        if host in WILDCARD_HOSTS:
+            return None
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if settings.certfile and not address.startswith(PEER_SCHEMES):
+        return f"https://{address}"
+    return address
 
 
 def storage_label(settings: Settings) -> str:
@@ -355,6 +361,10 @@ class Server:
             # Before anything binds: a bad file is a start-up error naming it.
             check_tls(settings.certfile, settings.keyfile, settings.admin_tls)
             self.tls = load_context(settings.certfile, settings.keyfile)
+        if settings.cluster_ca_file or self.peers is not None:
+            peer_tls = verifying_context("--cluster-ca-file", settings.cluster_ca_file)
+            if self.peers is not None:
+                self.peers.client.tls = peer_tls
         if self.settings.admin_port is not None:
             # The admin listener comes up first, so /readyz can say "starting".
             self._admin, self.admin_addresses = start_admin(self, settings, self.tls)

@@ -31,6 +31,16 @@ WRITE_CHUNK = 64 * 1024
 _WOULD_BLOCK = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError)
 
 
+def check_readable(flag: str, path: str) -> None:
+    """A :class:`ConfigError` naming ``flag`` and ``path`` when the file cannot be read (OpenSSL's
+    own errors do not say which file)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}", f"cannot read it: {exc.strerror}") from None
+
+
 def load_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     """A server context with ``certfile``'s chain and ``keyfile``'s key; a one-line
     :class:`ConfigError` naming the file when either cannot be read or they do not match."""
@@ -38,17 +48,27 @@ def load_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     # Renegotiation would let a write wait for a read (TLS 1.2); nothing here needs it.
     context.options |= ssl.OP_NO_RENEGOTIATION
     for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"{flag} {path}", f"cannot read it: {exc.strerror}") from None
+        check_readable(flag, path)
     try:
         context.load_cert_chain(certfile, keyfile)
     except ssl.SSLError as exc:
         msg = f"not a PEM certificate chain with the matching private key in --keyfile {keyfile} ({exc.reason})"
         raise ConfigError(f"--certfile {certfile}", msg) from None
     return context
+
+
+def verifying_context(flag: str, ca_file: str) -> ssl.SSLContext:
+    """A client context that checks a server's certificate and host name against ``ca_file``'s
+    CAs (empty: the system's); a :class:`ConfigError` naming ``flag`` and the file when it
+    cannot be read or holds no certificate."""
+    if not ca_file:
+        return ssl.create_default_context()
+    check_readable(flag, ca_file)
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as exc:
+        msg = f"not a PEM file of CA certificates ({exc.reason})"
+        raise ConfigError(f"{flag} {ca_file}", msg) from None
 
 
 class TLSTransport(asyncio.Transport):
