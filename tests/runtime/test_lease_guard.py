@@ -7,8 +7,10 @@ import asyncio
 
 import pytest
 
-from tests.helpers import until
-from wsecho import App, DurableObject, Response
+from tests.helpers import FakeTransport, until
+from wsecho import App, DurableObject, Response, WebSocketPair
+from wsecho.api.objects import DurableObjectState
+from wsecho.api.websocket import link_of
 from wsecho.core.errors import NotOwnerError, ObjectResetError
 from wsecho.core.placement import slot_of
 from wsecho.runtime.runtime import Runtime
@@ -32,6 +34,7 @@ class Worker(DurableObject):
     def __init__(self, ctx, env):
         super().__init__(ctx, env)
         self.seen = env.SEEN
+        env.BUILT.append(ctx.id.name)
 
     async def wait(self):
         self.seen.append("wait started")
@@ -52,6 +55,9 @@ class Worker(DurableObject):
     async def count(self):
         self.seen.append("count")
         return len(self.seen)
+
+    def web_socket_message(self, ws, message):
+        self.seen.append(f"message {message}")
 
 
 class LazyWorker(Worker):
@@ -74,7 +80,13 @@ def make_runtime(io_loop):
             App(
                 fetch=route,
                 bindings={"W": cls},
-                vars={"GATE": gate, "SEEN": seen, "LEASE": lease, "OTHER": asyncio.get_running_loop().create_future()},
+                vars={
+                    "GATE": gate,
+                    "SEEN": seen,
+                    "LEASE": lease,
+                    "OTHER": asyncio.get_running_loop().create_future(),
+                    "BUILT": [],
+                },
             ),
             clock=clock.monotonic,
             wall_clock=clock.now,
@@ -172,3 +184,25 @@ async def test_the_wait_until_work_of_a_dropped_instance_goes_with_it(make_runti
     await asyncio.sleep(0)
     assert "background went on" not in seen
     assert not other.cancelled()  # a future the instance did not make is left alone
+
+
+@pytest.mark.gen_test
+async def test_what_arrives_after_the_lease_ran_out_reaches_nothing_and_closes_with_1012(make_runtime):
+    runtime, lease, _gate, seen = await make_runtime(Worker)
+    host = runtime.host(runtime.env.W.id_from_name("a"), Worker)
+    _client, ws = WebSocketPair()
+    DurableObjectState(host).accept_web_socket(ws)
+    link, transport = link_of(ws), FakeTransport()
+    runtime.socket_opened(link, transport, "ws://x/", None, "")
+    runtime.message_received(link, "before")
+    assert seen == ["message before"]
+    lease.held = False  # the proof ran out; the next thing that arrives finds it gone
+    runtime.message_received(link, "after")
+    blocked = runtime.block_concurrency_while(host, lambda: None)  # outside a turn: one of its own
+    await asyncio.sleep(0)
+    assert seen == ["message before"]  # neither reached the object
+    assert runtime.env.BUILT == ["a"]  # nor woke it: no instance was built without the proof
+    assert transport.frames[-1] == ("close", 1012, "Service Restart: the object moved; reconnect")
+    assert runtime.find("W", "a") is None
+    with pytest.raises(ObjectResetError, match="no longer holds the lease of slot"):
+        await asyncio.wait_for(blocked, 10)
