@@ -3,11 +3,11 @@ probe lines) and what the clients saw (tests/cluster/driver.py's history) and sa
 wrong, if anything:
 
 - two activations of one object that overlap in time: an instance acted (a turn started, or
-  went on after an await) after another instance of the same object was constructed. What a
-  turn runs after that without an await is not counted: a process paused in the middle of a
-  turn's synchronous code runs the rest of it when it resumes, and no runtime can stop that
-  (its writes are fenced and what it sends waits for them: the acknowledgements below show
-  whether any of it got out);
+  was resumed after an await that suspended it) after another instance of the same object
+  was constructed. What a turn runs after that without suspending is not counted: a process
+  paused in the middle of a turn's synchronous code runs the rest of it when it resumes, and
+  no runtime can stop that (its writes are fenced and what it sends waits for them: the
+  acknowledgements below show whether any of it got out);
 - an acknowledged write that was lost (a later acknowledgement of the same room with a
   count not above every earlier one);
 - a room that was not served again within the bound after a fault.
@@ -28,7 +28,7 @@ class Activation:
     instance: str
     pid: int
     built: float
-    #: The last time one of its turns acted: started, or went on after an await.
+    #: The last time one of its turns acted: started, or was resumed after an await that suspended it.
     last_acted: float
     #: That turn's start and end.
     turn: tuple[float, float] = (0.0, 0.0)
