@@ -74,6 +74,12 @@ EXPECTED = {
         [DropInstance(), CloseSockets(1011, "Durable Object reset"), DropEvents(("queued",))],
         [],
     ),
+    # A cluster member losing the slot while a constructor's block_concurrency_while() runs.
+    (W, ObjectInput.RESET): (
+        H,
+        [DropInstance(), CloseSockets(1011, "Durable Object reset"), DropEvents(("queued",))],
+        [],
+    ),
 }
 
 

@@ -4,6 +4,7 @@ process paused past its lease (SIGSTOP, a long GC or VM pause) resumes a suspend
 only to unwind it, and delivers nothing more that was queued."""
 
 import asyncio
+import gc
 
 import pytest
 
@@ -58,6 +59,10 @@ class Worker(DurableObject):
 
     def web_socket_message(self, ws, message):
         self.seen.append(f"message {message}")
+
+    def gate(self):
+        """A sync method whose result is an awaitable that is no coroutine (a future)."""
+        return self.env.GATE
 
 
 class LazyWorker(Worker):
@@ -124,6 +129,8 @@ async def test_a_handler_suspended_when_the_lease_runs_out_is_resumed_only_to_un
 @pytest.mark.gen_test
 async def test_an_event_queued_behind_a_turn_during_which_the_lease_ran_out_is_not_delivered(make_runtime):
     runtime, _lease, gate, seen = await make_runtime(Worker)
+    unhandled = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
     stub = runtime.env.W.get_by_name("a")
     first = asyncio.ensure_future(stub.wait())
     await until(lambda: seen == ["wait started"])
@@ -138,6 +145,17 @@ async def test_an_event_queued_behind_a_turn_during_which_the_lease_ran_out_is_n
     assert seen == ["wait started", "went on after the await", "lose_then_return"]
     with pytest.raises(NotOwnerError):
         await stub.count()  # and nothing new reaches it here
+    gc.collect()  # a task that failed and that nobody awaited reports it when it is freed
+    assert unhandled == []
+
+
+@pytest.mark.gen_test
+async def test_a_handler_that_returns_a_future_is_awaited_as_it_is(make_runtime):
+    runtime, _lease, gate, _seen = await make_runtime(Worker)
+    call = asyncio.ensure_future(runtime.env.W.get_by_name("a").gate())
+    await asyncio.sleep(0)
+    gate.set_result("the gate's value")
+    assert await asyncio.wait_for(call, 10) == "the gate's value"
 
 
 @pytest.mark.gen_test
@@ -184,6 +202,19 @@ async def test_the_wait_until_work_of_a_dropped_instance_goes_with_it(make_runti
     await asyncio.sleep(0)
     assert "background went on" not in seen
     assert not other.cancelled()  # a future the instance did not make is left alone
+    assert not host.own_work  # and nothing keeps the cancelled task
+
+
+@pytest.mark.gen_test
+async def test_finished_wait_until_work_is_not_kept(make_runtime):
+    runtime, _lease, gate, seen = await make_runtime(Background)
+    assert await runtime.env.W.get_by_name("a").start_background() == "started"
+    host = runtime.find("W", "a")
+    assert len(host.own_work) == 1  # the coroutine's task (the other is someone else's future)
+    gate.set_result(None)
+    await until(lambda: "background went on" in seen)
+    await asyncio.sleep(0)
+    assert not host.own_work  # bounded: done work is forgotten
 
 
 @pytest.mark.gen_test
@@ -206,3 +237,34 @@ async def test_what_arrives_after_the_lease_ran_out_reaches_nothing_and_closes_w
     assert runtime.find("W", "a") is None
     with pytest.raises(ObjectResetError, match="no longer holds the lease of slot"):
         await asyncio.wait_for(blocked, 10)
+
+
+class SlowToWake(Worker):
+    def __init__(self, ctx, env):
+        super().__init__(ctx, env)
+
+        async def load():
+            self.seen.append("loading")
+            try:
+                await asyncio.shield(env.GATE)
+            except asyncio.CancelledError:
+                self.seen.append("loading cancelled")
+                raise
+
+        ctx.block_concurrency_while(load)  # Cloudflare's way to load state before any event
+
+
+@pytest.mark.gen_test
+async def test_a_slot_lost_while_an_object_wakes_drops_it_and_its_constructors_work(make_runtime):
+    runtime, _lease, gate, seen = await make_runtime(SlowToWake)
+    call = asyncio.ensure_future(runtime.env.W.get_by_name("a").count())
+    await until(lambda: seen == ["loading"])
+    host = runtime.find("W", "a")
+    assert runtime.drop_slots({slot_of(host.id.hex)}, "their lease could not be renewed in time") == 1
+    with pytest.raises(ObjectResetError, match="their lease could not be renewed in time"):
+        await asyncio.wait_for(call, 10)
+    await until(lambda: "loading cancelled" in seen)
+    gate.set_result(None)
+    await asyncio.sleep(0)
+    assert seen == ["loading", "loading cancelled"]  # the queued call never ran
+    assert runtime.find("W", "a") is None

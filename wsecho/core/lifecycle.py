@@ -82,6 +82,9 @@ OBJECT_TRANSITIONS: dict[tuple[ObjectState, ObjectInput], tuple[ObjectState, tup
     (S.ACTIVE, I.EVICT): (S.HIBERNATING, (A.DROP_INSTANCE,)),
     # abort() and an event over its timeout reset the object (SPEC §3).
     (S.ACTIVE, I.RESET): (S.HIBERNATING, (A.DROP_INSTANCE, A.CLOSE_SOCKETS, A.DROP_QUEUE)),
+    # A cluster member that loses the object's slot while its constructor's
+    # block_concurrency_while() runs: the wake goes, as an instance would.
+    (S.WAKING, I.RESET): (S.HIBERNATING, (A.DROP_INSTANCE, A.CLOSE_SOCKETS, A.DROP_QUEUE)),
 }
 
 del S, I, A

@@ -686,10 +686,8 @@ class Runtime:
         non-hibernatable socket or ``wait_until`` work) and what only the runtime knows
         (``block_concurrency_while()`` work, a turn whose writes are being committed)."""
         lc = host.lifecycle
-        if host.blockers:
-            if lc.state is ObjectState.WAKING:
-                return "block_concurrency_while() in its constructor is running"
-            return "block_concurrency_while() is running"
+        if lc.state is ObjectState.WAKING and host.blockers:
+            return "block_concurrency_while() in its constructor is running"
         current = lc.current
         if type(current) is BlockEvent:
             return "block_concurrency_while() is running"
@@ -952,8 +950,9 @@ class Runtime:
         self._drop_instance(host, why)
 
     def _drop_instance(self, host: ObjectHost, why: str) -> None:
-        """Reset ``host`` now (``ctx.abort()``, a failed commit, a lost slot): its pending writes,
-        held outputs, running turn, ``wait_until()`` coroutines, instance and queued events go."""
+        """Reset ``host`` now (``ctx.abort()``, a failed commit, a lost slot, also while it
+        wakes): its pending writes, held outputs, running turn, ``wait_until()`` coroutines,
+        constructor's ``block_concurrency_while()`` work, instance and queued events go."""
         host.reset_reason = why
         current = host.lifecycle.current
         if host.storage is not None:
@@ -964,9 +963,10 @@ class Runtime:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
         host.turn_task = None
-        for work in list(host.own_work):  # the instance's wait_until() coroutines go with it
-            if work is not asyncio.current_task():
+        for work in [*host.own_work, *host.blockers]:  # its wait_until() coroutines and a
+            if work is not asyncio.current_task():  # waking constructor's work go with it
                 work.cancel()
+        host.blockers.clear()
         self._run(host, host.lifecycle.reset(self.clock()))
         if isinstance(current, CallEvent):
             # The event in hand when the object was reset (an RPC that called ctx.abort(),
