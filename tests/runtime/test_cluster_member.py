@@ -218,6 +218,28 @@ async def test_a_closed_member_no_longer_drops_slots_when_their_proof_runs_out()
 
 
 @pytest.mark.gen_test
+async def test_the_proof_is_checked_again_after_dropping_slots_raised():
+    now = [100.0]
+    lost = asyncio.Queue()
+
+    def on_lost(slots, why):
+        lost.put_nowait(sorted(slots))
+        if lost.qsize() == 1:
+            raise RuntimeError("the runtime failed to drop them")
+
+    m = ClusterMember(GrantingStore("M#0"), ttl=0.2, clock=lambda: now[0], on_lost=on_lost)
+    await m.start()
+    try:
+        now[0] += 10  # every proof ran out: the timer drops them, and the drop raises
+        assert await asyncio.wait_for(lost.get(), 5)
+        m.table.confirm({7: 1}, now[0])  # a slot taken again runs out again later ...
+        now[0] += 10
+        assert await asyncio.wait_for(lost.get(), 5) == [7]  # ... and the timer still checks
+    finally:
+        await m.close()
+
+
+@pytest.mark.gen_test
 async def test_a_started_member_waits_settled_at_once():
     m = member("M#0", ["N#0"])
     await m.start()

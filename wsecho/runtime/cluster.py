@@ -233,10 +233,12 @@ class ClusterMember:
         self._watch = asyncio.get_running_loop().call_later(self.ttl / 20, self._check_proof)
 
     def _check_proof(self) -> None:
-        expired = self.table.expired(self.clock())
-        if expired:
-            self._drop(expired, "their lease could not be renewed in time")
-        self._arm_watch()
+        try:
+            expired = self.table.expired(self.clock())
+            if expired:
+                self._drop(expired, "their lease could not be renewed in time")
+        finally:
+            self._arm_watch()  # whatever dropping raised, the proof is checked again
 
     async def wait_settled(self, timeout: float) -> bool:
         """Wait (bounded) until it has held every slot it should own: a member that restarts
