@@ -203,6 +203,8 @@ async def test_the_wait_until_work_of_a_dropped_instance_goes_with_it(make_runti
     assert "background went on" not in seen
     assert not other.cancelled()  # a future the instance did not make is left alone
     assert not host.own_work  # and nothing keeps the cancelled task
+    other.set_result(None)
+    await until(lambda: not host.lifecycle.pins)  # each piece of work unpinned the object as it ended
 
 
 @pytest.mark.gen_test

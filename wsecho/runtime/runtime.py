@@ -965,8 +965,7 @@ class Runtime:
         host.turn_task = None
         for work in [*host.own_work, *host.blockers]:  # its wait_until() coroutines and a
             if work is not asyncio.current_task():  # waking constructor's work go with it
-                work.cancel()
-        host.blockers.clear()
+                work.cancel()  # (each leaves its set in its done callback)
         self._run(host, host.lifecycle.reset(self.clock()))
         if isinstance(current, CallEvent):
             # The event in hand when the object was reset (an RPC that called ctx.abort(),
