@@ -1,6 +1,7 @@
 """Every row of SPEC §1 against the default application, with real clients on 127.0.0.1."""
 
 import asyncio
+import gc
 import logging
 
 import pytest
@@ -9,6 +10,7 @@ from tornado.websocket import websocket_connect
 from websockets.asyncio.client import connect
 
 from tests.helpers import RawClient, until
+from wsecho.api.http import Request
 
 #: Served by the standalone gateway, by objects mounted in a Tornado application, and over TLS.
 SERVINGS = ("standalone", "tornado", "tls")
@@ -235,3 +237,19 @@ async def test_the_echo_app_answers_a_dropped_connection_without_an_error(port, 
     await until(lambda: runtime.find("WEBSOCKET_HIBERNATION_SERVER", "foo").sockets == {})
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert runtime.stats.snapshot().handler_errors.get("web_socket_message", 0) == 0
+
+
+@pytest.mark.gen_test
+async def test_an_open_websocket_keeps_nothing_of_its_upgrade_request(url):
+    """What an idle socket costs is what it holds: its upgrade's Request (headers, body) goes
+    once the application's fetch() has answered."""
+    clients = [await connect(url("/websocket", "ws")) for _ in range(20)]
+    try:
+        for ws in clients:
+            await ws.send("x")
+            assert await ws.recv() == "[Durable Object]: x"
+        gc.collect()
+        assert [o for o in gc.get_objects() if isinstance(o, Request)] == []
+    finally:
+        for ws in clients:
+            await ws.close()

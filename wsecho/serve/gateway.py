@@ -423,7 +423,9 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
         request.headers.set(CLIENT_ADDRESS_HEADER, self.client()[0])
         if gateway.mesh is not None and self.slot:
             UPGRADING.set(True)  # this task's context: a stub fetch to another worker hands over
-        CLIENT_REQUEST.set(request)
+        # Only while fetch() runs: a WebSocket's reader callbacks copy this context, and the
+        # request would stay alive for as long as the socket is open.
+        passing_on = CLIENT_REQUEST.set(request)
         try:
             response = await gateway.runtime.fetch(request)
         except HandOver as move:
@@ -438,6 +440,8 @@ class Exchange(tornado.httputil.HTTPMessageDelegate):
             log.exception("the worker's fetch() raised for %s %s", start_line.method, start_line.path)
             self._plain(500, "Internal Server Error")
             return
+        finally:
+            CLIENT_REQUEST.reset(passing_on)
         if response.status != 101:
             self._respond(response.status, response.headers.items(), response.body or b"")
             return
