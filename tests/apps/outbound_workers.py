@@ -8,8 +8,8 @@ hibernates the moment it is idle, so each upstream message wakes it again.
 
 import collections
 import os
-from urllib.parse import urlsplit
 
+from tests.apps import room_fetch
 from wsecho import App, DurableObject, Response, WebSocketPair
 
 #: Instances built in this process, by object name.
@@ -41,11 +41,4 @@ class Feed(DurableObject):
                 upstream.send(message)
 
 
-async def fetch(request, env):
-    parts = urlsplit(request.url).path.strip("/").split("/")
-    if parts[0] == "room" and len(parts) == 2:
-        return await env.ROOM.get_by_name(parts[1]).fetch(request)
-    return Response("not found", status=404)
-
-
-app = App(fetch=fetch, bindings={"ROOM": Feed})
+app = App(fetch=room_fetch, bindings={"ROOM": Feed})

@@ -2,8 +2,7 @@
 a client's ``put KEY`` stores 500 bytes under KEY and answers ``ok``, or ``refused MESSAGE``
 when a quota refuses it."""
 
-from urllib.parse import urlsplit
-
+from tests.apps import room_fetch
 from wsecho import App, DurableObject, QuotaExceededError, Response, WebSocketPair
 
 VALUE = "x" * 500
@@ -25,11 +24,4 @@ class Store(DurableObject):
             ws.send("ok")
 
 
-async def fetch(request, env):
-    parts = urlsplit(request.url).path.strip("/").split("/")
-    if parts[0] == "room" and len(parts) == 2:
-        return await env.ROOM.get_by_name(parts[1]).fetch(request)
-    return Response("not found", status=404)
-
-
-app = App(fetch=fetch, bindings={"ROOM": Store})
+app = App(fetch=room_fetch, bindings={"ROOM": Store})

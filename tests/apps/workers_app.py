@@ -23,6 +23,7 @@ import secrets
 import time
 from urllib.parse import urlsplit
 
+from tests.apps import room_fetch
 from wsecho import App, DurableObject, Response, WebSocketPair
 from wsecho.core.errors import InvalidArgumentError
 
@@ -115,11 +116,9 @@ class Room(DurableObject):
 
 async def fetch(request, env):
     parts = urlsplit(request.url).path.strip("/").split("/")
-    if parts[0] == "room" and len(parts) == 2:
-        return await env.ROOM.get_by_name(parts[1]).fetch(request)
     if parts[0] == "rpc" and len(parts) == 3:
         return await env.ROOM.get_by_name(parts[1]).fetch(f"https://rpc/{parts[2]}")
-    return Response("not found", status=404)
+    return await room_fetch(request, env)
 
 
 class Caller(Room):
